@@ -1,0 +1,75 @@
+"""The one settings object, read once from the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_SAMPLE = PROJECT_ROOT.parent / "shared" / "fashion-sample"
+VENDORED_SAMPLE = PROJECT_ROOT / "data" / "sample"
+MODELS_DIR = PROJECT_ROOT / "models"
+
+SECRET_FIELDS = frozenset({"aws_secret_access_key"})
+
+
+def default_dataset_path() -> Path:
+    """The shared Kaggle sample when it exists, else the vendored subset."""
+    return SHARED_SAMPLE if SHARED_SAMPLE.is_dir() else VENDORED_SAMPLE
+
+
+class Settings(BaseSettings):
+    """Every setting Quarry reads; each environment variable is the field name in upper case."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/quarry"
+    celery_broker_url: str = "redis://127.0.0.1:6379/0"
+    s3_endpoint_url: str | None = "http://127.0.0.1:9000"
+    aws_access_key_id: str = "quarry"
+    aws_secret_access_key: str = "quarry-dev-secret"
+    aws_default_region: str = "us-east-1"
+    raw_bucket: str = "quarry-raw"
+    output_bucket: str = "quarry-output"
+    dataset_path: Path = Field(default_factory=default_dataset_path)
+    chunk_size: int = Field(default=100, ge=1, le=10_000, description="image ids per task message")
+    query_timeout_s: int = Field(
+        default=600, ge=1, description="statement timeout of the selection query"
+    )
+    ingest_concurrency: int = Field(default=16, ge=1, le=256, description="parallel raw uploads")
+    message_byte_budget: int = Field(
+        default=8 * 1024 * 1024, ge=64 * 1024, description="largest transform→upload message, bytes"
+    )
+    default_model: str = Field(
+        default="fashion-classifier", description="model NAME, PATH or s3:// URI"
+    )
+    model_cache_dir: Path = Path("/tmp/quarry-models")
+    task_max_retries: int = Field(
+        default=5, ge=0, description="retries of a transient task failure"
+    )
+    broker_visibility_timeout_s: int = Field(
+        default=3600, ge=60, description="unacked task redelivered after this many seconds"
+    )
+
+    def censored(self) -> dict[str, str]:
+        """Settings as strings, secrets replaced by asterisks."""
+        shown = {}
+        for name, value in self.model_dump().items():
+            shown[name.upper()] = "********" if name in SECRET_FIELDS else str(value)
+        return shown
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Read the environment once; a bad value raises ConfigError naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]).upper() if first["loc"] else "settings"
+        raise ConfigError(f"{name}: {first['msg']}") from exc

@@ -1,0 +1,84 @@
+"""Decoding and encoding images: whatever comes in becomes 8-bit BGR."""
+
+from __future__ import annotations
+
+import hashlib
+
+import cv2
+import numpy as np
+
+from common.errors import ImageDecodeError
+
+ENCODINGS = {  # format name -> (file extension, content type)
+    "jpeg": (".jpg", "image/jpeg"),
+    "png": (".png", "image/png"),
+    "webp": (".webp", "image/webp"),
+}
+ALPHA_BACKGROUND = 255  # transparent pixels are composited on white, like a product page
+
+
+def checksum(data: bytes) -> str:
+    """The sha256 of a file's bytes, hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Bytes to an HxWx3 uint8 BGR array: EXIF rotation applied, CMYK/gray/16-bit converted,
+    alpha composited on white."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    if has_alpha_container(data):
+        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+        if image is not None and image.ndim == 3 and image.shape[2] == 4:
+            return composite_alpha(to_uint8(image))
+    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        raise ImageDecodeError(f"not a decodable image ({len(data)} bytes)")
+    return image
+
+
+def has_alpha_container(data: bytes) -> bool:
+    """Formats that may carry an alpha channel (PNG, WebP)."""
+    return data.startswith(b"\x89PNG") or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Scale 16-bit or float pixels down to 8 bits."""
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        return (image >> 8).astype(np.uint8)
+    return np.clip(image * 255.0, 0, 255).astype(np.uint8)
+
+
+def composite_alpha(bgra: np.ndarray) -> np.ndarray:
+    """Blend a BGRA image over a white background."""
+    alpha = bgra[:, :, 3:4].astype(np.float32) / 255.0
+    color = bgra[:, :, :3].astype(np.float32)
+    blended = color * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
+    return np.round(blended).astype(np.uint8)
+
+
+def encode(image: np.ndarray, image_format: str, quality: int) -> bytes:
+    """Encode BGR pixels as jpeg, png or webp; quality is 1-100 (png maps it to compression)."""
+    extension, _ = ENCODINGS[image_format]
+    if image_format == "jpeg":
+        params = [cv2.IMWRITE_JPEG_QUALITY, quality]
+    elif image_format == "webp":
+        params = [cv2.IMWRITE_WEBP_QUALITY, quality]
+    else:
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    ok, encoded = cv2.imencode(extension, image, params)
+    if not ok:
+        raise ImageDecodeError(f"could not encode a {image.shape} image as {image_format}")
+    return encoded.tobytes()
+
+
+def sniff_format(data: bytes) -> str:
+    """The format of encoded bytes by magic number, defaulting to jpeg."""
+    if data.startswith(b"\x89PNG"):
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "jpeg"

@@ -1,0 +1,221 @@
+"""ONNX classifiers: metadata, preprocessing, and a batched runtime wrapper.
+
+Any ONNX model that carries these metadata_props can be served:
+  quarry.labels      JSON list of class names, in output order
+  quarry.preprocess  JSON {"height", "width", "resize": "letterbox"|"stretch", "pad": 0-255,
+                      "channel_order": "RGB"|"BGR", "mean": [3 floats], "std": [3 floats]}
+                     pixels are scaled to [0, 1] before mean/std; the input is NCHW float32
+  quarry.hierarchy   optional JSON {label: [master_category, sub_category]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from common.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+LABELS_KEY = "quarry.labels"
+PREPROCESS_KEY = "quarry.preprocess"
+HIERARCHY_KEY = "quarry.hierarchy"
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become the model's input tensor."""
+
+    height: int
+    width: int
+    resize: str = "letterbox"
+    pad: int = 255
+    channel_order: str = "RGB"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_json(cls, text: str) -> Preprocess:
+        try:
+            fields = json.loads(text)
+            preprocess = cls(
+                height=int(fields["height"]), width=int(fields["width"]),
+                resize=fields.get("resize", "letterbox"), pad=int(fields.get("pad", 255)),
+                channel_order=fields.get("channel_order", "RGB"),
+                mean=tuple(float(v) for v in fields["mean"]),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in fields["std"]),  # type: ignore[arg-type]
+            )  # fmt: skip
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"metadata {PREPROCESS_KEY} is malformed: {exc}") from exc
+        if (
+            preprocess.resize not in ("letterbox", "stretch")
+            or preprocess.channel_order not in ("RGB", "BGR")
+            or len(preprocess.mean) != 3
+            or len(preprocess.std) != 3
+            or 0 in preprocess.std
+        ):
+            raise ModelError(f"metadata {PREPROCESS_KEY} has an unsupported value: {text}")
+        return preprocess
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    def fit(self, image: np.ndarray) -> np.ndarray:
+        """One BGR uint8 image resized to height x width by the resize rule."""
+        if self.resize == "stretch":
+            return cv2.resize(image, (self.width, self.height), interpolation=cv2.INTER_AREA)
+        image_height, image_width = image.shape[:2]
+        factor = min(self.width / image_width, self.height / image_height)
+        new_width = max(1, round(image_width * factor))
+        new_height = max(1, round(image_height * factor))
+        method = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+        scaled = cv2.resize(image, (new_width, new_height), interpolation=method)
+        top, left = (self.height - new_height) // 2, (self.width - new_width) // 2
+        pad = (self.pad,) * 3
+        return cv2.copyMakeBorder(
+            scaled, top, self.height - new_height - top, left, self.width - new_width - left,
+            cv2.BORDER_CONSTANT, value=pad,
+        )  # fmt: skip
+
+    def tensor(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """BGR uint8 images to one NCHW float32 batch: fit, reorder channels, scale, normalise."""
+        batch = np.stack([self.fit(image) for image in images])  # N,H,W,3 BGR uint8
+        if self.channel_order == "RGB":
+            batch = batch[..., ::-1]
+        scale = 1.0 / (255.0 * np.asarray(self.std, dtype=np.float32))
+        shift = -np.asarray(self.mean, dtype=np.float32) / np.asarray(self.std, dtype=np.float32)
+        tensor = batch.astype(np.float32) * scale + shift  # (x/255 - mean) / std
+        return np.ascontiguousarray(tensor.transpose(0, 3, 1, 2))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top label of one image and its top-k list."""
+
+    label: str
+    score: float
+    top_k: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model's metadata says."""
+
+    labels: list[str]
+    preprocess: Preprocess
+    hierarchy: dict[str, list[str]]
+
+
+def read_metadata(
+    metadata: dict[str, str], input_shape: Sequence[Any], output_shape: Sequence[Any]
+) -> ModelInfo:
+    """Check a model's metadata against its input and output shapes."""
+    missing = [key for key in (LABELS_KEY, PREPROCESS_KEY) if key not in metadata]
+    if missing:
+        raise ModelError(f"model metadata lacks {', '.join(missing)}")
+    try:
+        labels = json.loads(metadata[LABELS_KEY])
+        hierarchy = json.loads(metadata.get(HIERARCHY_KEY, "{}"))
+    except ValueError as exc:
+        raise ModelError(f"model metadata is not valid JSON: {exc}") from exc
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise ModelError(f"metadata {LABELS_KEY} must be a non-empty list of strings")
+    preprocess = Preprocess.from_json(metadata[PREPROCESS_KEY])
+    expected = [3, preprocess.height, preprocess.width]
+    if (
+        len(input_shape) != 4
+        or [
+            dim if isinstance(dim, int) else want
+            for dim, want in zip(input_shape[1:], expected, strict=True)
+        ]
+        != expected
+    ):
+        raise ModelError(
+            f"model input shape {list(input_shape)} cannot be produced by the preprocessing "
+            f"(N x {' x '.join(map(str, expected))})"
+        )
+    classes = output_shape[-1] if output_shape else None
+    if isinstance(classes, int) and classes != len(labels):
+        raise ModelError(f"model has {classes} outputs but {len(labels)} labels")
+    return ModelInfo(labels, preprocess, hierarchy)
+
+
+class Classifier:
+    """One onnxruntime session (CUDA when it works, else CPU) and the model's metadata."""
+
+    def __init__(self, model: str | Path | bytes, *, providers: Sequence[str] | None = None,
+                 intra_op_threads: int = 0) -> None:  # fmt: skip
+        import onnxruntime as ort  # the serving dependency, only where models run
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        wanted = providers or [p for p in PREFERRED_PROVIDERS if p in ort.get_available_providers()]
+        source = model if isinstance(model, bytes) else str(model)
+        try:
+            self.session = ort.InferenceSession(source, options, providers=list(wanted))
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise ModelError(f"cannot load model: {str(exc).splitlines()[0][:200]}") from exc
+        self.provider = self.session.get_providers()[0]
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        self.info = read_metadata(
+            self.session.get_modelmeta().custom_metadata_map,
+            model_input.shape,
+            self.session.get_outputs()[0].shape,
+        )
+        log.info("model loaded: %d labels, running on %s", len(self.info.labels), self.provider)
+
+    def logits(self, tensor: np.ndarray) -> np.ndarray:
+        """Raw model outputs for one preprocessed batch."""
+        return self.session.run(None, {self.input_name: tensor})[0]
+
+    def predict(self, images: Sequence[np.ndarray], top_k: int = 5) -> list[Prediction]:
+        """Top-k labels with softmax scores for BGR uint8 images."""
+        if not images:
+            return []
+        probabilities = softmax(self.logits(self.info.preprocess.tensor(images)))
+        k = min(top_k, probabilities.shape[1])
+        best = np.argsort(-probabilities, axis=1)[:, :k]
+        labels = self.info.labels
+        return [
+            Prediction(
+                labels[row[0]],
+                float(probs[row[0]]),
+                [{"label": labels[i], "score": round(float(probs[i]), 5)} for i in row],
+            )
+            for row, probs in zip(best, probabilities, strict=True)
+        ]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def locate_model(reference: str, models_dir: Path, cache_dir: Path,
+                 download: Callable[[str], bytes]) -> Path:  # fmt: skip
+    """A model reference (NAME, PATH or s3://bucket/key) to a local file path."""
+    if reference.startswith("s3://"):
+        cached = cache_dir / hashlib.sha256(reference.encode()).hexdigest()[:16] / "model.onnx"
+        if not cached.is_file():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(".part")
+            partial.write_bytes(download(reference))
+            partial.replace(cached)
+        return cached
+    path = Path(reference)
+    if path.is_file():
+        return path.resolve()
+    named = models_dir / f"{reference}.onnx"
+    if named.is_file():
+        return named
+    raise ModelError(f"no model {reference!r}: not a file, and no {named}")

@@ -1,0 +1,126 @@
+"""The transform stage: fetch each selected image's raw bytes and render its variants."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from common.augment import Pipeline
+from common.errors import ObjectMissing, PermanentError, QuarryError
+from common.images import ENCODINGS, decode, encode, sniff_format
+from common.jobs import ItemResult
+from common.jobspec import JobSpec
+
+NO_IMAGE = "no image"
+
+
+@dataclass(frozen=True)
+class Output:
+    """One rendered variant, ready to upload."""
+
+    image_id: int
+    variant: int
+    data: bytes
+    image_format: str
+    source_key: str  # the raw object it was made from
+
+    @property
+    def extension(self) -> str:
+        return ENCODINGS[self.image_format][0]
+
+    def to_message(self) -> dict[str, Any]:
+        """A broker-safe dict (kombu's JSON carries the bytes as base64)."""
+        return asdict(self)
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> Output:
+        return cls(**message)
+
+
+@dataclass
+class TransformResult:
+    """Rendered outputs and the items that failed."""
+
+    outputs: list[Output] = field(default_factory=list)
+    failures: list[ItemResult] = field(default_factory=list)
+
+
+ImageIndex = dict[int, tuple[str, str | None, str | None]]  # id -> (status, raw_key, error)
+
+
+def transform_images(
+    spec: JobSpec,
+    image_ids: Sequence[int],
+    index: ImageIndex,
+    fetch_many: Callable[[list[str]], dict[str, bytes | QuarryError]],
+) -> TransformResult:
+    """Render every variant of every id; a bad image fails its items, not the chunk.
+
+    Raw objects are fetched together; a transient storage error is raised so that the task
+    retries the chunk.
+    """
+    pipeline = Pipeline.from_spec(spec.augment)
+    keys = [entry[1] for entry in (index.get(i) for i in image_ids) if entry and entry[1]]
+    fetched = fetch_many(keys)
+    result = TransformResult()
+    for image_id in image_ids:
+        try:
+            key, data = raw_bytes(image_id, index, fetched)
+            result.outputs.extend(render_variants(spec, pipeline, image_id, key, data))
+        except PermanentError as exc:
+            result.failures.extend(
+                ItemResult(image_id, variant, "failed", error=f"transform: {exc}")
+                for variant in range(spec.variants)
+            )
+    return result
+
+
+def raw_bytes(
+    image_id: int, index: ImageIndex, fetched: dict[str, bytes | QuarryError]
+) -> tuple[str, bytes]:
+    """The raw key and bytes of an ingested image; PermanentError when there are none."""
+    entry = index.get(image_id)
+    if entry is None:
+        raise PermanentError(NO_IMAGE)
+    status, key, error = entry
+    if status != "stored" or key is None:
+        raise PermanentError(f"bad image: {error}")
+    data = fetched[key]
+    if isinstance(data, ObjectMissing):
+        raise PermanentError(NO_IMAGE) from data
+    if isinstance(data, QuarryError):
+        raise data  # transient or configuration: the task retries or fails the chunk
+    return key, data
+
+
+def render_variants(
+    spec: JobSpec, pipeline: Pipeline, image_id: int, source_key: str, data: bytes
+) -> Iterator[Output]:
+    """Each variant of one image: the source bytes where untouched, else augmented and encoded."""
+    pixels = None
+    for variant in range(spec.variants):
+        if spec.is_passthrough(variant):
+            yield Output(image_id, variant, data, sniff_format(data), source_key)
+            continue
+        if pixels is None:
+            pixels = decode(data)
+        augmented = pipeline.apply(pixels, seed=(spec.seed, image_id, variant))
+        image_format = spec.image_format or "jpeg"
+        encoded = encode(augmented, image_format, spec.quality)
+        yield Output(image_id, variant, encoded, image_format, source_key)
+
+
+def batch_by_bytes(outputs: Sequence[Output], budget: int) -> Iterator[list[Output]]:
+    """Split outputs into batches whose payload stays under `budget` bytes (one output may exceed
+    it alone: it then travels alone)."""
+    batch: list[Output] = []
+    size = 0
+    for output in outputs:
+        if batch and size + len(output.data) > budget:
+            yield batch
+            batch, size = [], 0
+        batch.append(output)
+        size += len(output.data)
+    if batch:
+        yield batch

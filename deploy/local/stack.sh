@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The stack as local processes, for machines without a Docker engine:
+# the machine's PostgreSQL and Redis, moto's S3 server, the three pools and Flower.
+# Usage: deploy/local/stack.sh up|down|status. Honours DATABASE_URL, CELERY_BROKER_URL,
+# S3_ENDPOINT_URL, RAW_BUCKET, OUTPUT_BUCKET; QUARRY_RUN_DIR (pids, logs), FLOWER_PORT,
+# TRANSFORM_CONCURRENCY, UPLOAD_CONCURRENCY, INFERENCE_CONCURRENCY.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-.venv/bin/python}
+BIN=$(dirname "$PY")
+RUN_DIR=${QUARRY_RUN_DIR:-.run}
+STACK=${QUARRY_STACK:-$(basename "$RUN_DIR" | tr -c 'a-zA-Z0-9\n' '-')}
+FLOWER_PORT=${FLOWER_PORT:-5555}
+S3_ENDPOINT_URL=${S3_ENDPOINT_URL:-http://127.0.0.1:9000}
+export S3_ENDPOINT_URL
+mkdir -p "$RUN_DIR"
+
+running() { [ -f "$RUN_DIR/$1.pid" ] && kill -0 "$(cat "$RUN_DIR/$1.pid")" 2>/dev/null; }
+
+start() {  # start NAME CMD...: run in the background, pid and log in RUN_DIR
+  local name=$1; shift
+  if running "$name"; then echo "  $name already running"; return; fi
+  nohup "$@" >"$RUN_DIR/$name.log" 2>&1 &
+  echo $! >"$RUN_DIR/$name.pid"
+}
+
+wait_for_url() {
+  for _ in $(seq 1 50); do
+    "$PY" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "$1" \
+      2>/dev/null && return 0
+    sleep 0.2
+  done
+  echo "no answer from $1" >&2; return 1
+}
+
+up() {
+  pg_isready -q -d "${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/postgres}" \
+    || { echo "PostgreSQL does not answer at DATABASE_URL" >&2; exit 1; }
+  if ! "$PY" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" \
+      "$S3_ENDPOINT_URL" 2>/dev/null; then
+    port=$(echo "$S3_ENDPOINT_URL" | sed -E 's#.*:([0-9]+)/?$#\1#')
+    start s3 "$BIN/moto_server" -H 127.0.0.1 -p "$port"
+    wait_for_url "$S3_ENDPOINT_URL"
+  fi
+  "$BIN/producer" init
+  start worker-transform "$BIN/celery" -A workers worker -Q transform -n "transform.$STACK@%h" \
+    --pool prefork --concurrency "${TRANSFORM_CONCURRENCY:-2}" --loglevel INFO
+  start worker-upload "$BIN/celery" -A workers worker -Q upload -n "upload.$STACK@%h" \
+    --pool threads --concurrency "${UPLOAD_CONCURRENCY:-16}" --loglevel INFO
+  start worker-inference "$BIN/celery" -A workers worker -Q inference -n "inference.$STACK@%h" \
+    --pool prefork --concurrency "${INFERENCE_CONCURRENCY:-1}" --loglevel INFO
+  start flower "$BIN/celery" -A workers flower --address=127.0.0.1 --port="$FLOWER_PORT"
+  for pool in transform upload inference; do  # wait until each pool answers a ping
+    for _ in $(seq 1 60); do
+      "$BIN/celery" -A workers inspect ping -d "$pool.$STACK@$(hostname)" -t 1 >/dev/null 2>&1 && break
+      sleep 0.5
+    done
+  done
+  echo "Quarry is up: S3 at $S3_ENDPOINT_URL, Flower at http://127.0.0.1:$FLOWER_PORT, logs in $RUN_DIR/"
+}
+
+down() {
+  for name in flower worker-inference worker-upload worker-transform s3; do
+    if running "$name"; then
+      kill -TERM "$(cat "$RUN_DIR/$name.pid")" 2>/dev/null || true
+      for _ in $(seq 1 50); do running "$name" || break; sleep 0.2; done
+      running "$name" && kill -KILL "$(cat "$RUN_DIR/$name.pid")" 2>/dev/null || true
+    fi
+    rm -f "$RUN_DIR/$name.pid"
+  done
+  echo "Quarry is down"
+}
+
+status() {
+  for name in s3 worker-transform worker-upload worker-inference flower; do
+    if running "$name"; then echo "$name: running (pid $(cat "$RUN_DIR/$name.pid"))"; else echo "$name: stopped"; fi
+  done
+}
+
+"${1:-status}"

@@ -1,0 +1,59 @@
+"""The inference pool: one onnxruntime session per process, one batch per message."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from common.config import MODELS_DIR
+from common.errors import QuarryError
+from common.inference import ItemRef, infer_items
+from common.jobspec import JobSpec
+from common.model import Classifier, locate_model
+from common.storage import parse_s3_uri
+from workers.base import StageTask
+from workers.celery_app import app
+from workers.routes import INFERENCE
+
+
+class InferenceTask(StageTask):
+    def items_of(self, spec: JobSpec, payload: Any) -> list[tuple[int, int]]:
+        return [(ref["image_id"], ref["variant"]) for ref in payload]
+
+    def fetch(self, uri: str) -> bytes:
+        return self.store.get(*parse_s3_uri(uri))
+
+    def fetch_many(self, uris: list[str]) -> dict[str, bytes | QuarryError]:
+        """Objects by s3:// URI, fetched concurrently (one batch rarely spans buckets)."""
+        fetched: dict[str, bytes | QuarryError] = {}
+        for bucket in {parse_s3_uri(uri)[0] for uri in uris}:
+            keys = [parse_s3_uri(uri)[1] for uri in uris if parse_s3_uri(uri)[0] == bucket]
+            fetched.update(
+                (f"s3://{bucket}/{key}", data)
+                for key, data in self.store.get_many(bucket, keys).items()
+            )
+        return fetched
+
+    @lru_cache(maxsize=2)  # noqa: B019 - one task instance per process; models are few
+    def classifier(self, reference: str) -> Classifier:
+        """The model, loaded once per process and kept."""
+        path = locate_model(reference, MODELS_DIR, Path(self.settings.model_cache_dir), self.fetch)
+        return Classifier(path)
+
+
+@app.task(base=InferenceTask, bind=True, name=INFERENCE)
+def infer_batch(
+    self: InferenceTask, spec_message: dict[str, Any], refs: list[dict[str, Any]]
+) -> int:
+    """Classify one batch and store the predictions; returns how many were classified."""
+    spec = JobSpec.from_message(spec_message)
+    assert spec.model, "inference tasks are only sent for jobs with a model"
+    results = infer_items(
+        self.classifier(spec.model),
+        [ItemRef.from_message(ref) for ref in refs],
+        self.fetch_many,
+        spec.top_k,
+    )
+    self.record(spec, results)
+    return sum(result.status == "done" for result in results)

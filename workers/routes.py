@@ -1,0 +1,11 @@
+"""Task names and the queue each one runs on: the only place that maps stages to queues."""
+
+TRANSFORM = "quarry.transform"
+UPLOAD = "quarry.upload"
+INFERENCE = "quarry.inference"
+
+TASK_ROUTES = {
+    TRANSFORM: {"queue": "transform"},
+    UPLOAD: {"queue": "upload"},
+    INFERENCE: {"queue": "inference"},
+}
