@@ -55,8 +55,18 @@ class RejectedLine:
     reason: str
 
 
-Row = tuple[int, str | None, str | None, str | None, str | None, str | None, str | None,
-            int | None, str | None, str | None]  # fmt: skip
+Row = tuple[
+    int,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    int | None,
+    str | None,
+    str | None,
+]
 
 
 def read_styles(path: Path, stats: CatalogStats) -> Iterator[Row | RejectedLine]:
@@ -81,9 +91,7 @@ def check_header(line: str, path: Path) -> None:
     """Refuse a file whose header is not the Kaggle one."""
     header = tuple(field.strip() for field in line.rstrip("\r\n").split(","))
     if header != CSV_HEADER:
-        raise UserError(
-            f"{path}: header is {','.join(header)!r}, expected {','.join(CSV_HEADER)!r}"
-        )
+        raise UserError(f"{path}: header is {','.join(header)!r}, expected {','.join(CSV_HEADER)!r}")
 
 
 def parse_line(text: str, line_number: int) -> Row | RejectedLine:
@@ -103,8 +111,18 @@ def parse_line(text: str, line_number: int) -> Row | RejectedLine:
     year = parse_year(values[7])
     if values[7] is not None and year is None:
         log.warning("line %d: year %r is not an integer; stored as NULL", line_number, values[7])
-    return (style_id, values[1], values[2], values[3], values[4], values[5], values[6], year,
-            values[8], values[9])  # fmt: skip
+    return (
+        style_id,
+        values[1],
+        values[2],
+        values[3],
+        values[4],
+        values[5],
+        values[6],
+        year,
+        values[8],
+        values[9],
+    )
 
 
 def parse_year(value: str | None) -> int | None:

@@ -38,20 +38,14 @@ class Settings(BaseSettings):
     output_bucket: str = "quarry-output"
     dataset_path: Path = Field(default_factory=default_dataset_path)
     chunk_size: int = Field(default=100, ge=1, le=10_000, description="image ids per task message")
-    query_timeout_s: int = Field(
-        default=600, ge=1, description="statement timeout of the selection query"
-    )
+    query_timeout_s: int = Field(default=600, ge=1, description="statement timeout of the selection query")
     ingest_concurrency: int = Field(default=16, ge=1, le=256, description="parallel raw uploads")
     message_byte_budget: int = Field(
         default=8 * 1024 * 1024, ge=64 * 1024, description="largest transform→upload message, bytes"
     )
-    default_model: str = Field(
-        default="fashion-classifier", description="model NAME, PATH or s3:// URI"
-    )
+    default_model: str = Field(default="fashion-classifier", description="model NAME, PATH or s3:// URI")
     model_cache_dir: Path = Path("/tmp/quarry-models")
-    task_max_retries: int = Field(
-        default=5, ge=0, description="retries of a transient task failure"
-    )
+    task_max_retries: int = Field(default=5, ge=0, description="retries of a transient task failure")
     broker_visibility_timeout_s: int = Field(
         default=3600, ge=60, description="unacked task redelivered after this many seconds"
     )

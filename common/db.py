@@ -26,7 +26,7 @@ def ensure_schema(conn: psycopg.Connection) -> None:
     ddl = resources.files("common").joinpath("schema.sql").read_text()
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))
-        conn.execute(ddl)  # type: ignore[call-overload]
+        conn.execute(ddl)
 
 
 def first_line(exc: BaseException) -> str:
@@ -45,5 +45,5 @@ def ensure_database(url: str) -> bool:
     with connect(admin, autocommit=True) as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
             return False
-        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(str(name))))
         return True

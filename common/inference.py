@@ -51,8 +51,9 @@ def infer_items(
                 raise data
             ready.append((ref, decode(data)))
         except PermanentError as exc:
-            results.append(ItemResult(ref.image_id, ref.variant, "failed", ref.output_uri,
-                                      error=f"inference: {exc}"))  # fmt: skip
+            results.append(
+                ItemResult(ref.image_id, ref.variant, "failed", ref.output_uri, error=f"inference: {exc}")
+            )
     predictions = classifier.predict([image for _, image in ready], top_k)
     for (ref, _), prediction in zip(ready, predictions, strict=True):
         results.append(
@@ -64,6 +65,6 @@ def infer_items(
                 label=prediction.label,
                 score=prediction.score,
                 top_k=prediction.top_k,
-            )  # fmt: skip
+            )
         )
     return results

@@ -55,9 +55,7 @@ class JobProgress:
 
 def create_job(conn: psycopg.Connection, job_id: str, query: str, spec: dict[str, Any]) -> None:
     """Record a new job in state `enqueuing`."""
-    conn.execute(
-        "INSERT INTO jobs (id, query, spec) VALUES (%s, %s, %s)", (job_id, query, Jsonb(spec))
-    )
+    conn.execute("INSERT INTO jobs (id, query, spec) VALUES (%s, %s, %s)", (job_id, query, Jsonb(spec)))
 
 
 def record_chunk(
@@ -65,13 +63,10 @@ def record_chunk(
 ) -> None:
     """Record one chunk and add its items to the job's total."""
     conn.execute(
-        "INSERT INTO job_chunks (job_id, chunk_index, image_ids) VALUES (%s, %s, %s)"
-        " ON CONFLICT DO NOTHING",
+        "INSERT INTO job_chunks (job_id, chunk_index, image_ids) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
         (job_id, chunk_index, list(image_ids)),
     )
-    conn.execute(
-        "UPDATE jobs SET total = total + %s, chunks = chunks + 1 WHERE id = %s", (items, job_id)
-    )
+    conn.execute("UPDATE jobs SET total = total + %s, chunks = chunks + 1 WHERE id = %s", (items, job_id))
 
 
 def finish_enqueue(conn: psycopg.Connection, job_id: str) -> None:
@@ -84,9 +79,7 @@ def finish_enqueue(conn: psycopg.Connection, job_id: str) -> None:
 
 def fail_enqueue(conn: psycopg.Connection, job_id: str, error: str) -> None:
     """Mark a job whose query broke off while its ids were streamed."""
-    conn.execute(
-        "UPDATE jobs SET state = 'enqueue_failed', error = %s WHERE id = %s", (error, job_id)
-    )
+    conn.execute("UPDATE jobs SET state = 'enqueue_failed', error = %s WHERE id = %s", (error, job_id))
 
 
 UPSERT_ITEMS = """
@@ -148,9 +141,7 @@ def job_progress(conn: psycopg.Connection, job_id: str) -> JobProgress | None:
     return JobProgress(job_id, state, total, done, failed, float(seconds), error)
 
 
-def iter_results(
-    conn: psycopg.Connection, job_id: str, batch: int = 5000
-) -> Iterator[dict[str, Any]]:
+def iter_results(conn: psycopg.Connection, job_id: str, batch: int = 5000) -> Iterator[dict[str, Any]]:
     """Every item of a job as a dict, streamed with a server-side cursor."""
     with conn.transaction(), conn.cursor(name=f"results_{job_id.replace('-', '')}") as cursor:
         cursor.itersize = batch

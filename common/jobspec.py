@@ -34,9 +34,7 @@ class JobSpec:
 
     def is_passthrough(self, variant: int) -> bool:
         """Whether this variant is the source bytes unchanged."""
-        return (self.keep_original and variant == 0) or (
-            not self.augment and self.image_format is None
-        )
+        return (self.keep_original and variant == 0) or (not self.augment and self.image_format is None)
 
 
 def output_key(job_id: str, image_id: int, variant: int, extension: str) -> str:

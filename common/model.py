@@ -48,12 +48,14 @@ class Preprocess:
         try:
             fields = json.loads(text)
             preprocess = cls(
-                height=int(fields["height"]), width=int(fields["width"]),
-                resize=fields.get("resize", "letterbox"), pad=int(fields.get("pad", 255)),
+                height=int(fields["height"]),
+                width=int(fields["width"]),
+                resize=fields.get("resize", "letterbox"),
+                pad=int(fields.get("pad", 255)),
                 channel_order=fields.get("channel_order", "RGB"),
                 mean=tuple(float(v) for v in fields["mean"]),  # type: ignore[arg-type]
                 std=tuple(float(v) for v in fields["std"]),  # type: ignore[arg-type]
-            )  # fmt: skip
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"metadata {PREPROCESS_KEY} is malformed: {exc}") from exc
         if (
@@ -82,9 +84,14 @@ class Preprocess:
         top, left = (self.height - new_height) // 2, (self.width - new_width) // 2
         pad = (self.pad,) * 3
         return cv2.copyMakeBorder(
-            scaled, top, self.height - new_height - top, left, self.width - new_width - left,
-            cv2.BORDER_CONSTANT, value=pad,
-        )  # fmt: skip
+            scaled,
+            top,
+            self.height - new_height - top,
+            left,
+            self.width - new_width - left,
+            cv2.BORDER_CONSTANT,
+            value=pad,
+        )
 
     def tensor(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """BGR uint8 images to one NCHW float32 batch: fit, reorder channels, scale, normalise."""
@@ -134,8 +141,7 @@ def read_metadata(
     if (
         len(input_shape) != 4
         or [
-            dim if isinstance(dim, int) else want
-            for dim, want in zip(input_shape[1:], expected, strict=True)
+            dim if isinstance(dim, int) else want for dim, want in zip(input_shape[1:], expected, strict=True)
         ]
         != expected
     ):
@@ -152,8 +158,9 @@ def read_metadata(
 class Classifier:
     """One onnxruntime session (CUDA when it works, else CPU) and the model's metadata."""
 
-    def __init__(self, model: str | Path | bytes, *, providers: Sequence[str] | None = None,
-                 intra_op_threads: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self, model: str | Path | bytes, *, providers: Sequence[str] | None = None, intra_op_threads: int = 0
+    ) -> None:
         import onnxruntime as ort  # the serving dependency, only where models run
 
         options = ort.SessionOptions()
@@ -201,8 +208,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def locate_model(reference: str, models_dir: Path, cache_dir: Path,
-                 download: Callable[[str], bytes]) -> Path:  # fmt: skip
+def locate_model(reference: str, models_dir: Path, cache_dir: Path, download: Callable[[str], bytes]) -> Path:
     """A model reference (NAME, PATH or s3://bucket/key) to a local file path."""
     if reference.startswith("s3://"):
         cached = cache_dir / hashlib.sha256(reference.encode()).hexdigest()[:16] / "model.onnx"

@@ -76,9 +76,7 @@ def transform_images(
     return result
 
 
-def raw_bytes(
-    image_id: int, index: ImageIndex, fetched: dict[str, bytes | QuarryError]
-) -> tuple[str, bytes]:
+def raw_bytes(image_id: int, index: ImageIndex, fetched: dict[str, bytes | QuarryError]) -> tuple[str, bytes]:
     """The raw key and bytes of an ingested image; PermanentError when there are none."""
     entry = index.get(image_id)
     if entry is None:

@@ -27,8 +27,6 @@ def upload_outputs(
             metadata={"job-id": spec.job_id, "image-id": str(output.image_id)},
         )
         results.append(
-            ItemResult(
-                output.image_id, output.variant, final_status, output_uri=f"s3://{bucket}/{key}"
-            )
+            ItemResult(output.image_id, output.variant, final_status, output_uri=f"s3://{bucket}/{key}")
         )
     return results

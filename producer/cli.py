@@ -76,8 +76,10 @@ def init() -> None:
     store = ObjectStore(settings)
     for bucket in (settings.raw_bucket, settings.output_bucket):
         store.ensure_bucket(bucket)
-    click.echo(f"database {'created' if created else 'ready'}; buckets "
-               f"s3://{settings.raw_bucket} and s3://{settings.output_bucket} ready")  # fmt: skip
+    click.echo(
+        f"database {'created' if created else 'ready'}; buckets "
+        f"s3://{settings.raw_bucket} and s3://{settings.output_bucket} ready"
+    )
 
 
 @cli.command()
@@ -105,8 +107,9 @@ def model_reference(model: str | None, settings: Settings, store: ObjectStore) -
     if model is None:
         return None
     reference = settings.default_model if model == "default" else model
-    path = locate_model(reference, MODELS_DIR, settings.model_cache_dir,
-                        lambda uri: store.get(*parse_s3_uri(uri)))  # fmt: skip
+    path = locate_model(
+        reference, MODELS_DIR, settings.model_cache_dir, lambda uri: store.get(*parse_s3_uri(uri))
+    )
     Classifier(path, providers=["CPUExecutionProvider"])  # refuses missing or bad metadata
     return reference
 
@@ -116,9 +119,7 @@ def build_spec(settings: Settings, store: ObjectStore, options: dict[str, Any]) 
     augment = parse_spec(options["augment"]) if options["augment"] else None
     keep_original = options["keep_original"] or bool(augment and augment.keep_original)
     if keep_original and options["variants"] < 2 and augment and augment.stages:
-        raise UserError(
-            "--keep-original needs --variants 2 or more to leave room for an augmented one"
-        )
+        raise UserError("--keep-original needs --variants 2 or more to leave room for an augmented one")
     return JobSpec(
         job_id=new_job_id(),
         variants=options["variants"],
@@ -136,9 +137,7 @@ def build_spec(settings: Settings, store: ObjectStore, options: dict[str, Any]) 
 def augment_options(command: F) -> F:
     """The options that say how images are rendered (shared by `run` and `preview`)."""
     options = [
-        click.option(
-            "--augment", "augment", metavar="SPEC", help="Pipeline text or YAML/JSON file."
-        ),
+        click.option("--augment", "augment", metavar="SPEC", help="Pipeline text or YAML/JSON file."),
         click.option("--variants", default=1, show_default=True, type=click.IntRange(1, 64)),
         click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1)),
         click.option(
@@ -146,7 +145,7 @@ def augment_options(command: F) -> F:
             "image_format",
             type=click.Choice(["jpeg", "png", "webp"]),
             help="Output encoding (default: keep the source bytes when not augmented, else jpeg).",
-        ),  # fmt: skip
+        ),
         click.option("--quality", default=90, show_default=True, type=click.IntRange(1, 100)),
         click.option("--keep-original", is_flag=True, help="Variant 0 is the untouched original."),
     ]
@@ -159,20 +158,16 @@ def augment_options(command: F) -> F:
 @click.option("--query", "sql", required=True, help="SELECT returning an `id` column.")
 @click.option("--chunk-size", type=click.IntRange(1, 10_000), help="Ids per task [CHUNK_SIZE].")
 @augment_options
-@click.option(
-    "--model", help="Classify outputs: `default`, a NAME in models/, a PATH or s3:// URI."
-)
-@click.option("--infer-on", type=click.Choice(["raw", "augmented"]), default="augmented",
-              show_default=True)  # fmt: skip
+@click.option("--model", help="Classify outputs: `default`, a NAME in models/, a PATH or s3:// URI.")
+@click.option("--infer-on", type=click.Choice(["raw", "augmented"]), default="augmented", show_default=True)
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 100))
-@click.option(
-    "--wait", is_flag=True, help="Follow the job until it ends; exit 1 if any item failed."
-)
+@click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 if any item failed.")
 @click.option("--wait-timeout", type=float, help="Stop following after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="With --wait: print a JSON summary last.")
 @one_line_errors
-def run(sql: str, chunk_size: int | None, wait: bool, wait_timeout: float | None, as_json: bool,
-        **options: Any) -> None:  # fmt: skip
+def run(
+    sql: str, chunk_size: int | None, wait: bool, wait_timeout: float | None, as_json: bool, **options: Any
+) -> None:
     """Select images with SQL and send them through the pools."""
     from workers.celery_app import app
 
@@ -181,8 +176,15 @@ def run(sql: str, chunk_size: int | None, wait: bool, wait_timeout: float | None
     spec = build_spec(settings, store, options)
     with connect(settings.database_url, autocommit=True) as conn:
         ensure_schema(conn)
-        chunks = submit_job(conn, app, settings.database_url, sql, spec,
-                            chunk_size or settings.chunk_size, settings.query_timeout_s)  # fmt: skip
+        chunks = submit_job(
+            conn,
+            app,
+            settings.database_url,
+            sql,
+            spec,
+            chunk_size or settings.chunk_size,
+            settings.query_timeout_s,
+        )
         progress = job_progress(conn, spec.job_id)
         assert progress is not None
         click.echo(f"job {spec.job_id}: {progress.total} items in {chunks} chunks", err=True)
@@ -211,9 +213,11 @@ def status(job_id: str, as_json: bool) -> None:
         click.echo(json.dumps(progress.as_dict()))
         return
     state = "finished" if progress.finished else progress.state
-    click.echo(f"job {job_id} ({state}): {progress.done}/{progress.total} done, "
-               f"{progress.failed} failed, {progress.seconds:.1f} s"
-               + (f"; enqueue error: {progress.error}" if progress.error else ""))  # fmt: skip
+    click.echo(
+        f"job {job_id} ({state}): {progress.done}/{progress.total} done, "
+        f"{progress.failed} failed, {progress.seconds:.1f} s"
+        + (f"; enqueue error: {progress.error}" if progress.error else "")
+    )
 
 
 @cli.command()
@@ -237,9 +241,7 @@ def resume(job_id: str) -> None:
     from workers.celery_app import app
 
     with connect(get_settings().database_url, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT spec FROM jobs WHERE id = %s", (checked_job_id(job_id),)
-        ).fetchone()
+        row = conn.execute("SELECT spec FROM jobs WHERE id = %s", (checked_job_id(job_id),)).fetchone()
         if row is None:
             raise UserError(f"no job {job_id}")
         resent = resume_job(conn, app, JobSpec.from_message(row[0]))
@@ -254,8 +256,9 @@ def resume(job_id: str) -> None:
 def preview(image_id: int, out: Path, **options: Any) -> None:
     """Write a contact sheet of one image and its variants, as a job would render them."""
     settings = get_settings()
-    spec = build_spec(settings, ObjectStore(settings), {**options, "model": None,
-                                                        "infer_on": "augmented", "top_k": 1})  # fmt: skip
+    spec = build_spec(
+        settings, ObjectStore(settings), {**options, "model": None, "infer_on": "augmented", "top_k": 1}
+    )
     write_preview(spec, image_id, settings.dataset_path, out)
     click.echo(f"wrote {out}")
 

@@ -56,8 +56,9 @@ class ImageFile:
     data: bytes = field(repr=False, default=b"")
 
 
-def ingest(conn: psycopg.Connection, store: ObjectStore, dataset: Path, raw_bucket: str,
-           concurrency: int) -> IngestSummary:  # fmt: skip
+def ingest(
+    conn: psycopg.Connection, store: ObjectStore, dataset: Path, raw_bucket: str, concurrency: int
+) -> IngestSummary:
     """Load a Kaggle-layout dataset (`styles.csv` + `images/`); re-runnable and resumable.
 
     Images recorded as stored with the same checksum are skipped, unless the raw bucket had
@@ -99,7 +100,7 @@ def load_styles(conn: psycopg.Connection, csv_path: Path, summary: IngestSummary
             f"INSERT INTO styles ({columns})"
             f" SELECT DISTINCT ON (id) {columns} FROM styles_load ORDER BY id, line DESC"
             f" ON CONFLICT (id) DO UPDATE SET {updates}"
-        )  # type: ignore[call-overload]
+        )
     summary.rows, summary.repaired, summary.rejected = stats.rows, stats.repaired, stats.rejected
     summary.duplicate_ids = stats.rows - distinct
 
@@ -127,8 +128,15 @@ def read_image(image_id: int, path: Path) -> ImageFile:
     return ImageFile(image_id, key, len(data), checksum(data), width, height, None, data)
 
 
-def upload_images(conn: psycopg.Connection, store: ObjectStore, images_dir: Path, bucket: str,
-                  concurrency: int, summary: IngestSummary, trust_records: bool) -> None:  # fmt: skip
+def upload_images(
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    images_dir: Path,
+    bucket: str,
+    concurrency: int,
+    summary: IngestSummary,
+    trust_records: bool,
+) -> None:
     """Upload new or changed images in parallel, a bounded batch at a time, recording each batch
     once stored, so an interrupted ingest resumes where it stopped."""
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ingest") as pool:
@@ -152,8 +160,7 @@ def upload_images(conn: psycopg.Connection, store: ObjectStore, images_dir: Path
 def put_image(store: ObjectStore, bucket: str, image: ImageFile) -> None:
     """Upload one raw image with its checksum as metadata."""
     content_type = ENCODINGS[sniff_format(image.data)][1]
-    store.put(bucket, image.key, image.data, content_type=content_type,
-              metadata={"sha256": image.sha256})  # fmt: skip
+    store.put(bucket, image.key, image.data, content_type=content_type, metadata={"sha256": image.sha256})
 
 
 def stored_checksums(conn: psycopg.Connection, image_ids: list[int]) -> dict[int, str]:
@@ -186,7 +193,7 @@ def record_images(conn: psycopg.Connection, files: list[ImageFile]) -> None:
                     f.sha256,
                     "bad" if f.error else "stored",
                     f.error,
-                )  # fmt: skip
+                )
                 for f in files
             ],
         )

@@ -26,11 +26,14 @@ def contact_sheet(spec: JobSpec, image_id: int, data: bytes) -> np.ndarray:
         tiles.append((f"variant {output.variant}", decode(output.data)))
     cells = [label_tile(name, image) for name, image in tiles]
     height = max(cell.shape[0] for cell in cells)
-    padded = [cv2.copyMakeBorder(cell, 0, height - cell.shape[0], MARGIN, 0,
-                                 cv2.BORDER_CONSTANT, value=(255, 255, 255)) for cell in cells]  # fmt: skip
+    padded = [
+        cv2.copyMakeBorder(
+            cell, 0, height - cell.shape[0], MARGIN, 0, cv2.BORDER_CONSTANT, value=(255, 255, 255)
+        )
+        for cell in cells
+    ]
     sheet = np.hstack(padded)
-    return cv2.copyMakeBorder(sheet, MARGIN, MARGIN, 0, MARGIN, cv2.BORDER_CONSTANT,
-                              value=(255, 255, 255))  # fmt: skip
+    return cv2.copyMakeBorder(sheet, MARGIN, MARGIN, 0, MARGIN, cv2.BORDER_CONSTANT, value=(255, 255, 255))
 
 
 def label_tile(label: str, image: np.ndarray) -> np.ndarray:
@@ -41,8 +44,7 @@ def label_tile(label: str, image: np.ndarray) -> np.ndarray:
     width = max(width, 9 * len(label) + 8)
     cell = np.full((CELL_HEIGHT + LABEL_HEIGHT, width, 3), 255, dtype=np.uint8)
     cell[:CELL_HEIGHT, : scaled.shape[1]] = scaled
-    cv2.putText(cell, label, (4, CELL_HEIGHT + 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1,
-                cv2.LINE_AA)  # fmt: skip
+    cv2.putText(cell, label, (4, CELL_HEIGHT + 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     return cell
 
 

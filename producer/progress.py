@@ -26,8 +26,14 @@ def render(progress: JobProgress) -> str:
     )
 
 
-def follow(conn: psycopg.Connection, job_id: str, *, timeout_s: float | None = None,
-           interval_s: float = 0.5, out: TextIO = sys.stderr) -> JobProgress:  # fmt: skip
+def follow(
+    conn: psycopg.Connection,
+    job_id: str,
+    *,
+    timeout_s: float | None = None,
+    interval_s: float = 0.5,
+    out: TextIO = sys.stderr,
+) -> JobProgress:
     """Poll the job's counts until every item is done or failed (or the timeout passes)."""
     started = last_change = time.monotonic()
     last_seen = -1
@@ -44,8 +50,10 @@ def follow(conn: psycopg.Connection, job_id: str, *, timeout_s: float | None = N
         if finished != last_seen:
             last_seen, last_change, warned = finished, now, False
         elif not warned and now - last_change > STALL_WARNING_S:
-            out.write(f"\nno progress for {STALL_WARNING_S} s: are the worker pools running?"
-                      " (celery -A workers inspect ping)\n")  # fmt: skip
+            out.write(
+                f"\nno progress for {STALL_WARNING_S} s: are the worker pools running?"
+                " (celery -A workers inspect ping)\n"
+            )
             warned = True
         if progress.finished or (progress.state == "enqueue_failed" and finished >= progress.total):
             break

@@ -44,8 +44,8 @@ def stream_ids(database_url: str, sql: str, timeout_s: int, batch: int) -> Itera
         conn.read_only = True
         with conn.transaction(), conn.cursor(name="quarry_selection") as cursor:
             try:
-                conn.execute(f"SET LOCAL statement_timeout = {int(timeout_s) * 1000}")  # type: ignore[arg-type]
-                cursor.execute(wrapped)  # type: ignore[arg-type]
+                conn.execute(f"SET LOCAL statement_timeout = {int(timeout_s) * 1000}")
+                cursor.execute(wrapped)
                 first = cursor.fetchmany(batch)
             except psycopg.Error as exc:
                 raise translate(exc, timeout_s) from exc
@@ -60,9 +60,7 @@ def check_id_type(cursor: psycopg.Cursor) -> None:
         raise QueryError("the query's id column must be an integer (the styles.id of an image)")
 
 
-def iterate(
-    first: list[tuple[int]], cursor: psycopg.Cursor, batch: int, timeout_s: int
-) -> Iterator[int]:
+def iterate(first: list[tuple[int]], cursor: psycopg.Cursor, batch: int, timeout_s: int) -> Iterator[int]:
     """The first batch, then the rest of the cursor, one id at a time."""
     rows = first
     while rows:

@@ -23,8 +23,15 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
-def submit_job(conn: psycopg.Connection, app: Celery, database_url: str, sql: str, spec: JobSpec,
-               chunk_size: int, timeout_s: int) -> int:  # fmt: skip
+def submit_job(
+    conn: psycopg.Connection,
+    app: Celery,
+    database_url: str,
+    sql: str,
+    spec: JobSpec,
+    chunk_size: int,
+    timeout_s: int,
+) -> int:
     """Run the query and enqueue its ids in chunks; returns the number of chunks.
 
     The query is checked before the job is recorded: a refused query leaves no trace. A query
@@ -41,8 +48,14 @@ def submit_job(conn: psycopg.Connection, app: Celery, database_url: str, sql: st
     return chunks
 
 
-def enqueue_chunks(conn: psycopg.Connection, app: Celery, spec: JobSpec,
-                   chunks: Iterable[tuple[int, list[int]]], *, record: bool = True) -> int:  # fmt: skip
+def enqueue_chunks(
+    conn: psycopg.Connection,
+    app: Celery,
+    spec: JobSpec,
+    chunks: Iterable[tuple[int, list[int]]],
+    *,
+    record: bool = True,
+) -> int:
     """Record each chunk, then send it to the transform queue (record first, so `resume`
     can resend anything a crash left unsent)."""
     message = spec.to_message()

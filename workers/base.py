@@ -58,9 +58,7 @@ class StageTask(Task):
         """The (image id, variant) pairs a message is about; each stage says how."""
         raise NotImplementedError
 
-    def on_failure(
-        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
-    ) -> None:
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Retries exhausted or a bug: record every item of the message as failed, so the job
         still finishes and says why."""
         spec_message, payload = args

@@ -30,8 +30,7 @@ class InferenceTask(StageTask):
         for bucket in {parse_s3_uri(uri)[0] for uri in uris}:
             keys = [parse_s3_uri(uri)[1] for uri in uris if parse_s3_uri(uri)[0] == bucket]
             fetched.update(
-                (f"s3://{bucket}/{key}", data)
-                for key, data in self.store.get_many(bucket, keys).items()
+                (f"s3://{bucket}/{key}", data) for key, data in self.store.get_many(bucket, keys).items()
             )
         return fetched
 
@@ -43,9 +42,7 @@ class InferenceTask(StageTask):
 
 
 @app.task(base=InferenceTask, bind=True, name=INFERENCE)
-def infer_batch(
-    self: InferenceTask, spec_message: dict[str, Any], refs: list[dict[str, Any]]
-) -> int:
+def infer_batch(self: InferenceTask, spec_message: dict[str, Any], refs: list[dict[str, Any]]) -> int:
     """Classify one batch and store the predictions; returns how many were classified."""
     spec = JobSpec.from_message(spec_message)
     assert spec.model, "inference tasks are only sent for jobs with a model"

@@ -23,9 +23,11 @@ def transform_chunk(self: TransformTask, spec_message: dict[str, Any], image_ids
     spec = JobSpec.from_message(spec_message)
     raw_bucket = self.settings.raw_bucket
     result = transform_images(
-        spec, image_ids, lookup_images(self.db, image_ids),
+        spec,
+        image_ids,
+        lookup_images(self.db, image_ids),
         lambda keys: self.store.get_many(raw_bucket, keys),
-    )  # fmt: skip
+    )
     self.record(spec, result.failures)
     for batch in batch_by_bytes(result.outputs, self.settings.message_byte_budget):
         self.app.send_task(UPLOAD, args=[spec_message, [output.to_message() for output in batch]])

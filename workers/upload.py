@@ -19,9 +19,7 @@ class UploadTask(StageTask):
 
 
 @app.task(base=UploadTask, bind=True, name=UPLOAD)
-def upload_batch(
-    self: UploadTask, spec_message: dict[str, Any], messages: list[dict[str, Any]]
-) -> int:
+def upload_batch(self: UploadTask, spec_message: dict[str, Any], messages: list[dict[str, Any]]) -> int:
     """Upload one batch of outputs; returns how many were stored."""
     spec = JobSpec.from_message(spec_message)
     outputs = [Output.from_message(message) for message in messages]

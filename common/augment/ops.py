@@ -49,9 +49,13 @@ def rotate(image: Image, rng: np.random.Generator, limit: float, border: str, fi
     height, width = image.shape[:2]
     matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), angle, 1.0)
     return cv2.warpAffine(
-        image, matrix, (width, height), flags=cv2.INTER_LINEAR,
-        borderMode=BORDERS[border], borderValue=(fill, fill, fill),
-    )  # fmt: skip
+        image,
+        matrix,
+        (width, height),
+        flags=cv2.INTER_LINEAR,
+        borderMode=BORDERS[border],
+        borderValue=(fill, fill, fill),
+    )
 
 
 @register(
@@ -80,14 +84,18 @@ def crop(image: Image, rng: np.random.Generator, width: int, height: int, positi
     ratio=Param("float_pair", (0.75, 4 / 3), 0.05, 20.0),
 )
 def random_resized_crop(
-    image: Image, rng: np.random.Generator, width: int, height: int,
-    scale: list[float], ratio: list[float],
-) -> Image:  # fmt: skip
+    image: Image,
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    scale: list[float],
+    ratio: list[float],
+) -> Image:
     """A random area fraction `scale` with aspect `ratio` of the image, resized to width x height."""
     image_height, image_width = image.shape[:2]
     area = image_height * image_width
     for _ in range(10):
-        target_area = area * rng.uniform(*scale)
+        target_area = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         crop_width = round(math.sqrt(target_area * aspect))
         crop_height = round(math.sqrt(target_area / aspect))
@@ -98,9 +106,7 @@ def random_resized_crop(
     else:  # fall back to the whole image, as torchvision does
         crop_width, crop_height, left, top = image_width, image_height, 0, 0
     window = image[top : top + crop_height, left : left + crop_width]
-    return cv2.resize(
-        window, (width, height), interpolation=interpolation(window.shape[:2], (height, width))
-    )
+    return cv2.resize(window, (width, height), interpolation=interpolation(window.shape[:2], (height, width)))
 
 
 @register(
@@ -125,9 +131,14 @@ def resize(
     scaled = cv2.resize(image, (new_width, new_height), interpolation=method)
     top, left = (height - new_height) // 2, (width - new_width) // 2
     return cv2.copyMakeBorder(
-        scaled, top, height - new_height - top, left, width - new_width - left,
-        cv2.BORDER_CONSTANT, value=(fill, fill, fill),
-    )  # fmt: skip
+        scaled,
+        top,
+        height - new_height - top,
+        left,
+        width - new_width - left,
+        cv2.BORDER_CONSTANT,
+        value=(fill, fill, fill),
+    )
 
 
 @register(
@@ -135,9 +146,7 @@ def resize(
     brightness=Param("float", 0.2, 0, 1),
     contrast=Param("float", 0.2, 0, 1),
 )
-def brightness_contrast(
-    image: Image, rng: np.random.Generator, brightness: float, contrast: float
-) -> Image:
+def brightness_contrast(image: Image, rng: np.random.Generator, brightness: float, contrast: float) -> Image:
     """Multiply by 1 ± contrast and add ± brightness x 255, each drawn uniformly."""
     alpha = 1.0 + rng.uniform(-contrast, contrast)
     beta = 255.0 * rng.uniform(-brightness, brightness)
@@ -151,9 +160,7 @@ def brightness_contrast(
     saturation=Param("float", 20.0, 0, 255),
     value=Param("float", 20.0, 0, 255),
 )
-def hsv_shift(
-    image: Image, rng: np.random.Generator, hue: float, saturation: float, value: float
-) -> Image:
+def hsv_shift(image: Image, rng: np.random.Generator, hue: float, saturation: float, value: float) -> Image:
     """Shift hue (OpenCV's 0-179 scale, wrapping), saturation and value by drawn amounts."""
     hue_shift = round(rng.uniform(-hue, hue))
     saturation_shift = rng.uniform(-saturation, saturation)
@@ -163,11 +170,13 @@ def hsv_shift(
     saturation_table = np.clip(levels + saturation_shift, 0, 255).round().astype(np.uint8)
     value_table = np.clip(levels + value_shift, 0, 255).round().astype(np.uint8)
     channels = cv2.split(cv2.cvtColor(image, cv2.COLOR_BGR2HSV))
-    shifted = cv2.merge([
-        cv2.LUT(channels[0], hue_table),
-        cv2.LUT(channels[1], saturation_table),
-        cv2.LUT(channels[2], value_table),
-    ])  # fmt: skip
+    shifted = cv2.merge(
+        [
+            cv2.LUT(channels[0], hue_table),
+            cv2.LUT(channels[1], saturation_table),
+            cv2.LUT(channels[2], value_table),
+        ]
+    )
     return cv2.cvtColor(shifted, cv2.COLOR_HSV2BGR)
 
 
@@ -176,21 +185,17 @@ def hsv_shift(
     kernel=Param("int_pair", (3, 7), 1, 99),
     sigma=Param("float_pair", (0.0, 0.0), 0, 50),
 )
-def gaussian_blur(
-    image: Image, rng: np.random.Generator, kernel: list[int], sigma: list[float]
-) -> Image:
+def gaussian_blur(image: Image, rng: np.random.Generator, kernel: list[int], sigma: list[float]) -> Image:
     """Blur with an odd kernel size drawn from `kernel` (sigma 0 = derived from the size)."""
-    odd_sizes = [size for size in range(kernel[0], kernel[1] + 1) if size % 2 == 1] or [
-        kernel[1] | 1
-    ]
+    odd_sizes = [size for size in range(kernel[0], kernel[1] + 1) if size % 2 == 1] or [kernel[1] | 1]
     size = int(odd_sizes[int(rng.integers(0, len(odd_sizes)))])
-    return cv2.GaussianBlur(image, (size, size), rng.uniform(*sigma))
+    return cv2.GaussianBlur(image, (size, size), rng.uniform(sigma[0], sigma[1]))
 
 
 @register("gaussian_noise", std=Param("float_pair", (0.01, 0.05), 0, 1))
 def gaussian_noise(image: Image, rng: np.random.Generator, std: list[float]) -> Image:
     """Add noise with a standard deviation drawn from `std` (as a fraction of 255)."""
-    sigma = 255.0 * rng.uniform(*std)
+    sigma = 255.0 * rng.uniform(std[0], std[1])
     noise = rng.standard_normal(image.shape, dtype=np.float32) * sigma
     return cv2.add(image, noise, dtype=cv2.CV_8U)
 
@@ -224,6 +229,5 @@ def jpeg(image: Image, rng: np.random.Generator, quality: list[int]) -> Image:
     """Round-trip through JPEG at a quality drawn from `quality` (compression artefacts)."""
     level = int(rng.integers(quality[0], quality[1] + 1))
     ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, level])
-    if not ok:  # pragma: no cover - OpenCV encodes any uint8 BGR image
-        return image
-    return cv2.imdecode(encoded, cv2.IMREAD_COLOR)
+    decoded = cv2.imdecode(encoded, cv2.IMREAD_COLOR) if ok else None
+    return image if decoded is None else decoded

@@ -31,9 +31,7 @@ class Pipeline:
     @classmethod
     def from_spec(cls, stages: Sequence[dict[str, Any]]) -> Pipeline:
         """Build from normalised stages (as `parse_spec` returns and messages carry)."""
-        return cls(
-            [Stage(lookup(stage["op"]).function, stage["p"], stage["args"]) for stage in stages]
-        )
+        return cls([Stage(lookup(stage["op"]).function, stage["p"], stage["args"]) for stage in stages])
 
     def apply(self, image: Image, seed: Sequence[int]) -> Image:
         """Run every stage; the random draws depend only on `seed`, e.g. (job seed, id, variant)."""

@@ -59,12 +59,8 @@ class Param:
             value = int(value)
         else:
             value = float(value)
-        if (self.low is not None and value < self.low) or (
-            self.high is not None and value > self.high
-        ):
-            raise SpecError(
-                f"{op}: argument '{name}' must be in [{self.low}, {self.high}]; got {value}"
-            )
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise SpecError(f"{op}: argument '{name}' must be in [{self.low}, {self.high}]; got {value}")
         return value
 
 

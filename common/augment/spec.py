@@ -104,23 +104,15 @@ def normalise(name: str, positional: list[Any], keywords: dict[str, Any]) -> dic
     """Bind arguments to the op's params, check each, fill defaults: `{op, p, args}`."""
     op = lookup(name)
     probability = keywords.pop("p", 1.0)
-    if (
-        isinstance(probability, bool)
-        or not isinstance(probability, int | float)
-        or not 0 <= probability <= 1
-    ):
-        raise SpecError(
-            f"{name}: argument 'p' must be a probability in [0, 1]; got {probability!r}"
-        )
+    if isinstance(probability, bool) or not isinstance(probability, int | float) or not 0 <= probability <= 1:
+        raise SpecError(f"{name}: argument 'p' must be a probability in [0, 1]; got {probability!r}")
     names = list(op.params)
     if len(positional) > len(names):
         raise SpecError(f"{name}: takes {len(names)} positional argument(s), got {len(positional)}")
     given = dict(zip(names, positional, strict=False))
     for key, value in keywords.items():
         if key not in op.params:
-            raise SpecError(
-                f"{name}: unknown argument '{key}'; it takes {', '.join(names) or 'none'}"
-            )
+            raise SpecError(f"{name}: unknown argument '{key}'; it takes {', '.join(names) or 'none'}")
         if key in given:
             raise SpecError(f"{name}: argument '{key}' given twice")
         given[key] = value
