@@ -1,0 +1,53 @@
+# Quarry: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHELL := /bin/bash
+
+.PHONY: help install up down demo test lint model bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/producer: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[cpu,dev]'
+	touch $@
+
+install: $(BIN)/producer ## create .venv with Quarry, onnxruntime (CPU) and the test tools
+
+up: install ## start the stack: Docker Compose if an engine answers, else local processes
+	@if docker info >/dev/null 2>&1; then docker compose up -d --build && \
+	  echo "Flower at http://127.0.0.1:5555, MinIO at http://127.0.0.1:9000"; \
+	else deploy/local/stack.sh up; fi
+
+down: ## stop the stack
+	@if docker info >/dev/null 2>&1; then docker compose down; else deploy/local/stack.sh down; fi
+
+demo: up ## up, ingest the default dataset, run a query end to end, print the summary
+	$(BIN)/producer ingest
+	$(BIN)/producer run --wait --json \
+	  --query "SELECT s.id FROM styles s JOIN images i USING (id) WHERE s.master_category = 'Footwear' AND i.status = 'stored'" \
+	  --augment "hflip(p=0.5) | rotate(limit=10) | resize(120, 160, keep_aspect=True, fill=255)" \
+	  --variants 2 --model default
+
+test: install ## run the whole suite against real PostgreSQL, Redis, S3 and workers
+	$(BIN)/python -m pytest
+
+lint: install ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+model: install ## train the classifier and export models/fashion-classifier.onnx (+ its card)
+	$(BIN)/pip install -q torch==2.13.0 'onnx>=1.16,<2'
+	$(BIN)/python -m training.train
+
+bench: install ## augmentation and inference benchmarks (albumentations as the baseline)
+	$(BIN)/pip install -q 'albumentations>=2,<3'
+	$(BIN)/python -m bench.augment
+	$(BIN)/python -m bench.inference
+
+clean: down ## stop the stack and remove the virtualenv
+	rm -rf $(VENV) .run
