@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 
 from common.augment import Pipeline, parse_spec
-from common.config import default_dataset_path
 from common.images import decode
+from common.paths import default_dataset_path
 
 CHAIN = "hflip(p=0.5) | rotate(limit=15) | brightness_contrast(0.2, 0.2) | resize(224, 224)"
 
@@ -30,12 +30,14 @@ def load(dataset: Path, count: int) -> list[np.ndarray]:
 def albumentations_chain():  # type: ignore[no-untyped-def]
     import albumentations as A
 
-    return A.Compose([
-        A.HorizontalFlip(p=0.5),
-        A.Rotate(limit=15, border_mode=cv2.BORDER_REFLECT_101, p=1.0),
-        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=1.0),
-        A.Resize(224, 224),
-    ])  # fmt: skip
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.Rotate(limit=15, border_mode=cv2.BORDER_REFLECT_101, p=1.0),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=1.0),
+            A.Resize(224, 224),
+        ]
+    )
 
 
 def time_quarry(images: list[np.ndarray], pipeline: Pipeline) -> float:
@@ -69,8 +71,10 @@ def main() -> None:
         theirs.append(time_albumentations(images, chain))
     import albumentations
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread used; "
-          f"{len(images)} images from {args.dataset}")  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread used; "
+        f"{len(images)} images from {args.dataset}"
+    )
     print(f"chain: {CHAIN}")
     print(f"quarry        : {np.median(ours):8.1f} images/s per core (median of {args.rounds})")
     print(f"albumentations: {np.median(theirs):8.1f} images/s per core ({albumentations.__version__})")

@@ -1,6 +1,7 @@
 """Inference-stage throughput of a model at batch 1, 32 and 256, beside the preprocessing cost.
 
-Run: python -m bench.inference [DATASET] [--model PATH] [--provider CPUExecutionProvider|CUDAExecutionProvider]
+Run: python -m bench.inference [DATASET] [--model PATH] [--provider NAME]
+(NAME: CPUExecutionProvider or CUDAExecutionProvider; refused if the session falls back.)
 """
 
 from __future__ import annotations
@@ -9,13 +10,12 @@ import argparse
 import os
 import platform
 import time
+from functools import partial
 from pathlib import Path
 
-import numpy as np
-
-from common.config import MODELS_DIR, default_dataset_path
 from common.images import decode
 from common.model import Classifier
+from common.paths import MODELS_DIR, default_dataset_path
 
 
 def rate(function, items: int, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -38,18 +38,19 @@ def main() -> None:
     paths = sorted((args.dataset / "images").glob("*.jpg"))[:256]
     images = [decode(path.read_bytes()) for path in paths]
     images = (images * (256 // len(images) + 1))[:256]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"provider {classifier.provider}; model {args.model.name}")  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"provider {classifier.provider}; model {args.model.name}"
+    )
     print(f"{'batch':>6} {'preprocess img/s':>17} {'model img/s':>12} {'stage img/s':>12}")
     for batch in (1, 32, 256):
         chunk = images[:batch]
         tensor = classifier.info.preprocess.tensor(chunk)
         repeats = max(3, 2048 // batch)
-        pre = rate(lambda: classifier.info.preprocess.tensor(chunk), batch, repeats)
-        model = rate(lambda: classifier.logits(tensor), batch, repeats)
-        stage = rate(lambda: classifier.predict(chunk), batch, repeats)
+        pre = rate(partial(classifier.info.preprocess.tensor, chunk), batch, repeats)
+        model = rate(partial(classifier.logits, tensor), batch, repeats)
+        stage = rate(partial(classifier.predict, chunk), batch, repeats)
         print(f"{batch:>6} {pre:>17.0f} {model:>12.0f} {stage:>12.0f}")
-    _ = np  # numpy is what the preprocessing runs on
 
 
 if __name__ == "__main__":

@@ -9,18 +9,9 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import ConfigError
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED_SAMPLE = PROJECT_ROOT.parent / "shared" / "fashion-sample"
-VENDORED_SAMPLE = PROJECT_ROOT / "data" / "sample"
-MODELS_DIR = PROJECT_ROOT / "models"
+from common.paths import default_dataset_path
 
 SECRET_FIELDS = frozenset({"aws_secret_access_key"})
-
-
-def default_dataset_path() -> Path:
-    """The shared Kaggle sample when it exists, else the vendored subset."""
-    return SHARED_SAMPLE if SHARED_SAMPLE.is_dir() else VENDORED_SAMPLE
 
 
 class Settings(BaseSettings):

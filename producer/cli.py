@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import uuid
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -13,12 +14,13 @@ from typing import Any, TypeVar
 import click
 
 from common.augment import parse_spec
-from common.config import MODELS_DIR, Settings, get_settings
+from common.config import Settings, get_settings
 from common.db import connect, ensure_database, ensure_schema
 from common.errors import ConfigError, QuarryError, UserError
 from common.jobs import iter_results, job_progress
 from common.jobspec import JobSpec
 from common.model import Classifier, locate_model
+from common.paths import MODELS_DIR
 from common.storage import ObjectStore, parse_s3_uri
 from producer.ingest import ingest as run_ingest
 from producer.preview import write_preview
@@ -265,8 +267,6 @@ def preview(image_id: int, out: Path, **options: Any) -> None:
 
 def checked_job_id(job_id: str) -> str:
     """Refuse a job id that is not a UUID before asking the database."""
-    import uuid
-
     try:
         return str(uuid.UUID(job_id))
     except ValueError as exc:

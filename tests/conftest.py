@@ -51,9 +51,11 @@ def s3_endpoint() -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
+
     def answers() -> bool:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
             return True
@@ -126,17 +128,36 @@ def workers(test_env: dict[str, str], store: ObjectStore) -> Iterator[None]:
     for queue, pool in POOLS.items():
         processes.append(
             subprocess.Popen(
-                [str(BIN / "celery"), "-A", "workers", "worker", "-Q", queue, "--pool", pool,
-                 "--concurrency", "2", "-n", f"{queue}.{tag}@%h", "--loglevel", "WARNING"],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+                [
+                    str(BIN / "celery"),
+                    "-A",
+                    "workers",
+                    "worker",
+                    "-Q",
+                    queue,
+                    "--pool",
+                    pool,
+                    "--concurrency",
+                    "2",
+                    "-n",
+                    f"{queue}.{tag}@%h",
+                    "--loglevel",
+                    "WARNING",
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         )
 
     def all_answer() -> bool:
         result = subprocess.run(
             [str(BIN / "celery"), "-A", "workers", "inspect", "ping", "-t", "2"],
-            env=env, capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         return sum(f".{tag}@" in line for line in result.stdout.splitlines()) >= len(POOLS)
 
     wait_until(all_answer, 60, "the worker pools")
@@ -147,9 +168,9 @@ def workers(test_env: dict[str, str], store: ObjectStore) -> Iterator[None]:
         process.wait(30)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ingested(test_env: dict[str, str], store: ObjectStore) -> dict[str, str]:
-    """The vendored sample, ingested once through the real CLI."""
+    """The vendored sample, ingested through the real CLI (a re-run only checks what is stored)."""
     run_cli("ingest", env=test_env)
     return test_env
 
@@ -157,9 +178,13 @@ def ingested(test_env: dict[str, str], store: ObjectStore) -> dict[str, str]:
 def run_cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the `producer` CLI as a user would."""
     result = subprocess.run(
-        [str(BIN / "producer"), *args], env={**os.environ, **env}, capture_output=True, text=True,
-        check=False, timeout=300,
-    )  # fmt: skip
+        [str(BIN / "producer"), *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"producer {' '.join(args)} exited {result.returncode}: {result.stderr}")
     return result

@@ -17,8 +17,10 @@ def test_compose_file_is_valid_and_has_one_service_per_pool() -> None:
     if shutil.which("docker-compose"):
         rendered = subprocess.run(
             ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         config = yaml.safe_load(rendered)
     else:  # .ci/run installs docker-compose; without it, still check what YAML can show
         config = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -17,13 +17,20 @@ import onnx
 import torch
 from torch import nn
 
-from common.config import default_dataset_path
 from common.model import HIERARCHY_KEY, LABELS_KEY, PREPROCESS_KEY, Preprocess
+from common.paths import default_dataset_path
 from training.dataset import is_held_out, label_set, load_examples, load_pixels
 from training.evaluate import evaluate_onnx, write_card
 
-PREPROCESS = Preprocess(height=64, width=48, resize="letterbox", pad=255, channel_order="RGB",
-                        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # fmt: skip
+PREPROCESS = Preprocess(
+    height=80,
+    width=60,
+    resize="letterbox",
+    pad=255,
+    channel_order="RGB",
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+)
 SEED = 7
 
 
@@ -36,12 +43,18 @@ def block(inputs: int, outputs: int, stride: int) -> nn.Sequential:
 def build_model(classes: int) -> nn.Module:
     """A small CNN sized for >1,000 images/s on two CPU cores at 64x48."""
     return nn.Sequential(
-        block(3, 32, 2), block(32, 32, 1),  # 32x24
-        block(32, 64, 2), block(64, 64, 1),  # 16x12
-        block(64, 128, 2), block(128, 128, 1),  # 8x6
+        block(3, 32, 2),
+        block(32, 32, 1),  # 32x24
+        block(32, 64, 2),
+        block(64, 64, 1),  # 16x12
+        block(64, 128, 2),
+        block(128, 128, 1),  # 8x6
         block(128, 256, 2),  # 4x3
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(256, classes),
-    )  # fmt: skip
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(256, classes),
+    )
 
 
 def augment(batch: torch.Tensor) -> torch.Tensor:
@@ -90,7 +103,9 @@ def train(dataset: Path, out: Path, epochs: int) -> None:
             optimizer.step()
             schedule.step()
             total += float(loss) * len(batch)
-        print(f"epoch {epoch + 1}/{epochs}: loss {total / len(order):.3f} ({time.monotonic() - started:.0f} s)")
+        print(
+            f"epoch {epoch + 1}/{epochs}: loss {total / len(order):.3f} ({time.monotonic() - started:.0f} s)"
+        )
 
     export(model.eval(), labels, hierarchy, out)
     report = evaluate_onnx(out, dataset, test_set, mapping)
@@ -103,9 +118,15 @@ def export(model: nn.Module, labels: list[str], hierarchy: dict[str, list[str]],
     out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 3, PREPROCESS.height, PREPROCESS.width)
     torch.onnx.export(
-        model, (example,), str(out), input_names=["image"], output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
-    )  # fmt: skip
+        model,
+        (example,),
+        str(out),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
     proto = onnx.load(str(out))
     for key, value in (
         (LABELS_KEY, json.dumps(labels)),

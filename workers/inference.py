@@ -6,11 +6,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from common.config import MODELS_DIR
 from common.errors import QuarryError
 from common.inference import ItemRef, infer_items
 from common.jobspec import JobSpec
 from common.model import Classifier, locate_model
+from common.paths import MODELS_DIR
 from common.storage import parse_s3_uri
 from workers.base import StageTask
 from workers.celery_app import app

@@ -13,8 +13,11 @@ from common.errors import SpecError
 RNG = np.random.default_rng(1)
 IMAGE = RNG.integers(0, 256, (80, 60, 3), dtype=np.uint8)
 TINY = RNG.integers(0, 256, (1, 1, 3), dtype=np.uint8)
-DEFAULT_ARGS = {"crop": "crop(20, 30)", "random_resized_crop": "random_resized_crop(32, 24)",
-                "resize": "resize(24, 32)"}  # fmt: skip
+DEFAULT_ARGS = {
+    "crop": "crop(20, 30)",
+    "random_resized_crop": "random_resized_crop(32, 24)",
+    "resize": "resize(24, 32)",
+}
 
 
 def run(spec: str, image: np.ndarray = IMAGE, seed: tuple[int, ...] = (0, 1, 0)) -> np.ndarray:
@@ -108,8 +111,14 @@ def test_spec_errors_name_the_op_and_argument(spec: str, message: str) -> None:
 
 def test_spec_file_matches_text(tmp_path: Path) -> None:
     text = "hflip(p=0.5) | rotate(limit=15) | resize(224, 224)"
-    document = {"keep_original": True, "pipeline": [{"op": "hflip", "p": 0.5}, "rotate(limit=15)",
-                                                    {"op": "resize", "width": 224, "height": 224}]}  # fmt: skip
+    document = {
+        "keep_original": True,
+        "pipeline": [
+            {"op": "hflip", "p": 0.5},
+            "rotate(limit=15)",
+            {"op": "resize", "width": 224, "height": 224},
+        ],
+    }
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(document))
     from_file = parse_spec(str(path))

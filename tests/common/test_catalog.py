@@ -37,7 +37,10 @@ def test_field_values(line: str, field: int, expected: object) -> None:
 
 @pytest.mark.parametrize(
     ("line", "reason"),
-    [("1,Men,Apparel", "3 fields"), ("x,Men,Apparel,Topwear,Shirts,Blue,Fall,2012,Casual,S", "not an integer")],
+    [
+        ("1,Men,Apparel", "3 fields"),
+        ("x,Men,Apparel,Topwear,Shirts,Blue,Fall,2012,Casual,S", "not an integer"),
+    ],
 )
 def test_unreadable_lines_are_rejected_with_a_reason(line: str, reason: str) -> None:
     row = parse_line(line, 7)

@@ -9,7 +9,7 @@ from common.images import decode, encode
 def test_grayscale_becomes_three_channels() -> None:
     gray = np.full((10, 8), 77, dtype=np.uint8)
     image = decode(encode(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), "png", 0))
-    ok, png = cv2.imencode(".png", gray)
+    _ok, png = cv2.imencode(".png", gray)
     image = decode(png.tobytes())
     assert image.shape == (10, 8, 3)
     assert (image == 77).all()
@@ -19,7 +19,7 @@ def test_png_alpha_is_composited_on_white() -> None:
     bgra = np.zeros((4, 4, 4), dtype=np.uint8)
     bgra[..., 2] = 255  # red, fully transparent on the left half
     bgra[:, 2:, 3] = 255
-    ok, png = cv2.imencode(".png", bgra)
+    _ok, png = cv2.imencode(".png", bgra)
     image = decode(png.tobytes())
     assert image[0, 0].tolist() == [255, 255, 255]
     assert image[0, 3].tolist() == [0, 0, 255]
@@ -27,15 +27,17 @@ def test_png_alpha_is_composited_on_white() -> None:
 
 def test_sixteen_bit_png_is_scaled_to_eight_bits() -> None:
     deep = np.full((3, 3, 3), 65535, dtype=np.uint16)
-    ok, png = cv2.imencode(".png", deep)
+    _ok, png = cv2.imencode(".png", deep)
     assert decode(png.tobytes()).dtype == np.uint8
 
 
 def test_exif_orientation_is_applied() -> None:
     # A 2x4 (HxW) JPEG tagged "rotate 90 CW" must come out 4x2.
-    ok, jpeg = cv2.imencode(".jpg", np.zeros((2, 4, 3), dtype=np.uint8))
+    _ok, jpeg = cv2.imencode(".jpg", np.zeros((2, 4, 3), dtype=np.uint8))
     body = jpeg.tobytes()
-    tiff = b"MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"
+    tiff = (
+        b"MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"
+    )
     app1 = b"\xff\xe1" + (len(tiff) + 8).to_bytes(2, "big") + b"Exif\x00\x00" + tiff
     rotated = decode(body[:2] + app1 + body[2:])
     assert rotated.shape[:2] == (4, 2)

@@ -9,8 +9,15 @@ from onnx import TensorProto, helper, numpy_helper
 from common.errors import ModelError
 from common.model import HIERARCHY_KEY, LABELS_KEY, PREPROCESS_KEY, Classifier, Preprocess, locate_model
 
-PREPROCESS = Preprocess(height=4, width=2, resize="stretch", pad=255, channel_order="RGB",
-                        mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))  # fmt: skip
+PREPROCESS = Preprocess(
+    height=4,
+    width=2,
+    resize="stretch",
+    pad=255,
+    channel_order="RGB",
+    mean=(0.5, 0.25, 0.0),
+    std=(0.5, 0.25, 1.0),
+)
 
 
 def make_model(path: Path, *, labels: list[str], input_shape: list[object], metadata: dict[str, str]) -> Path:
@@ -38,8 +45,11 @@ def make_model(path: Path, *, labels: list[str], input_shape: list[object], meta
 
 
 def good_metadata(labels: list[str]) -> dict[str, str]:
-    return {LABELS_KEY: json.dumps(labels), PREPROCESS_KEY: PREPROCESS.to_json(),
-            HIERARCHY_KEY: json.dumps({label: ["Apparel", "Topwear"] for label in labels})}  # fmt: skip
+    return {
+        LABELS_KEY: json.dumps(labels),
+        PREPROCESS_KEY: PREPROCESS.to_json(),
+        HIERARCHY_KEY: json.dumps({label: ["Apparel", "Topwear"] for label in labels}),
+    }
 
 
 def test_preprocessing_matches_a_hand_computed_tensor() -> None:
@@ -47,7 +57,11 @@ def test_preprocessing_matches_a_hand_computed_tensor() -> None:
     bgr[..., 0], bgr[..., 1], bgr[..., 2] = 255, 128, 0  # blue=255, green=128, red=0
     tensor = PREPROCESS.tensor([bgr])
     assert tensor.shape == (1, 3, 4, 2) and tensor.dtype == np.float32
-    expected_per_channel = [(0 / 255 - 0.5) / 0.5, (128 / 255 - 0.25) / 0.25, (255 / 255 - 0.0) / 1.0]  # R, G, B
+    expected_per_channel = [
+        (0 / 255 - 0.5) / 0.5,
+        (128 / 255 - 0.25) / 0.25,
+        (255 / 255 - 0.0) / 1.0,
+    ]  # R, G, B
     for channel, value in enumerate(expected_per_channel):
         assert np.allclose(tensor[0, channel], value, atol=1e-6)
 
@@ -61,8 +75,9 @@ def test_letterbox_pads_with_the_pad_value() -> None:
 
 def test_metadata_round_trip_and_prediction(tmp_path: Path) -> None:
     labels = ["Shirts", "Jeans", "Watches"]
-    path = make_model(tmp_path / "m.onnx", labels=labels, input_shape=["batch", 3, 4, 2],
-                      metadata=good_metadata(labels))  # fmt: skip
+    path = make_model(
+        tmp_path / "m.onnx", labels=labels, input_shape=["batch", 3, 4, 2], metadata=good_metadata(labels)
+    )
     classifier = Classifier(path, providers=["CPUExecutionProvider"])
     assert classifier.info.labels == labels
     assert classifier.info.preprocess == PREPROCESS
@@ -80,17 +95,30 @@ def test_metadata_round_trip_and_prediction(tmp_path: Path) -> None:
     ("input_shape", "metadata", "message"),
     [
         (["batch", 3, 4, 2], {}, "lacks quarry.labels, quarry.preprocess"),
-        (["batch", 3, 4, 2], {LABELS_KEY: "not json", PREPROCESS_KEY: PREPROCESS.to_json()}, "not valid JSON"),
-        (["batch", 3, 4, 2], {LABELS_KEY: '["a","b"]', PREPROCESS_KEY: PREPROCESS.to_json()}, "3 outputs but 2 labels"),
+        (
+            ["batch", 3, 4, 2],
+            {LABELS_KEY: "not json", PREPROCESS_KEY: PREPROCESS.to_json()},
+            "not valid JSON",
+        ),
+        (
+            ["batch", 3, 4, 2],
+            {LABELS_KEY: '["a","b"]', PREPROCESS_KEY: PREPROCESS.to_json()},
+            "3 outputs but 2 labels",
+        ),
         (["batch", 3, 28, 28], None, "cannot be produced by the preprocessing"),
         (["batch", 3, 4, 2], {LABELS_KEY: '["a","b","c"]', PREPROCESS_KEY: '{"height": 4}'}, "malformed"),
     ],
 )
-def test_bad_models_are_refused(tmp_path: Path, input_shape: list[object], metadata: dict[str, str] | None,
-                                message: str) -> None:  # fmt: skip
+def test_bad_models_are_refused(
+    tmp_path: Path, input_shape: list[object], metadata: dict[str, str] | None, message: str
+) -> None:
     labels = ["a", "b", "c"]
-    path = make_model(tmp_path / "bad.onnx", labels=labels, input_shape=input_shape,
-                      metadata=good_metadata(labels) if metadata is None else metadata)  # fmt: skip
+    path = make_model(
+        tmp_path / "bad.onnx",
+        labels=labels,
+        input_shape=input_shape,
+        metadata=good_metadata(labels) if metadata is None else metadata,
+    )
     with pytest.raises(ModelError, match=message):
         Classifier(path, providers=["CPUExecutionProvider"])
 

@@ -1,4 +1,5 @@
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -10,6 +11,13 @@ from producer.ingest import ingest
 from tests.conftest import SAMPLE
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
+
+
+@pytest.fixture
+def empty_catalog(db: psycopg.Connection) -> Iterator[None]:
+    db.execute("TRUNCATE styles, images")
+    yield
+    db.execute("TRUNCATE styles, images")
 
 
 @pytest.fixture
@@ -39,10 +47,10 @@ def quirky_dataset(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.usefixtures("empty_catalog")
 def test_ingest_handles_every_quirk_and_reruns_cheaply(
     db: psycopg.Connection, store: ObjectStore, settings: Settings, quirky_dataset: Path
 ) -> None:
-    db.execute("TRUNCATE styles, images")
     first = ingest(db, store, quirky_dataset, settings.raw_bucket, concurrency=4)
     assert (first.rows, first.repaired, first.rejected, first.duplicate_ids) == (7, 1, 1, 1)
     assert (first.uploaded, first.present, first.bad, first.unrecognised_files) == (3, 0, 2, 1)

@@ -9,8 +9,10 @@ from tests.conftest import run_cli
 @pytest.fixture
 def numbers(db: psycopg.Connection) -> str:
     db.execute("DROP TABLE IF EXISTS numbers")
-    db.execute("CREATE TABLE numbers AS SELECT g AS id, g % 7 AS bucket, g::text AS label "
-               "FROM generate_series(1, 2500) AS g")  # fmt: skip
+    db.execute(
+        "CREATE TABLE numbers AS SELECT g AS id, g % 7 AS bucket, g::text AS label "
+        "FROM generate_series(1, 2500) AS g"
+    )
     return "numbers"
 
 
@@ -66,8 +68,12 @@ def test_cli_refuses_a_write_with_exit_2_and_enqueues_nothing(test_env, numbers:
 
 
 def test_cli_refuses_a_bad_spec_and_a_bad_model_with_exit_2(test_env, db) -> None:  # type: ignore[no-untyped-def]
-    bad_spec = run_cli("run", "--query", "SELECT 1 AS id", "--augment", "rotate(limit=999)", env=test_env, check=False)
+    bad_spec = run_cli(
+        "run", "--query", "SELECT 1 AS id", "--augment", "rotate(limit=999)", env=test_env, check=False
+    )
     assert bad_spec.returncode == 2 and "rotate: argument 'limit'" in bad_spec.stderr
-    bad_model = run_cli("run", "--query", "SELECT 1 AS id", "--model", "/nope.onnx", env=test_env, check=False)
+    bad_model = run_cli(
+        "run", "--query", "SELECT 1 AS id", "--model", "/nope.onnx", env=test_env, check=False
+    )
     assert bad_model.returncode == 2 and "no model '/nope.onnx'" in bad_model.stderr
     assert db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)

@@ -31,10 +31,12 @@ def objects(store: ObjectStore, bucket: str, job_id: str) -> dict[str, bytes]:
     return {key.split("/", 1)[1]: store.get(bucket, key) for key in store.list_keys(bucket, f"{job_id}/")}
 
 
-def test_job_uploads_exactly_the_selected_images(ingested, store: ObjectStore, settings: Settings,
-                                                 db: psycopg.Connection) -> None:  # fmt: skip
-    code, summary = run_job(ingested, "--query", WITH_IMAGES + " AND s.master_category = 'Footwear'",
-                            "--chunk-size", "7")  # fmt: skip
+def test_job_uploads_exactly_the_selected_images(
+    ingested, store: ObjectStore, settings: Settings, db: psycopg.Connection
+) -> None:
+    code, summary = run_job(
+        ingested, "--query", WITH_IMAGES + " AND s.master_category = 'Footwear'", "--chunk-size", "7"
+    )
     selected = {row[0] for row in db.execute(WITH_IMAGES + " AND s.master_category = 'Footwear'")}
     assert code == 0
     assert summary["total"] == summary["done"] == len(selected) > 20 and summary["failed"] == 0
@@ -51,19 +53,32 @@ def test_missing_images_fail_alone_with_no_image(ingested, settings: Settings) -
     code, summary = run_job(ingested, "--query", "SELECT id FROM styles")
     assert code == 1  # some images failed
     assert (summary["total"], summary["done"], summary["failed"]) == (300, 295, 5)
-    failed = {row["image_id"]: row["error"] for row in results(ingested, str(summary["job_id"])) if row["status"] == "failed"}
+    failed = {
+        row["image_id"]: row["error"]
+        for row in results(ingested, str(summary["job_id"]))
+        if row["status"] == "failed"
+    }
     assert failed == {i: "transform: no image" for i in (48570, 6383, 49828, 8551, 44065)}
 
 
 def test_a_corrupt_object_fails_its_item_and_the_chunk_goes_on(
     ingested, store: ObjectStore, settings: Settings, db: psycopg.Connection
 ) -> None:
-    victim, key = db.execute("SELECT id, raw_key FROM images WHERE status = 'stored' ORDER BY id LIMIT 1").fetchone()
+    victim, key = db.execute(
+        "SELECT id, raw_key FROM images WHERE status = 'stored' ORDER BY id LIMIT 1"
+    ).fetchone()
     original = store.get(settings.raw_bucket, key)
     store.put(settings.raw_bucket, key, b"\xff\xd8garbage", content_type="image/jpeg", metadata={})
     try:
-        code, summary = run_job(ingested, "--query", WITH_IMAGES + " ORDER BY s.id LIMIT 20",
-                                "--augment", "hflip", "--chunk-size", "20")  # fmt: skip
+        code, summary = run_job(
+            ingested,
+            "--query",
+            WITH_IMAGES + " ORDER BY s.id LIMIT 20",
+            "--augment",
+            "hflip",
+            "--chunk-size",
+            "20",
+        )
     finally:
         store.put(settings.raw_bucket, key, original, content_type="image/jpeg", metadata={})
     assert code == 1 and (summary["done"], summary["failed"]) == (19, 1)
@@ -74,20 +89,36 @@ def test_a_corrupt_object_fails_its_item_and_the_chunk_goes_on(
 def test_a_chunk_that_runs_twice_leaves_the_same_objects_and_rows(
     ingested, store: ObjectStore, settings: Settings, db: psycopg.Connection
 ) -> None:
-    code, summary = run_job(ingested, "--query", WITH_IMAGES + " ORDER BY s.id LIMIT 12", "--augment", SPEC,
-                            "--variants", "2", "--chunk-size", "12")  # fmt: skip
+    _code, summary = run_job(
+        ingested,
+        "--query",
+        WITH_IMAGES + " ORDER BY s.id LIMIT 12",
+        "--augment",
+        SPEC,
+        "--variants",
+        "2",
+        "--chunk-size",
+        "12",
+    )
     job_id = str(summary["job_id"])
     before_objects = objects(store, settings.output_bucket, job_id)
-    before_rows = db.execute("SELECT image_id, variant, status, output_uri, updated_at FROM job_items "
-                             "WHERE job_id = %s ORDER BY 1, 2", (job_id,)).fetchall()  # fmt: skip
+    before_rows = db.execute(
+        "SELECT image_id, variant, status, output_uri, updated_at FROM job_items "
+        "WHERE job_id = %s ORDER BY 1, 2",
+        (job_id,),
+    ).fetchall()
     spec, ids = db.execute(
-        "SELECT j.spec, c.image_ids FROM jobs j JOIN job_chunks c ON c.job_id = j.id WHERE j.id = %s", (job_id,)
+        "SELECT j.spec, c.image_ids FROM jobs j JOIN job_chunks c ON c.job_id = j.id WHERE j.id = %s",
+        (job_id,),
     ).fetchone()
     Celery(broker=settings.celery_broker_url).send_task(TRANSFORM, args=[spec, ids], queue="transform")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # every row rewritten by the second run
-        rows = db.execute("SELECT image_id, variant, status, output_uri, updated_at FROM job_items "
-                          "WHERE job_id = %s ORDER BY 1, 2", (job_id,)).fetchall()  # fmt: skip
+        rows = db.execute(
+            "SELECT image_id, variant, status, output_uri, updated_at FROM job_items "
+            "WHERE job_id = %s ORDER BY 1, 2",
+            (job_id,),
+        ).fetchall()
         if all(after[4] > prior[4] for after, prior in zip(rows, before_rows, strict=True)):
             break
         time.sleep(0.3)
@@ -100,9 +131,20 @@ def test_a_chunk_that_runs_twice_leaves_the_same_objects_and_rows(
     assert (status["total"], status["done"], status["failed"]) == (24, 24, 0)
 
 
-def test_two_jobs_with_the_same_spec_and_seed_are_byte_identical(ingested, store: ObjectStore, settings: Settings) -> None:
-    args = ("--query", WITH_IMAGES + " AND s.master_category = 'Accessories'", "--augment", SPEC,
-            "--variants", "2", "--seed", "42", "--keep-original")  # fmt: skip
+def test_two_jobs_with_the_same_spec_and_seed_are_byte_identical(
+    ingested, store: ObjectStore, settings: Settings
+) -> None:
+    args = (
+        "--query",
+        WITH_IMAGES + " AND s.master_category = 'Accessories'",
+        "--augment",
+        SPEC,
+        "--variants",
+        "2",
+        "--seed",
+        "42",
+        "--keep-original",
+    )
     first = run_job(ingested, *args)[1]
     second = run_job(ingested, *args)[1]
     third = run_job(ingested, *args[:-3], "--seed", "43")[1]
@@ -122,10 +164,11 @@ def test_inference_predictions_beat_the_majority_baseline(ingested, db: psycopg.
     assert all(len(row["top_k"]) == 3 and 0 < row["score"] <= 1 for row in rows)
     accuracy = db.execute(
         "SELECT avg((p.label = s.article_type)::int) FROM predictions p JOIN styles s ON s.id = p.image_id "
-        "WHERE p.job_id = %s", (summary["job_id"],)
-    ).fetchone()[0]  # fmt: skip
+        "WHERE p.job_id = %s",
+        (summary["job_id"],),
+    ).fetchone()[0]
     majority = db.execute(
         "SELECT max(n)::float / sum(n) FROM (SELECT count(*) AS n FROM styles s JOIN images i USING (id) "
         "WHERE i.status = 'stored' GROUP BY s.article_type) t"
-    ).fetchone()[0]  # fmt: skip
+    ).fetchone()[0]
     assert float(accuracy) > majority + 0.4, (accuracy, majority)

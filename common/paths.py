@@ -1,0 +1,13 @@
+"""Where the project's own files are (no settings here: those live in common/config.py)."""
+
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_SAMPLE = PROJECT_ROOT.parent / "shared" / "fashion-sample"
+VENDORED_SAMPLE = PROJECT_ROOT / "data" / "sample"
+MODELS_DIR = PROJECT_ROOT / "models"
+
+
+def default_dataset_path() -> Path:
+    """The shared Kaggle sample when it exists, else the vendored subset."""
+    return SHARED_SAMPLE if SHARED_SAMPLE.is_dir() else VENDORED_SAMPLE
