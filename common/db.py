@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import wraps
 from importlib import resources
+from typing import ParamSpec, TypeVar
 
 import psycopg
 import psycopg.conninfo
@@ -27,6 +30,23 @@ def ensure_schema(conn: psycopg.Connection) -> None:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))
         conn.execute(ddl)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def retryable(function: Callable[P, R]) -> Callable[P, R]:
+    """Translate a lost or refused connection into DatabaseUnavailable (tasks retry on it)."""
+
+    @wraps(function)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return function(*args, **kwargs)
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"PostgreSQL: {first_line(exc)}") from exc
+
+    return wrapper
 
 
 def first_line(exc: BaseException) -> str:

@@ -11,7 +11,9 @@ import numpy as np
 from common.errors import PermanentError, QuarryError
 from common.images import decode
 from common.jobs import ItemResult
+from common.jobspec import JobSpec
 from common.model import Classifier
+from common.transform import Output
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,18 @@ class ItemRef:
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> ItemRef:
         return cls(**message)
+
+
+def refs_for(
+    spec: JobSpec, outputs: Sequence[Output], results: Sequence[ItemResult], raw_bucket: str
+) -> list[ItemRef]:
+    """What the inference stage reads for each uploaded output: the output or its raw source."""
+    refs = []
+    for output, result in zip(outputs, results, strict=True):
+        output_uri = result.output_uri or ""
+        source = f"s3://{raw_bucket}/{output.source_key}" if spec.infer_on == "raw" else output_uri
+        refs.append(ItemRef(output.image_id, output.variant, source, output_uri))
+    return refs
 
 
 def infer_items(

@@ -10,6 +10,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from common.db import retryable
+
 ITEM_STATUSES = ("uploaded", "done", "failed")
 
 
@@ -96,6 +98,7 @@ WHERE NOT (job_items.status = 'done' AND EXCLUDED.status = 'uploaded')
 """
 
 
+@retryable
 def record_items(conn: psycopg.Connection, job_id: str, results: Sequence[ItemResult]) -> None:
     """Upsert item results in one statement; rerunning a stage leaves the same rows."""
     if not results:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.inference import ItemRef
+from common.inference import refs_for
 from common.jobspec import JobSpec
 from common.transform import Output
 from common.upload import upload_outputs
@@ -26,17 +26,6 @@ def upload_batch(self: UploadTask, spec_message: dict[str, Any], messages: list[
     results = upload_outputs(self.store, self.settings.output_bucket, spec, outputs)
     self.record(spec, results)
     if spec.model:
-        raw_bucket = self.settings.raw_bucket
-        refs = [
-            ItemRef(
-                output.image_id,
-                output.variant,
-                f"s3://{raw_bucket}/{output.source_key}"
-                if spec.infer_on == "raw"
-                else result.output_uri or "",
-                result.output_uri or "",
-            ).to_message()
-            for output, result in zip(outputs, results, strict=True)
-        ]
-        self.app.send_task(INFERENCE, args=[spec_message, refs])
+        refs = refs_for(spec, outputs, results, self.settings.raw_bucket)
+        self.app.send_task(INFERENCE, args=[spec_message, [ref.to_message() for ref in refs]])
     return len(results)

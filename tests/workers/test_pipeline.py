@@ -172,3 +172,22 @@ def test_inference_predictions_beat_the_majority_baseline(ingested, db: psycopg.
         "WHERE i.status = 'stored' GROUP BY s.article_type) t"
     ).fetchone()[0]
     assert float(accuracy) > majority + 0.4, (accuracy, majority)
+
+
+def test_resume_resends_unfinished_chunks(ingested, db: psycopg.Connection) -> None:
+    code, summary = run_job(
+        ingested, "--query", WITH_IMAGES + " ORDER BY s.id LIMIT 30", "--chunk-size", "10"
+    )
+    job_id = str(summary["job_id"])
+    assert code == 0
+    db.execute(
+        "DELETE FROM job_items WHERE job_id = %s AND image_id IN "
+        "(SELECT image_id FROM job_items WHERE job_id = %s ORDER BY image_id LIMIT 4)",
+        (job_id, job_id),
+    )
+    assert json.loads(run_cli("status", job_id, "--json", env=ingested).stdout)["done"] == 26
+    assert run_cli("resume", job_id, env=ingested).stdout.strip() == f"job {job_id}: 1 chunks resent"
+    deadline = time.monotonic() + 60
+    while json.loads(run_cli("status", job_id, "--json", env=ingested).stdout)["done"] < 30:
+        assert time.monotonic() < deadline, "resumed chunk did not finish"
+        time.sleep(0.5)

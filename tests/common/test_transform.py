@@ -1,0 +1,65 @@
+import cv2
+import numpy as np
+import pytest
+
+from common.errors import ObjectMissing, QuarryError, StorageUnavailable
+from common.jobspec import JobSpec
+from common.transform import Output, batch_by_bytes, transform_images
+
+_, JPEG = cv2.imencode(".jpg", np.full((8, 6, 3), 100, dtype=np.uint8))
+RAW = JPEG.tobytes()
+INDEX = {
+    1: ("stored", "images/1.jpg", None),
+    2: ("bad", None, "empty file (0 bytes)"),
+    3: ("stored", "images/3.jpg", None),  # deleted from the bucket
+}
+
+
+def fetch_many(keys: list[str]) -> dict[str, bytes | QuarryError]:
+    return {key: RAW if key == "images/1.jpg" else ObjectMissing(f"no object at {key}") for key in keys}
+
+
+def test_each_bad_id_fails_alone_and_good_ones_pass_through() -> None:
+    spec = JobSpec(job_id="j", variants=2)
+    result = transform_images(spec, [1, 2, 3, 4], INDEX, fetch_many)
+    assert [(o.image_id, o.variant) for o in result.outputs] == [(1, 0), (1, 1)]
+    assert all(o.data == RAW and o.image_format == "jpeg" for o in result.outputs)
+    errors = {(f.image_id, f.variant): f.error for f in result.failures}
+    assert errors == {
+        (2, 0): "transform: bad image: empty file (0 bytes)",
+        (2, 1): "transform: bad image: empty file (0 bytes)",
+        (3, 0): "transform: no image",
+        (3, 1): "transform: no image",
+        (4, 0): "transform: no image",
+        (4, 1): "transform: no image",
+    }
+
+
+def test_keep_original_and_augmented_variants() -> None:
+    spec = JobSpec(job_id="j", variants=2, keep_original=True, augment=[], image_format="png")
+    outputs = transform_images(spec, [1], INDEX, fetch_many).outputs
+    assert outputs[0].data == RAW and outputs[1].image_format == "png"
+
+
+def test_a_transient_storage_error_fails_the_chunk_for_a_retry() -> None:
+    def unavailable(keys: list[str]) -> dict[str, bytes | QuarryError]:
+        return {key: StorageUnavailable("S3 did not answer") for key in keys}
+
+    with pytest.raises(StorageUnavailable):
+        transform_images(JobSpec(job_id="j"), [1], INDEX, unavailable)
+
+
+@pytest.mark.parametrize("budget", [10, 25, 1000])
+def test_batches_stay_under_the_byte_budget(budget: int) -> None:
+    outputs = [Output(i, 0, b"x" * 10, "jpeg", "k") for i in range(7)]
+    batches = list(batch_by_bytes(outputs, budget))
+    assert [o for batch in batches for o in batch] == outputs
+    assert all(sum(len(o.data) for o in batch) <= max(budget, 10) for batch in batches)
+    assert len(batches) == -(-70 // max(10, budget - budget % 10))
+
+
+def test_output_survives_the_broker_round_trip() -> None:
+    from kombu.utils.json import dumps, loads
+
+    output = Output(5, 1, bytes(range(256)), "png", "images/5.jpg")
+    assert Output.from_message(loads(dumps(output.to_message()))) == output
