@@ -52,6 +52,7 @@ def evaluate_onnx(
         "per_class": {k: v for k, v in sorted(per_class.items(), key=lambda kv: -kv[1][0])},
         "majority": Counter(mapping.get(e.article_type, "") for e in test_set).most_common(1)[0][1] / n,
         "latency_256_s": latency,
+        "input": f"{classifier.info.preprocess.height}x{classifier.info.preprocess.width} (HxW)",
         "size_bytes": model_path.stat().st_size,
     }
 
@@ -77,7 +78,7 @@ CPU, seed 7.
   of the dataset. {n_train} training images, {n_test} held-out images.
 - Rare classes: article types with fewer than 10 training images are merged into
   `Other <master category>` (so the master category is still predicted). {len(labels)} labels.
-- Input: letterbox to 64x48 (HxW) on white, RGB, (x/255 - 0.5) / 0.5, NCHW float32.
+- Input: letterbox to {report["input"]} on white, RGB, (x/255 - 0.5) / 0.5, NCHW float32.
 
 ## Held-out accuracy ({n_test} images, onnxruntime CPU)
 | metric | value |
