@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -53,3 +55,11 @@ def test_bad_bytes_raise_a_permanent_error(data: bytes, message: str) -> None:
 def test_encode_round_trips(image_format: str) -> None:
     image = np.random.default_rng(0).integers(0, 255, (16, 12, 3), dtype=np.uint8)
     assert decode(encode(image, image_format, 95)).shape == image.shape
+
+
+def test_cmyk_jpeg_becomes_bgr() -> None:
+    # tests/fixtures/red-cmyk.jpg: a 6x4 CMYK JPEG of pure red (C=0, M=255, Y=255, K=0), made by Pillow.
+    image = decode((Path(__file__).parent.parent / "fixtures" / "red-cmyk.jpg").read_bytes())
+    assert image.shape == (4, 6, 3)
+    blue, green, red = image[2, 3].tolist()
+    assert red > 200 and green < 60 and blue < 60
