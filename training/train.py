@@ -142,7 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", nargs="?", type=Path, default=default_dataset_path())
     parser.add_argument("--out", type=Path, default=Path("models/fashion-classifier.onnx"))
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=60)
     args = parser.parse_args()
     torch.set_num_threads(2)
     train(args.dataset, args.out, args.epochs)
