@@ -43,6 +43,10 @@ class ModelError(UserError):
     """The model file or its metadata is refused."""
 
 
+class UnknownJob(QuarryError):
+    """A task names a job that is not in the worker's database (DATABASE_URL differs?)."""
+
+
 class TransientError(QuarryError):
     """A service did not answer; the task is retried with backoff."""
 

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import psycopg.errors
 from psycopg.types.json import Jsonb
 
 from common.db import retryable
+from common.errors import UnknownJob
 
 ITEM_STATUSES = ("uploaded", "done", "failed")
 
@@ -116,8 +118,13 @@ def record_items(conn: psycopg.Connection, job_id: str, results: Sequence[ItemRe
         columns["label"].append(result.label)
         columns["score"].append(result.score)
         columns["top_k"].append(None if result.top_k is None else json.dumps(result.top_k))
-    with conn.transaction():
-        conn.execute(UPSERT_ITEMS, {"job_id": job_id, **columns})
+    try:
+        with conn.transaction():
+            conn.execute(UPSERT_ITEMS, {"job_id": job_id, **columns})
+    except psycopg.errors.ForeignKeyViolation as exc:
+        raise UnknownJob(
+            f"job {job_id} is not in this worker's database: is DATABASE_URL the producer's?"
+        ) from exc
 
 
 def job_progress(conn: psycopg.Connection, job_id: str) -> JobProgress | None:

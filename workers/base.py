@@ -12,7 +12,7 @@ from celery import Task
 
 from common.config import Settings, get_settings
 from common.db import connect
-from common.errors import TRANSIENT_ERRORS
+from common.errors import TRANSIENT_ERRORS, UnknownJob
 from common.jobs import ItemResult, record_items
 from common.jobspec import JobSpec
 from common.storage import ObjectStore
@@ -63,6 +63,9 @@ class StageTask(Task):
         still finishes and says why."""
         spec_message, payload = args
         spec = JobSpec.from_message(spec_message)
+        if isinstance(exc, UnknownJob):  # nowhere to record it: the log line is the record
+            log.error("%s", exc)
+            return
         error = f"{self.name.removeprefix('quarry.')}: {type(exc).__name__}: {exc}"
         failures = [
             ItemResult(image_id, variant, "failed", error=error)
