@@ -40,9 +40,9 @@ lint: install ## ruff and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-model: install ## train the classifier and export models/fashion-classifier.onnx (+ its card)
+model: install ## train the classifier on DATASET (default: DATASET_PATH) into models/ with its card
 	$(BIN)/pip install -q torch==2.13.0 'onnx>=1.16,<2'
-	$(BIN)/python -m training.train
+	$(BIN)/python -m training.train $(DATASET)
 
 bench: install ## augmentation and inference benchmarks (albumentations as the baseline)
 	$(BIN)/pip install -q 'albumentations>=2,<3'

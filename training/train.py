@@ -17,8 +17,8 @@ import onnx
 import torch
 from torch import nn
 
+from common.config import get_settings
 from common.model import HIERARCHY_KEY, LABELS_KEY, PREPROCESS_KEY, Preprocess
-from common.paths import default_dataset_path
 from training.dataset import is_held_out, label_set, load_examples, load_pixels
 from training.evaluate import evaluate_onnx, write_card
 
@@ -140,7 +140,7 @@ def export(model: nn.Module, labels: list[str], hierarchy: dict[str, list[str]],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dataset", nargs="?", type=Path, default=default_dataset_path())
+    parser.add_argument("dataset", nargs="?", type=Path, default=get_settings().dataset_path)
     parser.add_argument("--out", type=Path, default=Path("models/fashion-classifier.onnx"))
     parser.add_argument("--epochs", type=int, default=60)
     args = parser.parse_args()
