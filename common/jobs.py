@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import psycopg.errors
@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 from common.db import retryable
 from common.errors import UnknownJob
 
-ITEM_STATUSES = ("uploaded", "done", "failed")
+ItemStatus = Literal["uploaded", "done", "failed"]  # "uploaded": waiting for inference
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class ItemResult:
 
     image_id: int
     variant: int
-    status: str  # one of ITEM_STATUSES
+    status: ItemStatus
     output_uri: str | None = None
     error: str | None = None
     label: str | None = None

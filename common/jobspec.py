@@ -40,8 +40,3 @@ class JobSpec:
 def output_key(job_id: str, image_id: int, variant: int, extension: str) -> str:
     """The deterministic object key of one output: `{job_id}/{image_id}-{variant}{ext}`."""
     return f"{job_id}/{image_id}-{variant}{extension}"
-
-
-def raw_key(image_id: int) -> str:
-    """The raw bucket's key of an ingested image."""
-    return f"images/{image_id}.jpg"

@@ -67,7 +67,8 @@ def transform_images(
     for image_id in image_ids:
         try:
             key, data = raw_bytes(image_id, index, fetched)
-            result.outputs.extend(render_variants(spec, pipeline, image_id, key, data))
+            variants = list(render_variants(spec, pipeline, image_id, key, data))  # all or none
+            result.outputs.extend(variants)
         except PermanentError as exc:
             result.failures.extend(
                 ItemResult(image_id, variant, "failed", error=f"transform: {exc}")

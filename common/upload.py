@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from common.images import ENCODINGS
-from common.jobs import ItemResult
+from common.jobs import ItemResult, ItemStatus
 from common.jobspec import JobSpec, output_key
 from common.storage import ObjectStore
 from common.transform import Output
@@ -15,7 +15,7 @@ def upload_outputs(
     store: ObjectStore, bucket: str, spec: JobSpec, outputs: Sequence[Output]
 ) -> list[ItemResult]:
     """Store each output at its deterministic key; rerunning overwrites with the same bytes."""
-    final_status = "uploaded" if spec.model else "done"
+    final_status: ItemStatus = "uploaded" if spec.model else "done"
     results = []
     for output in outputs:
         key = output_key(spec.job_id, output.image_id, output.variant, output.extension)

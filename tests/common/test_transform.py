@@ -41,6 +41,22 @@ def test_keep_original_and_augmented_variants() -> None:
     assert outputs[0].data == RAW and outputs[1].image_format == "png"
 
 
+def test_an_image_fails_whole_even_when_one_variant_could_pass_through() -> None:
+    spec = JobSpec(
+        job_id="j", variants=2, keep_original=True, augment=[{"op": "hflip", "p": 1.0, "args": {}}]
+    )
+
+    def corrupt(keys: list[str]) -> dict[str, bytes | QuarryError]:
+        return dict.fromkeys(keys, b"\xff\xd8 not a jpeg")
+
+    result = transform_images(spec, [1], INDEX, corrupt)
+    assert result.outputs == []
+    assert [(f.variant, f.error) for f in result.failures] == [
+        (0, "transform: not a decodable image (13 bytes)"),
+        (1, "transform: not a decodable image (13 bytes)"),
+    ]
+
+
 def test_a_transient_storage_error_fails_the_chunk_for_a_retry() -> None:
     def unavailable(keys: list[str]) -> dict[str, bytes | QuarryError]:
         return {key: StorageUnavailable("S3 did not answer") for key in keys}
