@@ -165,7 +165,7 @@ def augment_options(command: F) -> F:
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 100))
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 if any item failed.")
 @click.option("--wait-timeout", type=float, help="Stop following after this many seconds.")
-@click.option("--json", "as_json", is_flag=True, help="With --wait: print a JSON summary last.")
+@click.option("--json", "as_json", is_flag=True, help="Print the job's counts as one JSON object, last.")
 @one_line_errors
 def run(
     sql: str, chunk_size: int | None, wait: bool, wait_timeout: float | None, as_json: bool, **options: Any
@@ -191,7 +191,7 @@ def run(
         assert progress is not None
         click.echo(f"job {spec.job_id}: {progress.total} items in {chunks} chunks", err=True)
         if not wait:
-            click.echo(spec.job_id)
+            click.echo(json.dumps(progress.as_dict()) if as_json else spec.job_id)
             return
         progress = follow(conn, spec.job_id, timeout_s=wait_timeout)
     if as_json:
