@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from functools import wraps
@@ -22,6 +23,7 @@ from common.jobspec import JobSpec
 from common.model import Classifier, locate_model
 from common.paths import MODELS_DIR
 from common.storage import ObjectStore, parse_s3_uri
+from producer.ingest import IngestSummary
 from producer.ingest import ingest as run_ingest
 from producer.preview import write_preview
 from producer.progress import follow
@@ -95,13 +97,27 @@ def ingest(dataset_path: Path | None) -> None:
     store.ensure_bucket(settings.output_bucket)
     with connect(settings.database_url, autocommit=True) as conn:
         ensure_schema(conn)
-        s = run_ingest(conn, store, dataset, settings.raw_bucket, settings.ingest_concurrency)
+        s = run_ingest(conn, store, dataset, settings.raw_bucket, settings.ingest_concurrency, show_ingest)
+    if sys.stderr.isatty():
+        click.echo("", err=True)  # end the progress line
     click.echo(
         f"ingested {dataset}: {s.rows} rows loaded ({s.repaired} malformed lines repaired, "
         f"{s.rejected} rejected, {s.duplicate_ids} duplicate ids); images {s.uploaded} uploaded, "
         f"{s.present} already present, {s.missing} missing, {s.bad} bad, "
         f"{s.unrecognised_files} other files ignored; {s.seconds:.1f} s"
     )
+
+
+def show_ingest(summary: IngestSummary) -> None:
+    """One refreshed progress line on a terminal's stderr."""
+    if sys.stderr.isatty():
+        seconds = time.monotonic() - summary.started
+        click.echo(
+            f"\r{summary.images_seen} images read · {summary.uploaded} uploaded · "
+            f"{summary.bad} bad · {summary.images_seen / seconds:.0f} img/s",
+            err=True,
+            nl=False,
+        )
 
 
 def model_reference(model: str | None, settings: Settings, store: ObjectStore) -> str | None:

@@ -6,7 +6,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,11 @@ class IngestSummary:
     bad: int = 0
     unrecognised_files: int = 0
     seconds: float = 0.0
+    started: float = field(default_factory=time.monotonic, repr=False)
+
+    @property
+    def images_seen(self) -> int:
+        return self.uploaded + self.present + self.bad
 
 
 @dataclass(frozen=True)
@@ -57,27 +62,32 @@ class ImageFile:
 
 
 def ingest(
-    conn: psycopg.Connection, store: ObjectStore, dataset: Path, raw_bucket: str, concurrency: int
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    dataset: Path,
+    raw_bucket: str,
+    concurrency: int,
+    on_progress: Callable[[IngestSummary], None] = lambda summary: None,
 ) -> IngestSummary:
     """Load a Kaggle-layout dataset (`styles.csv` + `images/`); re-runnable and resumable.
 
-    Images recorded as stored with the same checksum are skipped, unless the raw bucket had
-    to be created (a new or wiped store): then every image is uploaded again.
+    Images recorded as stored with the same checksum are skipped, unless the raw bucket is
+    empty (a new or wiped store): then every image is uploaded again.
     """
     csv_path, images_dir = dataset / "styles.csv", dataset / "images"
     if not csv_path.is_file():
         raise UserError(f"dataset {dataset}: no styles.csv")
     if not images_dir.is_dir():
         raise UserError(f"dataset {dataset}: no images/ folder")
-    started = time.monotonic()
     summary = IngestSummary()
-    trust_records = not store.ensure_bucket(raw_bucket)
+    store.ensure_bucket(raw_bucket)
+    trust_records = not store.is_empty(raw_bucket)
     load_styles(conn, csv_path, summary)
-    upload_images(conn, store, images_dir, raw_bucket, concurrency, summary, trust_records)
+    upload_images(conn, store, images_dir, raw_bucket, concurrency, summary, trust_records, on_progress)
     summary.missing = conn.execute(
         "SELECT count(*) FROM styles s WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.id = s.id)"
     ).fetchone()[0]  # type: ignore[index]
-    summary.seconds = time.monotonic() - started
+    summary.seconds = time.monotonic() - summary.started
     return summary
 
 
@@ -136,6 +146,7 @@ def upload_images(
     concurrency: int,
     summary: IngestSummary,
     trust_records: bool,
+    on_progress: Callable[[IngestSummary], None],
 ) -> None:
     """Upload new or changed images in parallel, a bounded batch at a time, recording each batch
     once stored, so an interrupted ingest resumes where it stopped."""
@@ -155,6 +166,7 @@ def upload_images(
             list(pool.map(lambda image: put_image(store, bucket, image), to_upload))
             summary.uploaded += len(to_upload)
             record_images(conn, files)
+            on_progress(summary)
 
 
 def put_image(store: ObjectStore, bucket: str, image: ImageFile) -> None:
