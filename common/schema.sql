@@ -21,8 +21,10 @@ CREATE TABLE IF NOT EXISTS images (
     checksum   text NOT NULL,            -- sha256 of the file's bytes, hex
     status     text NOT NULL CHECK (status IN ('stored', 'bad')),
     error      text,
+    store_id   text,                     -- the raw bucket's marker when it was stored
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE images ADD COLUMN IF NOT EXISTS store_id text;
 
 CREATE TABLE IF NOT EXISTS jobs (
     id          uuid PRIMARY KEY,

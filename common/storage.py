@@ -109,13 +109,6 @@ class ObjectStore:
         except (BotoCoreError, ConnectionError) as exc:
             raise self._translate(exc, f"s3://{bucket}/{key}") from exc
 
-    def is_empty(self, bucket: str) -> bool:
-        """Whether the bucket holds no object at all."""
-        try:
-            return self._client.list_objects_v2(Bucket=bucket, MaxKeys=1).get("KeyCount", 0) == 0
-        except (ClientError, BotoCoreError, ConnectionError) as exc:
-            raise self._translate(exc, f"s3://{bucket}") from exc
-
     def list_keys(self, bucket: str, prefix: str) -> list[str]:
         """Every key under a prefix (for tests and small listings)."""
         keys: list[str] = []

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import psycopg
 
 from common.batching import batched
 from common.catalog import COLUMNS, CatalogStats, RejectedLine, read_styles
-from common.errors import PermanentError, UserError
+from common.errors import ObjectMissing, PermanentError, UserError
 from common.images import ENCODINGS, checksum, decode, sniff_format
 from common.storage import ObjectStore
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_NAME = re.compile(r"^(\d+)\.(jpe?g|png|webp)$", re.IGNORECASE)
 FILES_PER_BATCH = 256  # images read, checked and recorded together; bounds memory
+STORE_MARKER = "_quarry/store-id"  # identifies a raw bucket's contents across restarts
 REJECTED_SHOWN = 20  # malformed CSV lines printed one by one before only counting
 
 
@@ -71,8 +73,9 @@ def ingest(
 ) -> IngestSummary:
     """Load a Kaggle-layout dataset (`styles.csv` + `images/`); re-runnable and resumable.
 
-    Images recorded as stored with the same checksum are skipped, unless the raw bucket is
-    empty (a new or wiped store): then every image is uploaded again.
+    Images recorded as stored with the same checksum in this same bucket are skipped. The bucket
+    is recognised by a marker object (STORE_MARKER); a new or wiped bucket gets a new marker, so
+    every image is uploaded to it again.
     """
     csv_path, images_dir = dataset / "styles.csv", dataset / "images"
     if not csv_path.is_file():
@@ -81,9 +84,9 @@ def ingest(
         raise UserError(f"dataset {dataset}: no images/ folder")
     summary = IngestSummary()
     store.ensure_bucket(raw_bucket)
-    trust_records = not store.is_empty(raw_bucket)
+    store_id = store_marker(store, raw_bucket)
     load_styles(conn, csv_path, summary)
-    upload_images(conn, store, images_dir, raw_bucket, concurrency, summary, trust_records, on_progress)
+    upload_images(conn, store, images_dir, raw_bucket, concurrency, summary, store_id, on_progress)
     summary.missing = conn.execute(
         "SELECT count(*) FROM styles s WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.id = s.id)"
     ).fetchone()[0]  # type: ignore[index]
@@ -145,14 +148,14 @@ def upload_images(
     bucket: str,
     concurrency: int,
     summary: IngestSummary,
-    trust_records: bool,
+    store_id: str,
     on_progress: Callable[[IngestSummary], None],
 ) -> None:
     """Upload new or changed images in parallel, a bounded batch at a time, recording each batch
     once stored, so an interrupted ingest resumes where it stopped."""
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ingest") as pool:
         for batch in batched(scan_images(images_dir, summary), FILES_PER_BATCH):
-            known = stored_checksums(conn, [i for i, _ in batch]) if trust_records else {}
+            known = stored_checksums(conn, [i for i, _ in batch], store_id)
             files = list(pool.map(lambda item: read_image(*item), batch))
             to_upload = []
             for image in files:
@@ -165,7 +168,7 @@ def upload_images(
                     to_upload.append(image)
             list(pool.map(lambda image: put_image(store, bucket, image), to_upload))
             summary.uploaded += len(to_upload)
-            record_images(conn, files)
+            record_images(conn, files, store_id)
             on_progress(summary)
 
 
@@ -175,25 +178,36 @@ def put_image(store: ObjectStore, bucket: str, image: ImageFile) -> None:
     store.put(bucket, image.key, image.data, content_type=content_type, metadata={"sha256": image.sha256})
 
 
-def stored_checksums(conn: psycopg.Connection, image_ids: list[int]) -> dict[int, str]:
-    """Checksums of the ids already recorded as stored."""
+def store_marker(store: ObjectStore, bucket: str) -> str:
+    """The id written in the bucket's marker object, written now if the bucket has none."""
+    try:
+        return store.get(bucket, STORE_MARKER).decode()
+    except ObjectMissing:
+        marker = str(uuid.uuid4())
+        store.put(bucket, STORE_MARKER, marker.encode(), content_type="text/plain", metadata={})
+        return marker
+
+
+def stored_checksums(conn: psycopg.Connection, image_ids: list[int], store_id: str) -> dict[int, str]:
+    """Checksums of the ids already recorded as stored in this bucket."""
     rows = conn.execute(
-        "SELECT id, checksum FROM images WHERE id = ANY (%s) AND status = 'stored'", (image_ids,)
+        "SELECT id, checksum FROM images WHERE id = ANY (%s) AND status = 'stored' AND store_id = %s",
+        (image_ids, store_id),
     ).fetchall()
     return dict(rows)
 
 
-def record_images(conn: psycopg.Connection, files: list[ImageFile]) -> None:
+def record_images(conn: psycopg.Connection, files: list[ImageFile], store_id: str) -> None:
     """Upsert one batch of image rows."""
     with conn.transaction(), conn.cursor() as cursor:
         cursor.executemany(
             """
-            INSERT INTO images (id, raw_key, size_bytes, width, height, checksum, status, error)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+            INSERT INTO images (id, raw_key, size_bytes, width, height, checksum, status, error, store_id)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
             ON CONFLICT (id) DO UPDATE SET raw_key = EXCLUDED.raw_key,
                 size_bytes = EXCLUDED.size_bytes, width = EXCLUDED.width,
-                height = EXCLUDED.height, checksum = EXCLUDED.checksum,
-                status = EXCLUDED.status, error = EXCLUDED.error, updated_at = now()
+                height = EXCLUDED.height, checksum = EXCLUDED.checksum, status = EXCLUDED.status,
+                error = EXCLUDED.error, store_id = EXCLUDED.store_id, updated_at = now()
             """,
             [
                 (
@@ -205,6 +219,7 @@ def record_images(conn: psycopg.Connection, files: list[ImageFile]) -> None:
                     f.sha256,
                     "bad" if f.error else "stored",
                     f.error,
+                    store_id,
                 )
                 for f in files
             ],

@@ -71,6 +71,8 @@ def test_ingest_handles_every_quirk_and_reruns_cheaply(
     again = ingest(db, store, quirky_dataset, settings.raw_bucket, concurrency=4)
     assert (again.uploaded, again.present, again.bad) == (0, 3, 2)
 
-    wiped_store = ingest(db, store, quirky_dataset, f"{settings.raw_bucket}-new", concurrency=4)
-    assert (wiped_store.uploaded, wiped_store.present) == (3, 0)  # records are not trusted
+    other_bucket = ingest(db, store, quirky_dataset, f"{settings.raw_bucket}-new", concurrency=4)
+    assert (other_bucket.uploaded, other_bucket.present) == (3, 0)  # records of another bucket
+    back = ingest(db, store, quirky_dataset, settings.raw_bucket, concurrency=4)
+    assert (back.uploaded, back.present) == (3, 0)  # rows now name the other bucket's marker
     assert db.execute("SELECT count(*) FROM styles").fetchone() == (6,)  # 7 rows, one id twice
