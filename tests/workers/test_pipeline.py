@@ -47,8 +47,11 @@ def test_job_uploads_exactly_the_selected_images(
     assert stored[f"{some_id}-0.jpg"] == store.get(settings.raw_bucket, raw_key)  # identity: same bytes
     status = json.loads(run_cli("status", str(summary["job_id"]), "--json", env=ingested).stdout)
     assert status["done"] == status["total"] == len(selected)
-    sizes = [row[0] for row in db.execute("SELECT cardinality(image_ids) FROM job_chunks WHERE job_id = %s "
-                                          "ORDER BY chunk_index", (summary["job_id"],))]  # fmt: skip
+    chunks = db.execute(
+        "SELECT cardinality(image_ids) FROM job_chunks WHERE job_id = %s ORDER BY chunk_index",
+        (summary["job_id"],),
+    )
+    sizes = [row[0] for row in chunks]
     assert sizes == [7] * (len(selected) // 7) + ([len(selected) % 7] if len(selected) % 7 else [])
 
 
