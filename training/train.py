@@ -142,7 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", nargs="?", type=Path, default=get_settings().dataset_path)
     parser.add_argument("--out", type=Path, default=Path("models/fashion-classifier.onnx"))
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=100)
     args = parser.parse_args()
     torch.set_num_threads(2)
     train(args.dataset, args.out, args.epochs)
