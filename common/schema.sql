@@ -24,7 +24,6 @@ CREATE TABLE IF NOT EXISTS images (
     store_id   text,                     -- the raw bucket's marker when it was stored
     updated_at timestamptz NOT NULL DEFAULT now()
 );
-ALTER TABLE images ADD COLUMN IF NOT EXISTS store_id text;
 
 CREATE TABLE IF NOT EXISTS jobs (
     id          uuid PRIMARY KEY,

@@ -48,11 +48,11 @@ class ObjectStore:
             ),
         )
 
-    def ensure_bucket(self, bucket: str) -> bool:
-        """Create the bucket when it does not exist; True when it was created."""
+    def ensure_bucket(self, bucket: str) -> None:
+        """Create the bucket when it does not exist."""
         try:
             self._client.head_bucket(Bucket=bucket)
-            return False
+            return
         except ClientError as exc:
             if _code(exc) not in MISSING_CODES | {"NoSuchBucket"}:
                 raise self._translate(exc, f"s3://{bucket}") from exc
@@ -63,7 +63,6 @@ class ObjectStore:
         except ClientError as exc:
             if _code(exc) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
                 raise self._translate(exc, f"s3://{bucket}") from exc
-        return True
 
     def put(
         self, bucket: str, key: str, data: bytes, *, content_type: str, metadata: Mapping[str, str]

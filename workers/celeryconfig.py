@@ -24,4 +24,3 @@ worker_prefetch_multiplier = 1
 
 worker_send_task_events = True  # for Flower
 task_send_sent_event = True
-worker_hijack_root_logger = False
