@@ -9,6 +9,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import ConfigError
+from common.ledger import ItemRows
 from common.paths import default_dataset_path
 
 SECRET_FIELDS = frozenset({"aws_secret_access_key"})
@@ -32,14 +33,35 @@ class Settings(BaseSettings):
     query_timeout_s: int = Field(default=600, ge=1, description="statement timeout of the selection query")
     ingest_concurrency: int = Field(default=16, ge=1, le=256, description="parallel raw uploads")
     message_byte_budget: int = Field(
-        default=8 * 1024 * 1024, ge=64 * 1024, description="largest transform→upload message, bytes"
+        default=4 * 1024 * 1024, ge=64 * 1024, description="largest transform→upload message, bytes"
     )
     default_model: str = Field(default="fashion-classifier", description="model NAME, PATH or s3:// URI")
     model_cache_dir: Path = Path("/tmp/quarry-models")
     task_max_retries: int = Field(default=5, ge=0, description="retries of a transient task failure")
-    broker_visibility_timeout_s: int = Field(
-        default=3600, ge=60, description="unacked task redelivered after this many seconds"
+    dispatch_budget_chunks: int = Field(
+        default=64, ge=1, description="chunks in flight at once, over every job (the dispatcher's budget)"
     )
+    dispatch_interval_s: float = Field(default=0.5, gt=0, le=60, description="dispatcher tick")
+    chunk_lease_s: int = Field(
+        default=300, ge=5, description="a chunk no stage touched for this long is dispatched again"
+    )
+    chunk_max_attempts: int = Field(
+        default=3, ge=1, le=100, description="dispatches of a chunk before its items are failed"
+    )
+    upload_backlog_messages: int = Field(
+        default=16, ge=1, description="transform waits while the upload queue holds this many messages"
+    )
+    item_rows: ItemRows = Field(
+        default="all", description="job_items rows: `all` items, or `failures` only (billion-scale jobs)"
+    )
+    broker_visibility_timeout_s: int | None = Field(
+        default=None, ge=10, description="unacked task redelivered after this long; default 2 x lease"
+    )
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Redis redelivers unacked tasks only after the ledger would have re-dispatched them."""
+        return self.broker_visibility_timeout_s or 2 * self.chunk_lease_s
 
     def censored(self) -> dict[str, str]:
         """Settings as strings, secrets replaced by asterisks."""

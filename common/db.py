@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Callable
-from functools import wraps
 from importlib import resources
-from typing import ParamSpec, TypeVar
+from typing import TypeVar
 
 import psycopg
 import psycopg.conninfo
 import psycopg.sql
 
-from common.errors import DatabaseUnavailable
+from common.errors import ConfigError, DatabaseUnavailable
 
+log = logging.getLogger(__name__)
+R = TypeVar("R")
 SCHEMA_LOCK_ID = 0x51A7  # advisory lock serialising concurrent schema creation
+SCHEMA_VERSION = 2  # 2: the job ledger (chunk states, leases, counters)
+CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
 def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
@@ -29,24 +35,59 @@ def ensure_schema(conn: psycopg.Connection) -> None:
     ddl = resources.files("common").joinpath("schema.sql").read_text()
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))
+        old = conn.execute(
+            "SELECT to_regclass('jobs') IS NOT NULL AND to_regclass('schema_version') IS NULL"
+        ).fetchone()
+        if old and old[0]:
+            raise ConfigError(
+                "this database holds job tables from before the job ledger: drop tables job_items,"
+                " job_chunks, jobs (job records only; the catalog stays) or use another DATABASE_URL"
+            )
         conn.execute(ddl)
+        conn.execute(
+            "INSERT INTO schema_version SELECT %s WHERE NOT EXISTS (SELECT FROM schema_version)",
+            (SCHEMA_VERSION,),
+        )
 
 
-P = ParamSpec("P")
-R = TypeVar("R")
+class Database:
+    """A long-running process's PostgreSQL access: one autocommit connection per thread, reopened
+    when it broke, and `run` retries a whole (idempotent) call through connection loss."""
 
+    def __init__(self, url: str, *, retry_for_s: float = 30.0) -> None:
+        self.url = url
+        self.retry_for_s = retry_for_s
+        self._local = threading.local()
 
-def retryable(function: Callable[P, R]) -> Callable[P, R]:
-    """Translate a lost or refused connection into DatabaseUnavailable (tasks retry on it)."""
+    def connection(self) -> psycopg.Connection:
+        """This thread's connection, opened anew if it is closed or broken."""
+        conn: psycopg.Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = connect(self.url, autocommit=True)
+            self._local.conn = conn
+        return conn
 
-    @wraps(function)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return function(*args, **kwargs)
-        except psycopg.OperationalError as exc:
-            raise DatabaseUnavailable(f"PostgreSQL: {first_line(exc)}") from exc
+    def run(self, function: Callable[..., R], *args: object) -> R:
+        """`function(conn, *args)`, retried with backoff on a fresh connection while PostgreSQL is
+        unreachable (AdminShutdown, a stale connection, a restart); then DatabaseUnavailable."""
+        deadline = time.monotonic() + self.retry_for_s
+        delay = 0.2
+        while True:
+            try:
+                return function(self.connection(), *args)
+            except (*CONNECTION_LOST, DatabaseUnavailable) as exc:
+                self.close()
+                if time.monotonic() + delay > deadline:
+                    raise DatabaseUnavailable(f"PostgreSQL: {first_line(exc)}") from exc
+                log.warning("PostgreSQL connection lost (%s); retrying in %.1f s", first_line(exc), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
-    return wrapper
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
 
 def first_line(exc: BaseException) -> str:

@@ -8,7 +8,8 @@ QuarryError
 │   └── ModelError       the model file or its metadata is refused
 ├── TransientError       worth retrying: a service did not answer
 │   ├── StorageUnavailable
-│   └── DatabaseUnavailable
+│   ├── DatabaseUnavailable
+│   └── BrokerUnavailable
 ├── PermanentError       one item is bad: record it and move on
 │   ├── ImageMissing     no image stored for the id
 │   ├── ImageDecodeError the bytes are not a readable image
@@ -57,6 +58,10 @@ class StorageUnavailable(TransientError):
 
 class DatabaseUnavailable(TransientError):
     """PostgreSQL did not answer."""
+
+
+class BrokerUnavailable(TransientError):
+    """The Redis broker did not take a message."""
 
 
 class PermanentError(QuarryError):

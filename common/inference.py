@@ -10,8 +10,8 @@ import numpy as np
 
 from common.errors import PermanentError, QuarryError
 from common.images import decode
-from common.jobs import ItemResult
 from common.jobspec import JobSpec
+from common.ledger import ItemResult
 from common.model import Classifier
 from common.transform import Output
 
@@ -22,6 +22,7 @@ class ItemRef:
 
     image_id: int
     variant: int
+    slot: int
     image_uri: str  # what the model reads (raw or augmented)
     output_uri: str  # the item's uploaded output
 
@@ -41,7 +42,7 @@ def refs_for(
     for output, result in zip(outputs, results, strict=True):
         output_uri = result.output_uri or ""
         source = f"s3://{raw_bucket}/{output.source_key}" if spec.infer_on == "raw" else output_uri
-        refs.append(ItemRef(output.image_id, output.variant, source, output_uri))
+        refs.append(ItemRef(output.image_id, output.variant, output.slot, source, output_uri))
     return refs
 
 
@@ -66,7 +67,9 @@ def infer_items(
             ready.append((ref, decode(data)))
         except PermanentError as exc:
             results.append(
-                ItemResult(ref.image_id, ref.variant, "failed", ref.output_uri, error=f"inference: {exc}")
+                ItemResult(
+                    ref.image_id, ref.variant, ref.slot, "failed", ref.output_uri, error=f"inference: {exc}"
+                )
             )
     predictions = classifier.predict([image for _, image in ready], top_k)
     for (ref, _), prediction in zip(ready, predictions, strict=True):
@@ -74,6 +77,7 @@ def infer_items(
             ItemResult(
                 ref.image_id,
                 ref.variant,
+                ref.slot,
                 "done",
                 ref.output_uri,
                 label=prediction.label,

@@ -1,55 +1,44 @@
-"""Job records in PostgreSQL: jobs, their chunks, and one row per output item."""
+"""Job records in PostgreSQL: recording a job, its progress, results, cancel and retry."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
-import psycopg.errors
 from psycopg.types.json import Jsonb
 
-from common.db import retryable
-from common.errors import UnknownJob
-
-ItemStatus = Literal["uploaded", "done", "failed"]  # "uploaded": waiting for inference
-
-
-@dataclass(frozen=True)
-class ItemResult:
-    """What a stage learned about one output item."""
-
-    image_id: int
-    variant: int
-    status: ItemStatus
-    output_uri: str | None = None
-    error: str | None = None
-    label: str | None = None
-    score: float | None = None
-    top_k: list[dict[str, Any]] | None = None
+from common.errors import UserError
 
 
 @dataclass(frozen=True)
 class JobProgress:
-    """A job's counts; `seconds` runs from creation to the last finished item (or now)."""
+    """A job's counts, read from counters (never by scanning items)."""
 
     job_id: str
-    state: str
+    state: str  # running, finished or cancelled
     total: int
     done: int
     failed: int
-    seconds: float
-    error: str | None = None
+    seconds: float  # from creation to the end (or now)
+    chunks: int = 0
+    in_flight: int = 0  # chunks dispatched now
+    created_at: str = ""
 
     @property
     def finished(self) -> bool:
-        return self.state != "enqueuing" and self.done + self.failed >= self.total
+        return self.state == "finished"
+
+    @property
+    def ended(self) -> bool:
+        """Nothing more will happen without a command (finished or cancelled)."""
+        return self.state != "running"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id,
+            "state": self.state,
             "total": self.total,
             "done": self.done,
             "failed": self.failed,
@@ -57,102 +46,143 @@ class JobProgress:
         }
 
 
-def create_job(conn: psycopg.Connection, job_id: str, query: str, spec: dict[str, Any]) -> None:
-    """Record a new job in state `enqueuing`."""
-    conn.execute("INSERT INTO jobs (id, query, spec) VALUES (%s, %s, %s)", (job_id, query, Jsonb(spec)))
+def record_job(
+    conn: psycopg.Connection,
+    job_id: str,
+    query: str,
+    spec: dict[str, Any],
+    chunks: Iterable[list[int]],
+    variants: int,
+) -> tuple[int, int]:
+    """Record a job and all its chunks (COPY) in one transaction: the job exists whole or not at
+    all. Returns (chunks, items); a job without items is finished at once."""
+    count = total = 0
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO jobs (id, query, spec) VALUES (%s, %s, %s)",
+            (job_id, query, Jsonb(spec)),
+        )
+        with (
+            conn.cursor() as cursor,
+            cursor.copy("COPY job_chunks (job_id, chunk_index, image_ids, items) FROM STDIN") as copy,
+        ):
+            for index, image_ids in enumerate(chunks):
+                items = len(image_ids) * variants
+                copy.write_row((job_id, index, image_ids, items))
+                count, total = count + 1, total + items
+        conn.execute(
+            """UPDATE jobs SET total = %s, chunks = %s,
+                   state = CASE WHEN %s = 0 THEN 'finished' ELSE state END,
+                   finished_at = CASE WHEN %s = 0 THEN clock_timestamp() END
+               WHERE id = %s""",
+            (total, count, total, total, job_id),
+        )
+    return count, total
 
 
-def record_chunk(
-    conn: psycopg.Connection, job_id: str, chunk_index: int, image_ids: Sequence[int], items: int
-) -> None:
-    """Record one chunk and add its items to the job's total."""
-    conn.execute(
-        "INSERT INTO job_chunks (job_id, chunk_index, image_ids) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-        (job_id, chunk_index, list(image_ids)),
-    )
-    conn.execute("UPDATE jobs SET total = total + %s, chunks = chunks + 1 WHERE id = %s", (items, job_id))
-
-
-def finish_enqueue(conn: psycopg.Connection, job_id: str) -> None:
-    """Mark every chunk of the job as enqueued."""
-    conn.execute(
-        "UPDATE jobs SET state = 'enqueued', enqueued_at = clock_timestamp() WHERE id = %s",
-        (job_id,),
-    )
-
-
-def fail_enqueue(conn: psycopg.Connection, job_id: str, error: str) -> None:
-    """Mark a job whose query broke off while its ids were streamed."""
-    conn.execute("UPDATE jobs SET state = 'enqueue_failed', error = %s WHERE id = %s", (error, job_id))
-
-
-UPSERT_ITEMS = """
-INSERT INTO job_items (job_id, image_id, variant, status, output_uri, error, label, score, top_k)
-SELECT %(job_id)s, * FROM unnest(
-    %(image_id)s::bigint[], %(variant)s::integer[], %(status)s::text[], %(output_uri)s::text[],
-    %(error)s::text[], %(label)s::text[], %(score)s::real[], %(top_k)s::jsonb[])
-ON CONFLICT (job_id, image_id, variant) DO UPDATE SET
-    status = EXCLUDED.status, output_uri = COALESCE(EXCLUDED.output_uri, job_items.output_uri),
-    error = EXCLUDED.error, label = EXCLUDED.label, score = EXCLUDED.score,
-    top_k = EXCLUDED.top_k, updated_at = clock_timestamp()
--- a redelivered upload must not undo a finished inference
-WHERE NOT (job_items.status = 'done' AND EXCLUDED.status = 'uploaded')
+PROGRESS = """
+SELECT j.id, j.state, j.total, j.done + coalesce(f.done, 0), j.failed + coalesce(f.failed, 0),
+       extract(epoch FROM coalesce(j.finished_at, clock_timestamp()) - j.created_at),
+       j.chunks, coalesce(f.chunks, 0), to_char(j.created_at, 'YYYY-MM-DD HH24:MI:SS')
+FROM jobs j LEFT JOIN LATERAL (
+    -- items already recorded in the chunks now in flight (at most the dispatch budget)
+    SELECT sum(c.done) AS done, sum(c.failed) AS failed, count(*) AS chunks
+    FROM job_chunks c WHERE c.job_id = j.id AND c.state = 'dispatched'
+) f ON true
 """
 
 
-@retryable
-def record_items(conn: psycopg.Connection, job_id: str, results: Sequence[ItemResult]) -> None:
-    """Upsert item results in one statement; rerunning a stage leaves the same rows."""
-    if not results:
-        return
-    columns: dict[str, list[Any]] = {
-        name: [] for name in ("image_id", "variant", "status", "output_uri", "error", "label")
-    }
-    columns["score"], columns["top_k"] = [], []
-    for result in results:
-        columns["image_id"].append(result.image_id)
-        columns["variant"].append(result.variant)
-        columns["status"].append(result.status)
-        columns["output_uri"].append(result.output_uri)
-        columns["error"].append(result.error)
-        columns["label"].append(result.label)
-        columns["score"].append(result.score)
-        columns["top_k"].append(None if result.top_k is None else json.dumps(result.top_k))
-    try:
-        with conn.transaction():
-            conn.execute(UPSERT_ITEMS, {"job_id": job_id, **columns})
-    except psycopg.errors.ForeignKeyViolation as exc:
-        raise UnknownJob(
-            f"job {job_id} is not in this worker's database: is DATABASE_URL the producer's?"
-        ) from exc
+def progress_from_row(row: tuple[Any, ...]) -> JobProgress:
+    job_id, state, total, done, failed, seconds, chunks, in_flight, created = row
+    return JobProgress(
+        str(job_id), state, total, int(done), int(failed), float(seconds), chunks, int(in_flight), created
+    )
 
 
 def job_progress(conn: psycopg.Connection, job_id: str) -> JobProgress | None:
     """Counts of a job, or None when there is no such job."""
-    row = conn.execute(
-        """
-        SELECT j.state, j.total, j.error,
-               count(*) FILTER (WHERE i.status = 'done'),
-               count(*) FILTER (WHERE i.status = 'failed'),
-               extract(epoch FROM coalesce(
-                   CASE WHEN j.state <> 'enqueuing'
-                         AND count(*) FILTER (WHERE i.status IN ('done', 'failed')) >= j.total
-                        THEN greatest(max(i.updated_at), j.enqueued_at) END,
-                   clock_timestamp()) - j.created_at)
-        FROM jobs j LEFT JOIN job_items i ON i.job_id = j.id
-        WHERE j.id = %s
-        GROUP BY j.id
-        """,
-        (job_id,),
-    ).fetchone()
+    row = conn.execute(PROGRESS + " WHERE j.id = %s", (job_id,)).fetchone()
+    return None if row is None else progress_from_row(row)
+
+
+def list_jobs(conn: psycopg.Connection, limit: int) -> list[JobProgress]:
+    """The newest jobs first."""
+    rows = conn.execute(PROGRESS + " ORDER BY j.created_at DESC LIMIT %s", (limit,)).fetchall()
+    return [progress_from_row(row) for row in rows]
+
+
+def job_spec(conn: psycopg.Connection, job_id: str) -> dict[str, Any]:
+    """A job's stored spec; UserError when there is no such job."""
+    row = conn.execute("SELECT spec FROM jobs WHERE id = %s", (job_id,)).fetchone()
     if row is None:
-        return None
-    state, total, error, done, failed, seconds = row
-    return JobProgress(job_id, state, total, done, failed, float(seconds), error)
+        raise UserError(f"no job {job_id}")
+    return dict(row[0])
+
+
+def cancel_job(conn: psycopg.Connection, job_id: str) -> bool:
+    """Stop dispatching a running job and return its in-flight chunks to pending (the stages drop
+    messages of a cancelled job); False when it was not running."""
+    with conn.transaction():
+        job_spec(conn, job_id)
+        cancelled = conn.execute(
+            "UPDATE jobs SET state = 'cancelled', finished_at = clock_timestamp()"
+            " WHERE id = %s AND state = 'running'",
+            (job_id,),
+        ).rowcount
+        conn.execute(
+            "UPDATE job_chunks SET state = 'pending', lease_until = NULL"
+            " WHERE job_id = %s AND state = 'dispatched'",
+            (job_id,),
+        )
+    return bool(cancelled)
+
+
+def retry_job(conn: psycopg.Connection, job_id: str) -> tuple[int, int]:
+    """Run the failed items of an ended job again (a cancelled job also resumes its pending
+    chunks); returns (chunks reset, items reset). Done items are kept and not redone."""
+    with conn.transaction():
+        row = conn.execute("SELECT state FROM jobs WHERE id = %s FOR UPDATE", (job_id,)).fetchone()
+        if row is None:
+            raise UserError(f"no job {job_id}")
+        if row[0] == "running":
+            raise UserError(f"job {job_id} is still running: retry it when it has ended (or cancel it)")
+        counted = conn.execute(
+            """
+            WITH old AS (
+                SELECT chunk_index, state, done, failed FROM job_chunks
+                WHERE job_id = %(job)s AND failed > 0 AND state <> 'dispatched' FOR UPDATE
+            ), reset AS (
+                UPDATE job_chunks c SET state = 'pending', attempts = 0, failed = 0, failed_mask = NULL,
+                    last_error = NULL, lease_until = NULL
+                FROM old WHERE c.job_id = %(job)s AND c.chunk_index = old.chunk_index
+                RETURNING old.state, old.done, old.failed
+            )
+            SELECT count(*), coalesce(sum(failed), 0),
+                   coalesce(sum(done) FILTER (WHERE state = 'finished'), 0),
+                   coalesce(sum(failed) FILTER (WHERE state = 'finished'), 0)
+            FROM reset
+            """,
+            {"job": job_id},
+        ).fetchone()
+        assert counted is not None  # an aggregate always returns a row
+        chunks, items, done_back, failed_back = counted
+        conn.execute("DELETE FROM job_items WHERE job_id = %s AND status = 'failed'", (job_id,))
+        conn.execute(
+            """UPDATE jobs SET done = done - %s, failed = failed - %s, finished_at = NULL,
+                   state = 'running'
+               WHERE id = %s""",
+            (done_back, failed_back, job_id),
+        )
+        conn.execute(
+            "UPDATE jobs SET state = 'finished', finished_at = clock_timestamp()"
+            " WHERE id = %s AND done + failed >= total",
+            (job_id,),
+        )
+    return int(chunks), int(items)
 
 
 def iter_results(conn: psycopg.Connection, job_id: str, batch: int = 5000) -> Iterator[dict[str, Any]]:
-    """Every item of a job as a dict, streamed with a server-side cursor."""
+    """Every item row of a job as a dict, streamed with a server-side cursor."""
     with conn.transaction(), conn.cursor(name=f"results_{job_id.replace('-', '')}") as cursor:
         cursor.itersize = batch
         cursor.execute(
@@ -170,29 +200,17 @@ def iter_results(conn: psycopg.Connection, job_id: str, batch: int = 5000) -> It
             yield row
 
 
-def unfinished_chunks(
-    conn: psycopg.Connection, job_id: str, variants: int
-) -> Iterable[tuple[int, list[int]]]:
-    """Chunks of a job with at least one item neither done nor failed."""
-    return conn.execute(
-        """
-        SELECT c.chunk_index, c.image_ids FROM job_chunks c
-        WHERE c.job_id = %s AND (
-            SELECT count(*) FROM job_items i
-            WHERE i.job_id = c.job_id AND i.image_id = ANY (c.image_ids)
-              AND i.status IN ('done', 'failed')
-        ) < cardinality(c.image_ids) * %s
-        ORDER BY c.chunk_index
-        """,
-        (job_id, variants),
-    ).fetchall()
+def dispatcher_last_seen_s(conn: psycopg.Connection) -> float | None:
+    """Seconds since any dispatcher last said it was alive; None if none ever did."""
+    row = conn.execute("SELECT extract(epoch FROM now() - max(seen_at)) FROM dispatchers").fetchone()
+    return None if row is None or row[0] is None else float(row[0])
 
 
 def lookup_images(
-    conn: psycopg.Connection, image_ids: Sequence[int]
+    conn: psycopg.Connection, image_ids: list[int]
 ) -> dict[int, tuple[str, str | None, str | None]]:
     """id -> (status, raw_key, error) for the ids the images table knows."""
     rows = conn.execute(
-        "SELECT id, status, raw_key, error FROM images WHERE id = ANY (%s)", (list(image_ids),)
+        "SELECT id, status, raw_key, error FROM images WHERE id = ANY (%s)", (image_ids,)
     ).fetchall()
     return {row[0]: (row[1], row[2], row[3]) for row in rows}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from common.ledger import ItemRows
+
 InferOn = Literal["raw", "augmented"]
 
 
@@ -22,6 +24,11 @@ class JobSpec:
     model: str | None = None  # path or s3:// URI; None = no inference stage
     infer_on: InferOn = "augmented"
     top_k: int = 5
+    item_rows: ItemRows = "all"  # job_items rows for every item, or for failures only
+
+    def slot(self, index: int, variant: int) -> int:
+        """An item's position in its chunk: image index x variants + variant."""
+        return index * self.variants + variant
 
     def to_message(self) -> dict[str, Any]:
         """A JSON-safe dict."""

@@ -9,8 +9,8 @@ from typing import Any
 from common.augment import Pipeline
 from common.errors import ObjectMissing, PermanentError, QuarryError
 from common.images import ENCODINGS, decode, encode, sniff_format
-from common.jobs import ItemResult
 from common.jobspec import JobSpec
+from common.ledger import ItemResult
 
 NO_IMAGE = "no image"
 
@@ -21,6 +21,7 @@ class Output:
 
     image_id: int
     variant: int
+    slot: int  # the item's position in its chunk
     data: bytes
     image_format: str
     source_key: str  # the raw object it was made from
@@ -49,30 +50,42 @@ class TransformResult:
 ImageIndex = dict[int, tuple[str, str | None, str | None]]  # id -> (status, raw_key, error)
 
 
+def wanted_variants(spec: JobSpec, position: int, done: int) -> list[int]:
+    """The variants of the image at `position` in its chunk whose items are not done yet."""
+    return [v for v in range(spec.variants) if not (done >> spec.slot(position, v)) & 1]
+
+
 def transform_images(
     spec: JobSpec,
     image_ids: Sequence[int],
     index: ImageIndex,
     fetch_many: Callable[[list[str]], dict[str, bytes | QuarryError]],
+    done: int = 0,
 ) -> TransformResult:
-    """Render every variant of every id; a bad image fails its items, not the chunk.
+    """Render every variant of every id whose item is not in the `done` bitmap; a bad image
+    fails its items, not the chunk.
 
     Raw objects are fetched together; a transient storage error is raised so that the task
     retries the chunk.
     """
     pipeline = Pipeline.from_spec(spec.augment)
-    keys = [entry[1] for entry in (index.get(i) for i in image_ids) if entry and entry[1]]
+    todo = [
+        (position, image_id, wanted_variants(spec, position, done))
+        for position, image_id in enumerate(image_ids)
+    ]
+    todo = [entry for entry in todo if entry[2]]
+    keys = [entry[1] for entry in (index.get(i) for _, i, _ in todo) if entry and entry[1]]
     fetched = fetch_many(keys)
     result = TransformResult()
-    for image_id in image_ids:
+    for position, image_id, variants in todo:
         try:
             key, data = raw_bytes(image_id, index, fetched)
-            variants = list(render_variants(spec, pipeline, image_id, key, data))  # all or none
-            result.outputs.extend(variants)
+            rendered = list(render_variants(spec, pipeline, position, image_id, variants, key, data))
+            result.outputs.extend(rendered)  # all of an image's variants, or none
         except PermanentError as exc:
             result.failures.extend(
-                ItemResult(image_id, variant, "failed", error=f"transform: {exc}")
-                for variant in range(spec.variants)
+                ItemResult(image_id, v, spec.slot(position, v), "failed", error=f"transform: {exc}")
+                for v in variants
             )
     return result
 
@@ -94,20 +107,27 @@ def raw_bytes(image_id: int, index: ImageIndex, fetched: dict[str, bytes | Quarr
 
 
 def render_variants(
-    spec: JobSpec, pipeline: Pipeline, image_id: int, source_key: str, data: bytes
+    spec: JobSpec,
+    pipeline: Pipeline,
+    position: int,
+    image_id: int,
+    variants: Sequence[int],
+    source_key: str,
+    data: bytes,
 ) -> Iterator[Output]:
-    """Each variant of one image: the source bytes where untouched, else augmented and encoded."""
+    """Some variants of one image: the source bytes where untouched, else augmented and encoded."""
     pixels = None
-    for variant in range(spec.variants):
+    for variant in variants:
+        slot = spec.slot(position, variant)
         if spec.is_passthrough(variant):
-            yield Output(image_id, variant, data, sniff_format(data), source_key)
+            yield Output(image_id, variant, slot, data, sniff_format(data), source_key)
             continue
         if pixels is None:
             pixels = decode(data)
         augmented = pipeline.apply(pixels, seed=(spec.seed, image_id, variant))
         image_format = spec.image_format or "jpeg"
         encoded = encode(augmented, image_format, spec.quality)
-        yield Output(image_id, variant, encoded, image_format, source_key)
+        yield Output(image_id, variant, slot, encoded, image_format, source_key)
 
 
 def batch_by_bytes(outputs: Sequence[Output], budget: int) -> Iterator[list[Output]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from common.images import ENCODINGS
-from common.jobs import ItemResult, ItemStatus
 from common.jobspec import JobSpec, output_key
+from common.ledger import ItemResult
 from common.storage import ObjectStore
 from common.transform import Output
 
@@ -14,8 +14,8 @@ from common.transform import Output
 def upload_outputs(
     store: ObjectStore, bucket: str, spec: JobSpec, outputs: Sequence[Output]
 ) -> list[ItemResult]:
-    """Store each output at its deterministic key; rerunning overwrites with the same bytes."""
-    final_status: ItemStatus = "uploaded" if spec.model else "done"
+    """Store each output at its deterministic key; rerunning overwrites with the same bytes. The
+    results say `done`: with a model, inference records the item's final result instead."""
     results = []
     for output in outputs:
         key = output_key(spec.job_id, output.image_id, output.variant, output.extension)
@@ -27,6 +27,8 @@ def upload_outputs(
             metadata={"job-id": spec.job_id, "image-id": str(output.image_id)},
         )
         results.append(
-            ItemResult(output.image_id, output.variant, final_status, output_uri=f"s3://{bucket}/{key}")
+            ItemResult(
+                output.image_id, output.variant, output.slot, "done", output_uri=f"s3://{bucket}/{key}"
+            )
         )
     return results

@@ -18,7 +18,7 @@ from common.augment import parse_spec
 from common.config import Settings, get_settings
 from common.db import connect, ensure_database, ensure_schema
 from common.errors import ConfigError, QuarryError, UserError
-from common.jobs import iter_results, job_progress
+from common.jobs import cancel_job, iter_results, job_progress, list_jobs, retry_job
 from common.jobspec import JobSpec
 from common.model import Classifier, locate_model
 from common.paths import MODELS_DIR
@@ -27,7 +27,7 @@ from producer.ingest import IngestSummary
 from producer.ingest import ingest as run_ingest
 from producer.preview import write_preview
 from producer.progress import follow
-from producer.submit import new_job_id, resume_job, submit_job
+from producer.submit import new_job_id, submit_job
 
 EXIT_FAILED_ITEMS = 1
 EXIT_REFUSED = 2
@@ -149,6 +149,7 @@ def build_spec(settings: Settings, store: ObjectStore, options: dict[str, Any]) 
         model=model_reference(options["model"], settings, store),
         infer_on=options["infer_on"],
         top_k=options["top_k"],
+        item_rows=options.get("item_rows") or settings.item_rows,
     )
 
 
@@ -179,6 +180,11 @@ def augment_options(command: F) -> F:
 @click.option("--model", help="Classify outputs: `default`, a NAME in models/, a PATH or s3:// URI.")
 @click.option("--infer-on", type=click.Choice(["raw", "augmented"]), default="augmented", show_default=True)
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 100))
+@click.option(
+    "--item-rows",
+    type=click.Choice(["all", "failures"]),
+    help="Rows in job_items for every item, or for failures only [ITEM_ROWS, default all].",
+)
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 if any item failed.")
 @click.option("--wait-timeout", type=float, help="Stop following after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job's counts as one JSON object, last.")
@@ -186,17 +192,14 @@ def augment_options(command: F) -> F:
 def run(
     sql: str, chunk_size: int | None, wait: bool, wait_timeout: float | None, as_json: bool, **options: Any
 ) -> None:
-    """Select images with SQL and send them through the pools."""
-    from workers.celery_app import app
-
+    """Select images with SQL and record the job; the dispatcher sends it through the pools."""
     settings = get_settings()
     store = ObjectStore(settings)
     spec = build_spec(settings, store, options)
     with connect(settings.database_url, autocommit=True) as conn:
         ensure_schema(conn)
-        chunks = submit_job(
+        chunks, items = submit_job(
             conn,
-            app,
             settings.database_url,
             sql,
             spec,
@@ -205,7 +208,7 @@ def run(
         )
         progress = job_progress(conn, spec.job_id)
         assert progress is not None
-        click.echo(f"job {spec.job_id}: {progress.total} items in {chunks} chunks", err=True)
+        click.echo(f"job {spec.job_id}: {items} items in {chunks} chunks", err=True)
         if not wait:
             click.echo(json.dumps(progress.as_dict()) if as_json else spec.job_id)
             return
@@ -230,12 +233,67 @@ def status(job_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(progress.as_dict()))
         return
-    state = "finished" if progress.finished else progress.state
     click.echo(
-        f"job {job_id} ({state}): {progress.done}/{progress.total} done, "
-        f"{progress.failed} failed, {progress.seconds:.1f} s"
-        + (f"; enqueue error: {progress.error}" if progress.error else "")
+        f"job {job_id} ({progress.state}): {progress.done}/{progress.total} done, "
+        f"{progress.failed} failed, {progress.in_flight} of {progress.chunks} chunks in flight, "
+        f"{progress.seconds:.1f} s"
     )
+
+
+@cli.command()
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@one_line_errors
+def jobs(limit: int, as_json: bool) -> None:
+    """The newest jobs with their counts."""
+    with connect(get_settings().database_url, autocommit=True) as conn:
+        ensure_schema(conn)
+        listed = list_jobs(conn, limit)
+    if as_json:
+        for progress in listed:
+            click.echo(json.dumps({**progress.as_dict(), "created_at": progress.created_at}))
+        return
+    click.echo(f"{'job':36}  {'created':19}  {'state':9}  {'total':>10}  {'done':>10}  {'failed':>8}")
+    for p in listed:
+        click.echo(
+            f"{p.job_id:36}  {p.created_at:19}  {p.state:9}  {p.total:>10}  {p.done:>10}  {p.failed:>8}"
+        )
+
+
+@cli.command()
+@click.argument("job_id")
+@one_line_errors
+def cancel(job_id: str) -> None:
+    """Stop a running job: nothing more is dispatched and the pools drop its messages."""
+    with connect(get_settings().database_url, autocommit=True) as conn:
+        stopped = cancel_job(conn, checked_job_id(job_id))
+    click.echo(f"job {job_id}: {'cancelled' if stopped else 'not running, nothing to cancel'}")
+
+
+@cli.command()
+@click.argument("job_id")
+@one_line_errors
+def retry(job_id: str) -> None:
+    """Run a finished (or cancelled) job's failed items again, once their cause is fixed."""
+    with connect(get_settings().database_url, autocommit=True) as conn:
+        chunks, items = retry_job(conn, checked_job_id(job_id))
+    click.echo(f"job {job_id}: {items} failed items in {chunks} chunks sent again")
+
+
+@cli.command()
+@click.option("--ticks", type=click.IntRange(1), help="Stop after this many ticks (default: run forever).")
+@one_line_errors
+def dispatch(ticks: int | None) -> None:
+    """Run the dispatcher: meter chunks into the transform queue and re-send lost ones."""
+    from producer.dispatch import check_broker, run_dispatcher
+    from workers.celery_app import app
+
+    logging.getLogger().setLevel(logging.INFO)
+    settings = get_settings()
+    with connect(settings.database_url, autocommit=True) as conn:
+        ensure_schema(conn)
+    check_broker(app)
+    run_dispatcher(app, settings, max_ticks=ticks)
 
 
 @cli.command()
@@ -249,21 +307,6 @@ def results(job_id: str) -> None:
         conn.commit()
         for row in iter_results(conn, job_id):
             click.echo(json.dumps(row))
-
-
-@cli.command()
-@click.argument("job_id")
-@one_line_errors
-def resume(job_id: str) -> None:
-    """Resend the chunks of a job that still have unfinished items (safe: tasks are idempotent)."""
-    from workers.celery_app import app
-
-    with connect(get_settings().database_url, autocommit=True) as conn:
-        row = conn.execute("SELECT spec FROM jobs WHERE id = %s", (checked_job_id(job_id),)).fetchone()
-        if row is None:
-            raise UserError(f"no job {job_id}")
-        resent = resume_job(conn, app, JobSpec.from_message(row[0]))
-    click.echo(f"job {job_id}: {resent} chunks resent")
 
 
 @cli.command()

@@ -22,7 +22,7 @@ def contact_sheet(spec: JobSpec, image_id: int, data: bytes) -> np.ndarray:
     """The original and each variant, exactly as a job with this spec would render them."""
     pipeline = Pipeline.from_spec(spec.augment)
     tiles = [("original", decode(data))]
-    for output in render_variants(spec, pipeline, image_id, "preview", data):
+    for output in render_variants(spec, pipeline, 0, image_id, range(spec.variants), "preview", data):
         tiles.append((f"variant {output.variant}", decode(output.data)))
     cells = [label_tile(name, image) for name, image in tiles]
     height = max(cell.shape[0] for cell in cells)

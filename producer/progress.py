@@ -9,10 +9,11 @@ from typing import TextIO
 import psycopg
 
 from common.errors import UserError
-from common.jobs import JobProgress, job_progress
+from common.jobs import JobProgress, dispatcher_last_seen_s, job_progress
 
 BAR_WIDTH = 30
 STALL_WARNING_S = 60  # say so when nothing moved for this long: are the pools running?
+DISPATCHER_SILENT_S = 10  # a dispatcher says it is alive every tick (DISPATCH_INTERVAL_S)
 
 
 def render(progress: JobProgress) -> str:
@@ -50,15 +51,21 @@ def follow(
         if finished != last_seen:
             last_seen, last_change, warned = finished, now, False
         elif not warned and now - last_change > STALL_WARNING_S:
-            out.write(
-                f"\nno progress for {STALL_WARNING_S} s: are the worker pools running?"
-                " (celery -A workers inspect ping)\n"
-            )
+            out.write(f"\nno progress for {STALL_WARNING_S} s: {stall_hint(conn)}\n")
             warned = True
-        if progress.finished or (progress.state == "enqueue_failed" and finished >= progress.total):
+        if progress.ended:
             break
         if timeout_s is not None and now - started > timeout_s:
             break
         time.sleep(interval_s)
     out.write(("\r" if out.isatty() else "") + render(progress) + "\n")
     return progress
+
+
+def stall_hint(conn: psycopg.Connection) -> str:
+    """What to look at when a job does not move."""
+    seen = dispatcher_last_seen_s(conn)
+    if seen is None or seen > DISPATCHER_SILENT_S:
+        since = "ever" if seen is None else f"for {seen:.0f} s"
+        return f"no dispatcher has been seen {since}: start `producer dispatch` (`make up` starts one)"
+    return "is every worker pool running? (celery -A workers inspect ping)"

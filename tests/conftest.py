@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,29 +19,11 @@ import redis
 from common.config import Settings, get_settings
 from common.db import connect, ensure_database, ensure_schema
 from common.storage import ObjectStore
+from tests.stack import Stack, free_port, wait_until
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 BIN = Path(sys.executable).parent
 TEST_REDIS_DB = 13
-POOLS = {"transform": "prefork", "upload": "threads", "inference": "prefork"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except Exception:  # the service is still starting
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} did not come up in {timeout} s")
 
 
 @pytest.fixture(scope="session")
@@ -120,52 +101,15 @@ def db(settings: Settings) -> Iterator[psycopg.Connection]:
 
 
 @pytest.fixture(scope="session")
-def workers(test_env: dict[str, str], store: ObjectStore) -> Iterator[None]:
-    """The three pools as real `celery worker` processes, each on its own queue."""
-    env = {**os.environ, **test_env}
-    processes = []
-    tag = uuid.uuid4().hex[:6]
-    for queue, pool in POOLS.items():
-        processes.append(
-            subprocess.Popen(
-                [
-                    str(BIN / "celery"),
-                    "-A",
-                    "workers",
-                    "worker",
-                    "-Q",
-                    queue,
-                    "--pool",
-                    pool,
-                    "--concurrency",
-                    "2",
-                    "-n",
-                    f"{queue}.{tag}@%h",
-                    "--loglevel",
-                    "WARNING",
-                ],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-
-    def all_answer() -> bool:
-        result = subprocess.run(
-            [str(BIN / "celery"), "-A", "workers", "inspect", "ping", "-t", "2"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        return sum(f".{tag}@" in line for line in result.stdout.splitlines()) >= len(POOLS)
-
-    wait_until(all_answer, 60, "the worker pools")
-    yield
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.wait(30)
+def workers(
+    test_env: dict[str, str], store: ObjectStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The three pools and a dispatcher as real processes, on the session's Redis db."""
+    stack = Stack(test_env, tmp_path_factory.mktemp("stack"))
+    stack.start_pools()
+    stack.start_dispatcher()
+    yield stack
+    stack.stop_all()
 
 
 @pytest.fixture

@@ -1,38 +1,46 @@
-"""The task base class: per-process clients, declared retries, failures recorded as data."""
+"""The task base class: per-process clients, the ledger, hand-offs, declared retries."""
 
 from __future__ import annotations
 
 import logging
-import threading
+import time
+from collections.abc import Callable
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
-import psycopg
 from celery import Task
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
 
 from common.config import Settings, get_settings
-from common.db import connect
-from common.errors import TRANSIENT_ERRORS, UnknownJob
-from common.jobs import ItemResult, record_items
+from common.db import Database
+from common.errors import TRANSIENT_ERRORS, BrokerUnavailable, TransientError, UnknownJob
 from common.jobspec import JobSpec
+from common.ledger import ItemResult, Ticket, note_failure, record_progress, touch
 from common.storage import ObjectStore
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
+BROKER_ERRORS = (KombuOperationalError, RedisError, ConnectionError, OSError)
+# kombu retries a publish through a broker restart for about a minute before giving up
+PUBLISH_RETRY = {"max_retries": 30, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 3}
 
 
 class StageTask(Task):
-    """A pipeline stage. Its clients are created once per worker process (a connection per
-    thread for PostgreSQL, so the threads pool is safe); transient errors retry with backoff."""
+    """A pipeline stage. Clients are created once per worker process (a PostgreSQL connection per
+    thread, so the threads pool is safe); transient errors retry with backoff; everything a stage
+    records goes through the chunk ledger, which drops messages of finished or cancelled chunks."""
 
     abstract = True
     autoretry_for = TRANSIENT_ERRORS
     retry_backoff = True
-    retry_backoff_max = 120
+    retry_backoff_max = 60
     retry_jitter = True
     max_retries = get_settings().task_max_retries
     acks_late = True
-    reject_on_worker_lost = True
-    _local = threading.local()
+    # A worker that dies mid-task loses the message on purpose: the chunk's lease runs out and the
+    # dispatcher sends it again, counting the attempt, so an image that kills workers cannot loop.
+    reject_on_worker_lost = False
 
     @cached_property
     def settings(self) -> Settings:
@@ -42,36 +50,62 @@ class StageTask(Task):
     def store(self) -> ObjectStore:
         return ObjectStore(self.settings, max_connections=32)
 
-    @property
-    def db(self) -> psycopg.Connection:
-        """This thread's autocommit connection, reopened if it broke."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed or conn.broken:
-            conn = connect(self.settings.database_url, autocommit=True)
-            self._local.conn = conn
-        return conn
+    @cached_property
+    def database(self) -> Database:
+        return Database(self.settings.database_url)
 
-    def record(self, spec: JobSpec, results: list[ItemResult]) -> None:
-        record_items(self.db, spec.job_id, results)
+    def ledger(self, function: Callable[..., R], *args: Any) -> R:
+        """Call a ledger function with this thread's connection, through connection loss."""
+        return self.database.run(function, *args)
 
-    def items_of(self, spec: JobSpec, payload: Any) -> list[tuple[int, int]]:
-        """The (image id, variant) pairs a message is about; each stage says how."""
-        raise NotImplementedError
+    def is_live(self, ticket: Ticket) -> bool:
+        """Renew the chunk's lease; False (and a log line) when the message is stale."""
+        live = self.ledger(touch, ticket, self.settings.chunk_lease_s)
+        if not live:
+            log.info("job %s chunk %d is finished or stopped: message dropped", ticket.job_id, ticket.chunk)
+        return live
+
+    def record(self, spec: JobSpec, ticket: Ticket, results: list[ItemResult]) -> None:
+        self.ledger(record_progress, ticket, results, spec.item_rows, self.settings.chunk_lease_s)
+
+    def hand_off(self, task_name: str, args: list[Any]) -> None:
+        """Send the next stage's task, retrying through a broker outage; BrokerUnavailable after."""
+        try:
+            self.app.send_task(task_name, args=args, retry=True, retry_policy=PUBLISH_RETRY)
+        except BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"broker did not take the {task_name} message: {exc}") from exc
+
+    def queue_length(self, queue: str) -> int:
+        """Messages waiting in a queue (kombu's queue_declare reports the count)."""
+        try:
+            with self.app.connection_for_write() as connection:
+                return int(connection.default_channel.queue_declare(queue=queue).message_count)
+        except BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"broker did not answer: {exc}") from exc
+
+    def wait_for_room(self, queue: str, ticket: Ticket) -> bool:
+        """Back-pressure: wait while `queue` holds UPLOAD_BACKLOG_MESSAGES or more, renewing the
+        chunk's lease meanwhile; False when the chunk stopped being live while we waited."""
+        limit = self.settings.upload_backlog_messages
+        renewed = time.monotonic()
+        while self.queue_length(queue) >= limit:
+            if time.monotonic() - renewed > self.settings.chunk_lease_s / 3:
+                if not self.is_live(ticket):
+                    return False
+                renewed = time.monotonic()
+            time.sleep(0.5)
+        return True
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        """Retries exhausted or a bug: record every item of the message as failed, so the job
-        still finishes and says why."""
-        spec_message, payload = args
-        spec = JobSpec.from_message(spec_message)
+        """Retries exhausted or a bug: keep the error on the chunk. A transient error waits for the
+        lease to run out; any other ends the lease at once, so the chunk is tried again (and after
+        CHUNK_MAX_ATTEMPTS its items fail with this error) without waiting."""
+        ticket = Ticket.from_message(args[1])
         if isinstance(exc, UnknownJob):  # nowhere to record it: the log line is the record
             log.error("%s", exc)
             return
         error = f"{self.name.removeprefix('quarry.')}: {type(exc).__name__}: {exc}"
-        failures = [
-            ItemResult(image_id, variant, "failed", error=error)
-            for image_id, variant in self.items_of(spec, payload)
-        ]
         try:
-            self.record(spec, failures)
-        except Exception:  # the database itself is down: the log is all that is left
-            log.exception("could not record %d failed items of job %s", len(failures), spec.job_id)
+            self.ledger(note_failure, ticket, error, not isinstance(exc, TransientError))
+        except Exception:  # the database itself is down: the lease will run out all the same
+            log.exception("could not note the failure of job %s chunk %d", ticket.job_id, ticket.chunk)

@@ -7,8 +7,10 @@ _settings = get_settings()
 
 broker_url = _settings.celery_broker_url
 broker_connection_retry_on_startup = True
-# Redis redelivers a task that was not acked within this many seconds (worker lost).
-broker_transport_options = {"visibility_timeout": _settings.broker_visibility_timeout_s}
+# Redis redelivers a task that was not acked within this many seconds. The ledger re-dispatches a
+# chunk once its lease runs out, so this is set above the lease (2 x by default): by the time Redis
+# restores a lost message, the chunk has been sent again and the old message is dropped as stale.
+broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
 
 task_routes = TASK_ROUTES
 task_serializer = "json"  # kombu's JSON carries bytes as base64
@@ -16,11 +18,13 @@ accept_content = ["json"]
 task_ignore_result = True  # progress lives in PostgreSQL, not in a result backend
 result_backend = None
 
-# At-least-once delivery: ack after the task ran, requeue if its worker dies mid-task.
-# Every task is idempotent (deterministic keys, upserts), so a redelivery is harmless.
+# Ack after the task ran (a warm shutdown hands unstarted tasks back). A worker killed mid-task
+# loses its message: the chunk ledger dispatches the chunk again when its lease runs out.
+# Every task is idempotent (deterministic keys, upserts, ledger bitmaps), so a rerun is harmless.
 task_acks_late = True
-task_reject_on_worker_lost = True
+task_reject_on_worker_lost = False
 worker_prefetch_multiplier = 1
 
 worker_send_task_events = True  # for Flower
 task_send_sent_event = True
+broker_connection_max_retries = None  # a worker waits out a broker restart instead of exiting

@@ -9,6 +9,7 @@ from typing import Any
 from common.errors import QuarryError
 from common.inference import ItemRef, infer_items
 from common.jobspec import JobSpec
+from common.ledger import Ticket
 from common.model import Classifier, locate_model
 from common.paths import MODELS_DIR
 from common.storage import parse_s3_uri
@@ -18,9 +19,6 @@ from workers.routes import INFERENCE
 
 
 class InferenceTask(StageTask):
-    def items_of(self, spec: JobSpec, payload: Any) -> list[tuple[int, int]]:
-        return [(ref["image_id"], ref["variant"]) for ref in payload]
-
     def fetch(self, uri: str) -> bytes:
         return self.store.get(*parse_s3_uri(uri))
 
@@ -42,15 +40,23 @@ class InferenceTask(StageTask):
 
 
 @app.task(base=InferenceTask, bind=True, name=INFERENCE)
-def infer_batch(self: InferenceTask, spec_message: dict[str, Any], refs: list[dict[str, Any]]) -> int:
+def infer_batch(
+    self: InferenceTask,
+    spec_message: dict[str, Any],
+    ticket_message: dict[str, Any],
+    refs: list[dict[str, Any]],
+) -> int:
     """Classify one batch and store the predictions; returns how many were classified."""
     spec = JobSpec.from_message(spec_message)
+    ticket = Ticket.from_message(ticket_message)
     assert spec.model, "inference tasks are only sent for jobs with a model"
+    if not self.is_live(ticket):
+        return 0
     results = infer_items(
         self.classifier(spec.model),
         [ItemRef.from_message(ref) for ref in refs],
         self.fetch_many,
         spec.top_k,
     )
-    self.record(spec, results)
+    self.record(spec, ticket, results)
     return sum(result.status == "done" for result in results)

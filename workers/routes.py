@@ -9,3 +9,8 @@ TASK_ROUTES = {
     UPLOAD: {"queue": "upload"},
     INFERENCE: {"queue": "inference"},
 }
+
+
+def queue_of(task_name: str) -> str:
+    """The queue a task is routed to."""
+    return TASK_ROUTES[task_name]["queue"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The stack as local processes, for machines without a Docker engine:
-# the machine's PostgreSQL and Redis, moto's S3 server, the three pools and Flower.
+# the machine's PostgreSQL and Redis, moto's S3 server, the dispatcher, the three pools and Flower.
 # Usage: deploy/local/stack.sh up|down|status. Honours DATABASE_URL, CELERY_BROKER_URL,
 # S3_ENDPOINT_URL, RAW_BUCKET, OUTPUT_BUCKET; QUARRY_RUN_DIR (pids, logs), FLOWER_PORT,
 # TRANSFORM_CONCURRENCY, UPLOAD_CONCURRENCY, INFERENCE_CONCURRENCY.
@@ -49,6 +49,7 @@ up() {
     --pool threads --concurrency "${UPLOAD_CONCURRENCY:-16}" --loglevel INFO
   start worker-inference "$BIN/celery" -A workers worker -Q inference -n "inference.$STACK@%h" \
     --pool prefork --concurrency "${INFERENCE_CONCURRENCY:-1}" --loglevel INFO
+  start dispatcher "$BIN/producer" dispatch
   start flower "$BIN/celery" -A workers flower --address=127.0.0.1 --port="$FLOWER_PORT"
   for pool in transform upload inference; do  # wait until each pool answers a ping
     for _ in $(seq 1 60); do
@@ -60,7 +61,7 @@ up() {
 }
 
 down() {
-  for name in flower worker-inference worker-upload worker-transform s3; do
+  for name in flower dispatcher worker-inference worker-upload worker-transform s3; do
     if running "$name"; then
       kill -TERM "$(cat "$RUN_DIR/$name.pid")" 2>/dev/null || true
       for _ in $(seq 1 50); do running "$name" || break; sleep 0.2; done
@@ -72,7 +73,7 @@ down() {
 }
 
 status() {
-  for name in s3 worker-transform worker-upload worker-inference flower; do
+  for name in s3 dispatcher worker-transform worker-upload worker-inference flower; do
     if running "$name"; then echo "$name: running (pid $(cat "$RUN_DIR/$name.pid"))"; else echo "$name: stopped"; fi
   done
 }

@@ -1,0 +1,315 @@
+"""The chunk ledger: what the stages and the dispatcher record about each chunk of a job.
+
+A chunk is `pending` until the dispatcher sends it (`dispatched`, with a lease deadline and one
+more attempt); every stage that touches it renews the lease; the stage that records its last
+item marks it `finished` and adds its counts to the job's. Each item has a slot in the chunk
+(image index x variants + variant) and a bit in the chunk's done or failed bitmap, so recording
+the same result twice (a redelivered or re-dispatched message) changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import psycopg
+
+from common.errors import UnknownJob
+
+ItemStatus = Literal["done", "failed"]
+ItemRows = Literal["all", "failures"]
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """What a stage learned about one output item."""
+
+    image_id: int
+    variant: int
+    slot: int  # the item's position in its chunk: image index x variants + variant
+    status: ItemStatus
+    output_uri: str | None = None
+    error: str | None = None
+    label: str | None = None
+    score: float | None = None
+    top_k: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """Which chunk (and which dispatch of it) a message belongs to."""
+
+    job_id: str
+    chunk: int
+    attempt: int
+
+    def to_message(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> Ticket:
+        return cls(**message)
+
+
+@dataclass(frozen=True)
+class OpenChunk:
+    """A dispatched chunk as the transform stage reads it."""
+
+    image_ids: list[int]
+    done: int  # bitmap of the slots already done (a retry or re-dispatch skips them)
+
+
+def bits_to_int(bits: str | None) -> int:
+    """A bitmap column ('0101', slot 0 first) as an int whose bit s is slot s."""
+    return int(bits[::-1], 2) if bits else 0
+
+
+def int_to_bits(value: int, size: int) -> str:
+    """The inverse of bits_to_int, `size` slots long."""
+    return format(value, f"0{size}b")[::-1] if size else ""
+
+
+def lease(lease_s: int) -> str:
+    return f"{int(lease_s)} seconds"
+
+
+def job_state(conn: psycopg.Connection, job_id: str) -> str:
+    """The job's state; UnknownJob when this database has no such job."""
+    row = conn.execute("SELECT state FROM jobs WHERE id = %s", (job_id,)).fetchone()
+    if row is None:
+        raise UnknownJob(f"job {job_id} is not in this worker's database: is DATABASE_URL the producer's?")
+    return str(row[0])
+
+
+def touch(conn: psycopg.Connection, ticket: Ticket, lease_s: int) -> bool:
+    """Renew a live chunk's lease; False when the chunk is finished, returned or its job stopped
+    (the message is then dropped)."""
+    row = conn.execute(
+        """
+        UPDATE job_chunks c SET lease_until = now() + %s::interval
+        FROM jobs j
+        WHERE j.id = c.job_id AND j.state = 'running'
+          AND c.job_id = %s AND c.chunk_index = %s AND c.state = 'dispatched'
+        RETURNING 1
+        """,
+        (lease(lease_s), ticket.job_id, ticket.chunk),
+    ).fetchone()
+    if row is None:
+        job_state(conn, ticket.job_id)  # an unknown job is an error, not a stale message
+    return row is not None
+
+
+def open_chunk(conn: psycopg.Connection, ticket: Ticket, lease_s: int) -> OpenChunk | None:
+    """Renew the lease of a chunk about to be transformed and read its ids; None when the
+    message is stale (the chunk finished, was dispatched again since, or its job stopped)."""
+    row = conn.execute(
+        """
+        UPDATE job_chunks c SET lease_until = now() + %s::interval
+        FROM jobs j
+        WHERE j.id = c.job_id AND j.state = 'running' AND c.job_id = %s AND c.chunk_index = %s
+          AND c.state = 'dispatched' AND c.attempts <= %s
+        RETURNING c.image_ids, c.done_mask
+        """,
+        (lease(lease_s), ticket.job_id, ticket.chunk, ticket.attempt),
+    ).fetchone()
+    if row is None:
+        job_state(conn, ticket.job_id)
+        return None
+    return OpenChunk(list(row[0]), bits_to_int(row[1]))
+
+
+UPSERT_ITEMS = """
+INSERT INTO job_items (job_id, image_id, variant, status, output_uri, error, label, score, top_k)
+SELECT %(job_id)s, * FROM unnest(
+    %(image_id)s::bigint[], %(variant)s::integer[], %(status)s::text[], %(output_uri)s::text[],
+    %(error)s::text[], %(label)s::text[], %(score)s::real[], %(top_k)s::jsonb[])
+ON CONFLICT (job_id, image_id, variant) DO UPDATE SET
+    status = EXCLUDED.status, output_uri = EXCLUDED.output_uri, error = EXCLUDED.error,
+    label = EXCLUDED.label, score = EXCLUDED.score, top_k = EXCLUDED.top_k,
+    updated_at = clock_timestamp()
+"""
+
+
+def upsert_items(conn: psycopg.Connection, job_id: str, results: Sequence[ItemResult]) -> None:
+    """One row per item result, in one statement; rerunning leaves the same rows."""
+    if not results:
+        return
+    conn.execute(
+        UPSERT_ITEMS,
+        {
+            "job_id": job_id,
+            "image_id": [r.image_id for r in results],
+            "variant": [r.variant for r in results],
+            "status": [r.status for r in results],
+            "output_uri": [r.output_uri for r in results],
+            "error": [r.error for r in results],
+            "label": [r.label for r in results],
+            "score": [r.score for r in results],
+            "top_k": [None if r.top_k is None else json.dumps(r.top_k) for r in results],
+        },
+    )
+
+
+def record_progress(
+    conn: psycopg.Connection,
+    ticket: Ticket,
+    results: Sequence[ItemResult],
+    item_rows: ItemRows,
+    lease_s: int,
+) -> bool:
+    """Record item results against a live chunk (bitmaps, counts, item rows) in one transaction,
+    finishing the chunk (and the job) when its last item is in; False when the chunk was not live."""
+    with conn.transaction():
+        row = conn.execute(
+            """
+            SELECT c.items, c.done_mask, c.failed_mask FROM job_chunks c JOIN jobs j ON j.id = c.job_id
+            WHERE c.job_id = %s AND c.chunk_index = %s AND c.state = 'dispatched' AND j.state = 'running'
+            FOR UPDATE OF c
+            """,
+            (ticket.job_id, ticket.chunk),
+        ).fetchone()
+        if row is None:
+            job_state(conn, ticket.job_id)
+            return False
+        items, done_bits, failed_bits = row
+        apply_results(
+            conn, ticket, items, bits_to_int(done_bits), bits_to_int(failed_bits), results, item_rows, lease_s
+        )
+        return True
+
+
+def apply_results(
+    conn: psycopg.Connection,
+    ticket: Ticket,
+    items: int,
+    done: int,
+    failed: int,
+    results: Sequence[ItemResult],
+    item_rows: ItemRows,
+    lease_s: int,
+) -> None:
+    """Merge results into a locked chunk's bitmaps; fold the counts into the job when it is full.
+    A done result wins over a failed one, whichever came first."""
+    for result in results:
+        if result.status == "done":
+            done |= 1 << result.slot
+        else:
+            failed |= 1 << result.slot
+    failed &= ~done
+    upsert_items(
+        conn, ticket.job_id, results if item_rows == "all" else [r for r in results if r.status == "failed"]
+    )
+    n_done, n_failed = done.bit_count(), failed.bit_count()
+    finished = n_done + n_failed >= items
+    conn.execute(
+        """
+        UPDATE job_chunks SET done_mask = %s::varbit, failed_mask = %s::varbit, done = %s, failed = %s,
+            state = CASE WHEN %s THEN 'finished' ELSE state END, lease_until = now() + %s::interval
+        WHERE job_id = %s AND chunk_index = %s
+        """,
+        (
+            int_to_bits(done, items),
+            int_to_bits(failed, items),
+            n_done,
+            n_failed,
+            finished,
+            lease(lease_s),
+            ticket.job_id,
+            ticket.chunk,
+        ),
+    )
+    if finished:
+        conn.execute(
+            """
+            UPDATE jobs SET done = done + %s, failed = failed + %s,
+                state = CASE WHEN done + failed + %s >= total THEN 'finished' ELSE state END,
+                finished_at = CASE WHEN done + failed + %s >= total THEN clock_timestamp() END
+            WHERE id = %s
+            """,
+            (n_done, n_failed, n_done + n_failed, n_done + n_failed, ticket.job_id),
+        )
+
+
+def note_failure(conn: psycopg.Connection, ticket: Ticket, error: str, release: bool) -> None:
+    """Keep a stage's error on the chunk (it becomes the items' error if attempts run out);
+    `release` ends the lease now, so a chunk that fails for a bug is retried without waiting."""
+    conn.execute(
+        """
+        UPDATE job_chunks SET last_error = %s,
+            lease_until = CASE WHEN %s THEN now() ELSE lease_until END
+        WHERE job_id = %s AND chunk_index = %s AND state = 'dispatched'
+        """,
+        (error[:2000], release, ticket.job_id, ticket.chunk),
+    )
+
+
+# --- the dispatcher's side ---------------------------------------------------------------
+
+
+def return_expired(conn: psycopg.Connection, max_attempts: int) -> int:
+    """Chunks whose lease ran out with attempts left go back to pending; how many."""
+    return conn.execute(
+        """
+        UPDATE job_chunks c SET state = 'pending', lease_until = NULL
+        FROM jobs j
+        WHERE j.id = c.job_id AND j.state = 'running'
+          AND c.state = 'dispatched' AND c.lease_until < now() AND c.attempts < %s
+        """,
+        (max_attempts,),
+    ).rowcount
+
+
+def fail_exhausted(conn: psycopg.Connection, max_attempts: int, lease_s: int) -> int:
+    """Fail the unfinished items of chunks whose last allowed lease ran out; how many chunks."""
+    rows = conn.execute(
+        """
+        SELECT c.job_id, c.chunk_index, c.attempts, c.image_ids, c.items, c.done_mask, c.failed_mask,
+               c.last_error, j.spec ->> 'item_rows'
+        FROM job_chunks c JOIN jobs j ON j.id = c.job_id
+        WHERE j.state = 'running' AND c.state = 'dispatched' AND c.lease_until < now()
+          AND c.attempts >= %s
+        FOR UPDATE OF c SKIP LOCKED
+        """,
+        (max_attempts,),
+    ).fetchall()
+    for job_id, chunk, attempts, image_ids, items, done_bits, failed_bits, last_error, item_rows in rows:
+        why = last_error or f"no stage finished it within the {lease_s} s lease"
+        error = f"gave up after {attempts} attempts: {why}"
+        done, failed = bits_to_int(done_bits), bits_to_int(failed_bits)
+        variants = items // len(image_ids)
+        results = [
+            ItemResult(image_ids[slot // variants], slot % variants, slot, "failed", error=error)
+            for slot in range(items)
+            if not ((done | failed) >> slot) & 1
+        ]
+        ticket = Ticket(str(job_id), chunk, attempts)
+        apply_results(conn, ticket, items, done, failed, results, item_rows or "all", lease_s)
+    return len(rows)
+
+
+def claim_chunks(conn: psycopg.Connection, job_id: str, count: int, lease_s: int) -> list[tuple[int, int]]:
+    """Mark up to `count` pending chunks of a job dispatched; (chunk index, attempt) of each."""
+    rows = conn.execute(
+        """
+        UPDATE job_chunks c SET state = 'dispatched', attempts = c.attempts + 1,
+            lease_until = now() + %s::interval
+        FROM (SELECT chunk_index FROM job_chunks WHERE job_id = %s AND state = 'pending'
+              ORDER BY chunk_index LIMIT %s FOR UPDATE SKIP LOCKED) p
+        WHERE c.job_id = %s AND c.chunk_index = p.chunk_index
+        RETURNING c.chunk_index, c.attempts
+        """,
+        (lease(lease_s), job_id, count, job_id),
+    ).fetchall()
+    return sorted((int(index), int(attempt)) for index, attempt in rows)
+
+
+def unclaim(conn: psycopg.Connection, tickets: Sequence[Ticket]) -> None:
+    """Hand chunks whose message the broker refused back to pending, attempt not counted."""
+    for ticket in tickets:
+        conn.execute(
+            """UPDATE job_chunks SET state = 'pending', attempts = attempts - 1, lease_until = NULL
+               WHERE job_id = %s AND chunk_index = %s AND state = 'dispatched' AND attempts = %s""",
+            (ticket.job_id, ticket.chunk, ticket.attempt),
+        )

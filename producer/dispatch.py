@@ -1,0 +1,172 @@
+"""`producer dispatch`: the service that meters chunks from the ledger into the transform queue.
+
+Each tick, under a PostgreSQL advisory lock (so replicas take turns and never double-dispatch):
+return chunks whose lease ran out to pending, fail those out of attempts, then claim pending
+chunks up to the in-flight budget, shared fairly across running jobs. The claim is committed
+before the messages are published; chunks the broker refuses go back to pending at once, and a
+dispatcher that dies in between leaves chunks whose lease simply runs out.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+from celery import Celery
+
+from common.config import Settings
+from common.db import Database, first_line
+from common.errors import BrokerUnavailable, TransientError
+from common.ledger import Ticket, claim_chunks, fail_exhausted, return_expired, unclaim
+from workers.base import BROKER_ERRORS, PUBLISH_RETRY
+from workers.routes import TRANSFORM
+
+log = logging.getLogger(__name__)
+DISPATCH_LOCK_ID = 0x51A8  # advisory lock: one dispatcher tick at a time, over all replicas
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    job_id: str
+    spec: dict[str, object]
+    in_flight: int
+    pending: int  # capped at the budget
+
+
+@dataclass
+class TickReport:
+    sent: int = 0
+    returned: int = 0  # leases that ran out, back to pending
+    failed_chunks: int = 0  # out of attempts
+    skipped: bool = False  # another dispatcher held the lock
+
+
+def allocate(free: int, jobs: list[RunningJob]) -> dict[str, int]:
+    """Share `free` dispatch slots so that in-flight counts even out across jobs (water-filling:
+    each slot goes to the job with the fewest chunks in flight that still has pending ones)."""
+    heap = [(job.in_flight, job.job_id, job.pending) for job in jobs if job.pending > 0]
+    heapq.heapify(heap)
+    shares: dict[str, int] = {}
+    while free > 0 and heap:
+        in_flight, job_id, pending = heapq.heappop(heap)
+        shares[job_id] = shares.get(job_id, 0) + 1
+        free -= 1
+        if pending > 1:
+            heapq.heappush(heap, (in_flight + 1, job_id, pending - 1))
+    return shares
+
+
+def running_jobs(conn: psycopg.Connection, cap: int) -> list[RunningJob]:
+    rows = conn.execute(
+        """
+        SELECT j.id, j.spec,
+            (SELECT count(*) FROM job_chunks c WHERE c.job_id = j.id AND c.state = 'dispatched'),
+            (SELECT count(*) FROM (SELECT FROM job_chunks c WHERE c.job_id = j.id AND c.state = 'pending'
+                                   LIMIT %s) p)
+        FROM jobs j WHERE j.state = 'running' ORDER BY j.created_at
+        """,
+        (cap,),
+    ).fetchall()
+    return [RunningJob(str(row[0]), row[1], row[2], row[3]) for row in rows]
+
+
+def claim(
+    conn: psycopg.Connection, settings: Settings
+) -> tuple[TickReport, list[tuple[dict[str, object], Ticket]]]:
+    """One round of lease expiry and claiming, in one transaction under the dispatch lock."""
+    report = TickReport()
+    claimed: list[tuple[dict[str, object], Ticket]] = []
+    with conn.transaction():
+        locked = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (DISPATCH_LOCK_ID,)).fetchone()
+        if not (locked and locked[0]):
+            report.skipped = True
+            return report, claimed
+        report.returned = return_expired(conn, settings.chunk_max_attempts)
+        report.failed_chunks = fail_exhausted(conn, settings.chunk_max_attempts, settings.chunk_lease_s)
+        budget = settings.dispatch_budget_chunks
+        jobs = running_jobs(conn, budget)
+        free = budget - sum(job.in_flight for job in jobs)
+        specs = {job.job_id: job.spec for job in jobs}
+        for job_id, count in allocate(free, jobs).items():
+            for chunk, attempt in claim_chunks(conn, job_id, count, settings.chunk_lease_s):
+                claimed.append((specs[job_id], Ticket(job_id, chunk, attempt)))
+    return report, claimed
+
+
+def tick(
+    database: Database, publish: Callable[[dict[str, object], Ticket], None], settings: Settings
+) -> TickReport:
+    """Claim chunks (committed first, so a worker never sees a message before its chunk is
+    dispatched), then publish them; what the broker refuses is handed back to pending."""
+    report, claimed = database.run(claim, settings)
+    for position, (spec, ticket) in enumerate(claimed):
+        try:
+            publish(spec, ticket)
+        except BaseException:
+            database.run(unclaim, [t for _, t in claimed[position:]])
+            raise
+        report.sent += 1
+    return report
+
+
+def heartbeat(conn: psycopg.Connection, name: str) -> None:
+    conn.execute(
+        "INSERT INTO dispatchers (name, seen_at) VALUES (%s, now())"
+        " ON CONFLICT (name) DO UPDATE SET seen_at = EXCLUDED.seen_at",
+        (name,),
+    )
+
+
+def dispatcher_name() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+def check_broker(app: Celery) -> None:
+    """BrokerUnavailable (one line) when the broker does not answer at start-up."""
+    with app.connection_for_write() as connection:
+        try:
+            connection.ensure_connection(max_retries=2, interval_start=0.5, timeout=5)
+        except BROKER_ERRORS as exc:
+            where = connection.as_uri()  # the password masked
+            raise BrokerUnavailable(f"cannot reach the broker at {where}: {first_line(exc)}") from exc
+
+
+def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = None) -> None:
+    """Tick forever (or `max_ticks` times); an outage of PostgreSQL or the broker is logged and
+    waited out, never fatal."""
+    database = Database(settings.database_url)
+    name = dispatcher_name()
+
+    def publish(spec: dict[str, object], ticket: Ticket) -> None:
+        app.send_task(TRANSFORM, args=[spec, ticket.to_message()], retry=True, retry_policy=PUBLISH_RETRY)
+
+    log.info(
+        "dispatcher %s: budget %d chunks, lease %d s, %d attempts",
+        name,
+        settings.dispatch_budget_chunks,
+        settings.chunk_lease_s,
+        settings.chunk_max_attempts,
+    )
+    ticks = 0
+    while max_ticks is None or ticks < max_ticks:
+        ticks += 1
+        try:
+            database.run(heartbeat, name)
+            report = tick(database, publish, settings)
+            if report.sent or report.returned or report.failed_chunks:
+                log.info(
+                    "sent %d chunks; %d leases ran out; %d chunks out of attempts",
+                    report.sent,
+                    report.returned,
+                    report.failed_chunks,
+                )
+        except (*BROKER_ERRORS, TransientError) as exc:  # the tick rolled back: try again next tick
+            log.warning("dispatch paused: %s", first_line(exc))
+            time.sleep(min(5.0, settings.dispatch_interval_s * 4))
+        time.sleep(settings.dispatch_interval_s)

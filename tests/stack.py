@@ -1,0 +1,147 @@
+"""Real processes for the end-to-end and fault tests: worker pools, dispatchers and, where a test
+must kill the broker, a private redis-server. Each process logs to its own file in `log_dir`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+BIN = Path(sys.executable).parent
+POOLS = {"transform": ("prefork", 2), "upload": ("threads", 8), "inference": ("prefork", 1)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # the service is still starting
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"{what} did not happen in {timeout} s")
+
+
+class Stack:
+    """Named processes started in their own process groups, so a test can kill a whole pool."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = dict(env)
+        self.log_dir = log_dir
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.redis_port: int | None = None
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, command: list[str]) -> None:
+        with (self.log_dir / f"{name}.log").open("ab") as log:
+            self.processes[name] = subprocess.Popen(
+                command,
+                env={**os.environ, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def send_signal(self, name: str, sig: signal.Signals) -> None:
+        """Send a signal to a process and every child of it."""
+        os.killpg(self.processes[name].pid, sig)
+
+    def stop(self, name: str, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> None:
+        process = self.processes.pop(name)
+        if process.poll() is None:
+            os.killpg(process.pid, sig)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            self.stop(name)
+
+    # --- a private broker ---------------------------------------------------------------
+    def start_redis(self, db: int = 0) -> None:
+        """A redis-server of this stack's own (no persistence), which the test may kill."""
+        self.redis_port = self.redis_port or free_port()
+        self.start(
+            "redis",
+            [
+                "redis-server",
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.log_dir),
+            ],
+        )
+        self.env["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{self.redis_port}/{db}"
+        wait_until(self.redis().ping, 10, "redis-server")
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.env["CELERY_BROKER_URL"], socket_timeout=2)
+
+    # --- Quarry's processes -------------------------------------------------------------
+    def start_pool(self, queue: str, wait: bool = True) -> None:
+        pool, concurrency = POOLS[queue]
+        log = self.log_dir / f"worker-{queue}.log"
+        ready_before = log.read_text().count(" ready.") if log.exists() else 0
+        self.start(
+            f"worker-{queue}",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "workers",
+                "worker",
+                "-Q",
+                queue,
+                "--pool",
+                pool,
+                "--concurrency",
+                str(concurrency),
+                "-n",
+                f"{queue}.{self.log_dir.name}@%h",
+                "--loglevel",
+                "INFO",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+        )
+        if wait:
+            wait_until(lambda: log.read_text().count(" ready.") > ready_before, 60, f"the {queue} pool")
+
+    def start_pools(self) -> None:
+        for queue in POOLS:
+            self.start_pool(queue, wait=False)
+        for queue in POOLS:
+            log = self.log_dir / f"worker-{queue}.log"
+            wait_until(lambda log=log: " ready." in log.read_text(), 60, f"the {queue} pool")
+
+    def start_dispatcher(self, name: str = "dispatcher") -> None:
+        self.start(name, [str(BIN / "producer"), "dispatch"])
+
+    def logs(self) -> str:
+        """Every log's last lines, for a failing test's message."""
+        return "\n".join(
+            f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:])
+            for path in sorted(self.log_dir.glob("*.log"))
+        )
