@@ -1,29 +1,178 @@
+"""The job ledger against a real PostgreSQL: recording, progress, stale messages, leases, retry."""
+
 import uuid
 
 import psycopg
 import pytest
 
-from common.errors import UnknownJob
-from common.jobs import ItemResult, create_job, job_progress, record_items
+from common.config import Settings
+from common.errors import UnknownJob, UserError
+from common.jobs import cancel_job, job_progress, record_job, retry_job
+from common.ledger import (
+    ItemResult,
+    Ticket,
+    claim_chunks,
+    fail_exhausted,
+    note_failure,
+    open_chunk,
+    record_progress,
+    return_expired,
+    touch,
+    unclaim,
+)
+from producer.dispatch import RunningJob, allocate, claim
+
+LEASE = 60
 
 
-def test_a_redelivered_upload_does_not_undo_a_finished_item(db: psycopg.Connection) -> None:
+def new_job(
+    db: psycopg.Connection, chunks: list[list[int]], variants: int = 1, item_rows: str = "all"
+) -> str:
     job_id = str(uuid.uuid4())
-    create_job(db, job_id, "SELECT 1 AS id", {})
-    db.execute("UPDATE jobs SET total = 2, state = 'enqueued' WHERE id = %s", (job_id,))
-    record_items(
-        db, job_id, [ItemResult(1, 0, "uploaded", "s3://b/k1"), ItemResult(2, 0, "failed", error="x")]
-    )
-    record_items(db, job_id, [ItemResult(1, 0, "done", "s3://b/k1", label="Shirts", score=0.9, top_k=[])])
-    record_items(db, job_id, [ItemResult(1, 0, "uploaded", "s3://b/k1")])  # late duplicate
+    record_job(db, job_id, "SELECT 1 AS id", {"job_id": job_id, "item_rows": item_rows}, chunks, variants)
+    return job_id
+
+
+def done(image_id: int, slot: int, variant: int = 0) -> ItemResult:
+    return ItemResult(image_id, variant, slot, "done", output_uri=f"s3://b/{image_id}-{variant}")
+
+
+def failed(image_id: int, slot: int, error: str = "transform: no image") -> ItemResult:
+    return ItemResult(image_id, 0, slot, "failed", error=error)
+
+
+def counts(db: psycopg.Connection, job_id: str) -> tuple[str, int, int, int]:
     progress = job_progress(db, job_id)
     assert progress is not None
-    assert (progress.total, progress.done, progress.failed, progress.finished) == (2, 1, 1, True)
-    assert db.execute(
-        "SELECT label FROM job_items WHERE job_id = %s AND image_id = 1", (job_id,)
-    ).fetchone() == ("Shirts",)
+    return progress.state, progress.total, progress.done, progress.failed
 
 
-def test_results_for_an_unknown_job_are_refused_clearly(db: psycopg.Connection) -> None:
+def test_a_job_is_recorded_whole_with_its_totals(db: psycopg.Connection) -> None:
+    job_id = new_job(db, [[1, 2], [3]], variants=2)
+    assert counts(db, job_id) == ("running", 6, 0, 0)
+    rows = db.execute(
+        "SELECT chunk_index, image_ids, items, state FROM job_chunks WHERE job_id = %s ORDER BY 1", (job_id,)
+    ).fetchall()
+    assert rows == [(0, [1, 2], 4, "pending"), (1, [3], 2, "pending")]
+    assert counts(db, new_job(db, [])) == ("finished", 0, 0, 0)
+
+
+def test_results_recorded_twice_count_once_and_finish_the_job(db: psycopg.Connection) -> None:
+    job_id = new_job(db, [[10, 11, 12]])
+    assert claim_chunks(db, job_id, 5, LEASE) == [(0, 1)]
+    ticket = Ticket(job_id, 0, 1)
+    assert record_progress(db, ticket, [done(10, 0), failed(11, 1)], "all", LEASE)
+    assert record_progress(db, ticket, [done(10, 0), failed(11, 1)], "all", LEASE)  # redelivered
+    assert counts(db, job_id) == ("running", 3, 1, 1)  # in-flight counts show before the chunk ends
+    assert record_progress(db, ticket, [done(12, 2), done(11, 1)], "all", LEASE)  # done beats failed
+    assert counts(db, job_id) == ("finished", 3, 3, 0)
+    assert not record_progress(db, ticket, [failed(12, 2)], "all", LEASE)  # stale: chunk finished
+    assert counts(db, job_id) == ("finished", 3, 3, 0)
+    statuses = db.execute("SELECT status, count(*) FROM job_items WHERE job_id = %s GROUP BY 1", (job_id,))
+    assert dict(statuses.fetchall()) == {"done": 3}
+
+
+def test_failures_only_keeps_rows_for_failed_items(db: psycopg.Connection) -> None:
+    job_id = new_job(db, [[1, 2, 3]], item_rows="failures")
+    claim_chunks(db, job_id, 1, LEASE)
+    record_progress(db, Ticket(job_id, 0, 1), [done(1, 0), done(2, 1), failed(3, 2)], "failures", LEASE)
+    assert counts(db, job_id) == ("finished", 3, 2, 1)
+    rows = db.execute("SELECT image_id, status FROM job_items WHERE job_id = %s", (job_id,)).fetchall()
+    assert rows == [(3, "failed")]
+
+
+def test_stale_and_unknown_messages(db: psycopg.Connection) -> None:
+    job_id = new_job(db, [[1]])
+    claim_chunks(db, job_id, 1, LEASE)
+    assert open_chunk(db, Ticket(job_id, 0, 1), LEASE) is not None
+    db.execute("UPDATE job_chunks SET attempts = 2 WHERE job_id = %s", (job_id,))
+    assert open_chunk(db, Ticket(job_id, 0, 1), LEASE) is None  # dispatched again since
+    assert touch(db, Ticket(job_id, 0, 1), LEASE)  # later stages still take an older attempt's work
     with pytest.raises(UnknownJob, match="is not in this worker's database"):
-        record_items(db, str(uuid.uuid4()), [ItemResult(1, 0, "done")])
+        touch(db, Ticket(str(uuid.uuid4()), 0, 1), LEASE)
+
+
+def test_an_expired_lease_returns_the_chunk_then_fails_it_after_the_last_attempt(
+    db: psycopg.Connection,
+) -> None:
+    job_id = new_job(db, [[1, 2, 3]])
+    for attempt in (1, 2):
+        assert claim_chunks(db, job_id, 1, LEASE) == [(0, attempt)]
+        if attempt == 1:
+            record_progress(db, Ticket(job_id, 0, 1), [done(1, 0), failed(2, 1)], "all", LEASE)
+        db.execute("UPDATE job_chunks SET lease_until = now() - interval '1 s' WHERE job_id = %s", (job_id,))
+        assert return_expired(db, max_attempts=2) == (1 if attempt == 1 else 0)
+    note_failure(db, Ticket(job_id, 0, 2), "transform: KeyError: 'x'", True)
+    assert fail_exhausted(db, max_attempts=2, lease_s=LEASE) == 1
+    assert counts(db, job_id) == ("finished", 3, 1, 2)
+    errors = dict(
+        db.execute("SELECT image_id, error FROM job_items WHERE job_id = %s AND status = 'failed'", (job_id,))
+    )
+    assert errors == {2: "transform: no image", 3: "gave up after 2 attempts: transform: KeyError: 'x'"}
+
+
+def test_retry_resets_only_failed_items_and_their_counts(db: psycopg.Connection) -> None:
+    job_id = new_job(db, [[1, 2], [3, 4]])
+    claim_chunks(db, job_id, 2, LEASE)
+    with pytest.raises(UserError, match="still running"):
+        retry_job(db, job_id)
+    record_progress(db, Ticket(job_id, 0, 1), [done(1, 0), failed(2, 1)], "all", LEASE)
+    record_progress(db, Ticket(job_id, 1, 1), [done(3, 0), done(4, 1)], "all", LEASE)
+    assert counts(db, job_id) == ("finished", 4, 3, 1)
+    assert retry_job(db, job_id) == (1, 1)
+    assert counts(db, job_id) == ("running", 4, 2, 0)
+    (chunk,) = [(c, a) for c, a in claim_chunks(db, job_id, 5, LEASE)]
+    assert chunk == (0, 1)
+    opened = open_chunk(db, Ticket(job_id, 0, 1), LEASE)
+    assert opened is not None and opened.done == 0b01  # image 1 is not redone
+    record_progress(db, Ticket(job_id, 0, 1), [done(2, 1)], "all", LEASE)
+    assert counts(db, job_id) == ("finished", 4, 4, 0)
+
+
+def test_cancel_stops_a_job_and_its_messages(db: psycopg.Connection) -> None:
+    job_id = new_job(db, [[1], [2], [3]])
+    claim_chunks(db, job_id, 2, LEASE)
+    assert cancel_job(db, job_id)
+    assert not touch(db, Ticket(job_id, 0, 1), LEASE)
+    assert not record_progress(db, Ticket(job_id, 0, 1), [done(1, 0)], "all", LEASE)
+    assert db.execute(
+        "SELECT count(*) FROM job_chunks WHERE job_id = %s AND state = 'dispatched'", (job_id,)
+    ).fetchone() == (0,)
+    assert counts(db, job_id)[0] == "cancelled" and not cancel_job(db, job_id)
+    assert retry_job(db, job_id) == (0, 0)  # resumes: its chunks are pending again
+    assert counts(db, job_id)[0] == "running"
+
+
+def test_unclaim_hands_back_without_counting_the_attempt(db: psycopg.Connection) -> None:
+    job_id = new_job(db, [[1]])
+    claim_chunks(db, job_id, 1, LEASE)
+    unclaim(db, [Ticket(job_id, 0, 1)])
+    assert db.execute("SELECT state, attempts FROM job_chunks WHERE job_id = %s", (job_id,)).fetchone() == (
+        "pending",
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("free", "jobs", "expected"),
+    [
+        (6, [("a", 0, 100), ("b", 0, 100)], {"a": 3, "b": 3}),
+        (4, [("a", 4, 100), ("b", 0, 100)], {"b": 4}),
+        (5, [("a", 0, 1), ("b", 0, 100)], {"a": 1, "b": 4}),
+        (3, [("a", 0, 0)], {}),
+        (0, [("a", 0, 5)], {}),
+    ],
+)
+def test_allocate_evens_out_in_flight_chunks(
+    free: int, jobs: list[tuple[str, int, int]], expected: dict
+) -> None:  # type: ignore[type-arg]
+    assert allocate(free, [RunningJob(j, {}, f, p) for j, f, p in jobs]) == expected
+
+
+def test_claim_respects_the_budget_across_jobs(db: psycopg.Connection, settings: Settings) -> None:
+    first, second = new_job(db, [[i] for i in range(20)]), new_job(db, [[i] for i in range(20)])
+    small = settings.model_copy(update={"dispatch_budget_chunks": 6})
+    report, claimed = claim(db, small)
+    assert report.sent == 0 and len(claimed) == 6
+    assert sorted(t.job_id for _, t in claimed) == sorted([first] * 3 + [second] * 3)
+    assert claim(db, small)[1] == []  # the budget is full

@@ -67,7 +67,7 @@ def test_a_transient_storage_error_fails_the_chunk_for_a_retry() -> None:
 
 @pytest.mark.parametrize("budget", [10, 25, 1000])
 def test_batches_stay_under_the_byte_budget(budget: int) -> None:
-    outputs = [Output(i, 0, b"x" * 10, "jpeg", "k") for i in range(7)]
+    outputs = [Output(i, 0, i, b"x" * 10, "jpeg", "k") for i in range(7)]
     batches = list(batch_by_bytes(outputs, budget))
     assert [o for batch in batches for o in batch] == outputs
     assert all(sum(len(o.data) for o in batch) <= max(budget, 10) for batch in batches)
@@ -77,5 +77,14 @@ def test_batches_stay_under_the_byte_budget(budget: int) -> None:
 def test_output_survives_the_broker_round_trip() -> None:
     from kombu.utils.json import dumps, loads
 
-    output = Output(5, 1, bytes(range(256)), "png", "images/5.jpg")
+    output = Output(5, 1, 3, bytes(range(256)), "png", "images/5.jpg")
     assert Output.from_message(loads(dumps(output.to_message()))) == output
+
+
+def test_items_already_done_are_not_rendered_again() -> None:
+    spec = JobSpec(job_id="j", variants=2)
+    # slots: image 1 -> 0, 1; image 2 -> 2, 3. Slot 1 (image 1, variant 1) is done.
+    result = transform_images(spec, [1, 3], INDEX, fetch_many, done=0b0010)
+    assert [(o.image_id, o.variant, o.slot) for o in result.outputs] == [(1, 0, 0)]
+    assert [(f.image_id, f.variant, f.slot) for f in result.failures] == [(3, 0, 2), (3, 1, 3)]
+    assert transform_images(spec, [1], INDEX, fetch_many, done=0b11).outputs == []
