@@ -47,37 +47,33 @@ class JobProgress:
 
 
 def record_job(
-    conn: psycopg.Connection,
-    job_id: str,
-    query: str,
-    spec: dict[str, Any],
-    chunks: Iterable[list[int]],
-    variants: int,
+    conn: psycopg.Connection, job_id: str, query: str, spec: dict[str, Any], chunk_rows: Iterable[bytes]
 ) -> tuple[int, int]:
-    """Record a job and all its chunks (COPY) in one transaction: the job exists whole or not at
-    all. Returns (chunks, items); a job without items is finished at once."""
-    count = total = 0
+    """Record a job and its chunks in one transaction: the job exists whole or not at all.
+    `chunk_rows` is a binary COPY stream of (job_id, chunk_index, image_ids, items) rows.
+    Returns (chunks, items); a job without items is finished at once."""
     with conn.transaction():
-        conn.execute(
-            "INSERT INTO jobs (id, query, spec) VALUES (%s, %s, %s)",
-            (job_id, query, Jsonb(spec)),
-        )
+        conn.execute("INSERT INTO jobs (id, query, spec) VALUES (%s, %s, %s)", (job_id, query, Jsonb(spec)))
         with (
             conn.cursor() as cursor,
-            cursor.copy("COPY job_chunks (job_id, chunk_index, image_ids, items) FROM STDIN") as copy,
+            cursor.copy(
+                "COPY job_chunks (job_id, chunk_index, image_ids, items) FROM STDIN (FORMAT binary)"
+            ) as copy,
         ):
-            for index, image_ids in enumerate(chunks):
-                items = len(image_ids) * variants
-                copy.write_row((job_id, index, image_ids, items))
-                count, total = count + 1, total + items
+            for block in chunk_rows:
+                copy.write(block)
+        totals = conn.execute(
+            """UPDATE jobs SET (chunks, total) = (
+                   SELECT count(*), coalesce(sum(items), 0) FROM job_chunks WHERE job_id = %(job)s)
+               WHERE id = %(job)s RETURNING chunks, total""",
+            {"job": job_id},
+        ).fetchone()
+        assert totals is not None
         conn.execute(
-            """UPDATE jobs SET total = %s, chunks = %s,
-                   state = CASE WHEN %s = 0 THEN 'finished' ELSE state END,
-                   finished_at = CASE WHEN %s = 0 THEN clock_timestamp() END
-               WHERE id = %s""",
-            (total, count, total, total, job_id),
+            "UPDATE jobs SET state = 'finished', finished_at = clock_timestamp() WHERE id = %s AND total = 0",
+            (job_id,),
         )
-    return count, total
+    return int(totals[0]), int(totals[1])
 
 
 PROGRESS = """

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import psycopg
+import psycopg.sql
 from psycopg import errors as pg_errors
 
 from common.db import connect, first_line
@@ -30,44 +31,64 @@ def check_query(sql: str) -> str:
     return body
 
 
-@contextmanager
-def stream_ids(database_url: str, sql: str, timeout_s: int, batch: int) -> Iterator[Iterator[int]]:
-    """Yield an iterator over the distinct `id`s the query selects.
+SORT_MEMORY = "64MB"  # work_mem of the selection's sort: 1,000,000 ids sort in memory
+CHUNKS = """
+COPY (
+    SELECT %(job_id)s::uuid, ((n - 1) / %(size)s)::integer, array_agg(id ORDER BY n),
+           (count(*) * %(variants)s)::integer
+    FROM (SELECT id, row_number() OVER () AS n FROM (
+        SELECT DISTINCT q.id::bigint AS id FROM ({body}
+        ) AS q WHERE q.id IS NOT NULL ORDER BY 1) AS d) AS r
+    GROUP BY 2 ORDER BY 2
+) TO STDOUT (FORMAT binary)
+"""
 
-    The query runs in a READ ONLY transaction with a statement timeout, through a server-side
-    cursor; it is checked (and its first batch fetched) before this yields, so a refused query
-    raises QueryError before anything is recorded or enqueued.
+
+@contextmanager
+def stream_chunks(
+    database_url: str, sql: str, timeout_s: int, *, job_id: str, chunk_size: int, variants: int
+) -> Iterator[Iterator[bytes]]:
+    """Yield the selection as job_chunks rows in PostgreSQL's binary COPY format: the distinct
+    ids, sorted, `chunk_size` to a row. The server does the chunking; the bytes stream through.
+
+    The query runs in a READ ONLY transaction with a statement timeout; it is checked (and its
+    first block read) before this yields, so a refused query raises QueryError before anything
+    is recorded.
     """
     body = check_query(sql)
-    wrapped = f"SELECT DISTINCT q.id FROM ({body}\n) AS q WHERE q.id IS NOT NULL"
-    with connect(database_url) as conn:
+    with connect(database_url) as conn, ExitStack() as stack:
         conn.read_only = True
-        with conn.transaction(), conn.cursor(name="quarry_selection") as cursor:
-            try:
-                conn.execute(f"SET LOCAL statement_timeout = {int(timeout_s) * 1000}")
-                cursor.execute(wrapped)
-                first = cursor.fetchmany(batch)
-            except psycopg.Error as exc:
-                raise translate(exc, timeout_s) from exc
+        stack.enter_context(conn.transaction())
+        cursor = stack.enter_context(conn.cursor())
+        try:
+            conn.execute(f"SET LOCAL statement_timeout = {int(timeout_s) * 1000}")
+            conn.execute(f"SET LOCAL work_mem = '{SORT_MEMORY}'")
+            cursor.execute(f"SELECT q.id FROM ({body}\n) AS q LIMIT 0")
             check_id_type(cursor)
-            yield iterate(first, cursor, batch, timeout_s)
+            params = {"job_id": job_id, "size": chunk_size, "variants": variants}
+            copy = stack.enter_context(cursor.copy(psycopg.sql.SQL(CHUNKS.format(body=body)), params))
+            first = bytes(copy.read())
+        except psycopg.Error as exc:
+            raise translate(exc, timeout_s) from exc
+        yield blocks(first, copy, timeout_s)
 
 
 def check_id_type(cursor: psycopg.Cursor) -> None:
     """Refuse an id column that is not an integer."""
     description = cursor.description
+    if description and description[0].name != "id":
+        raise QueryError("the query has no id column; select styles.id AS id")
     if description and description[0].type_code not in INTEGER_TYPE_OIDS:
         raise QueryError("the query's id column must be an integer (the styles.id of an image)")
 
 
-def iterate(first: list[tuple[int]], cursor: psycopg.Cursor, batch: int, timeout_s: int) -> Iterator[int]:
-    """The first batch, then the rest of the cursor, one id at a time."""
-    rows = first
-    while rows:
-        for (image_id,) in rows:
-            yield image_id
+def blocks(first: bytes, copy: psycopg.Copy, timeout_s: int) -> Iterator[bytes]:
+    """The first block, then the rest of the COPY stream."""
+    block = first
+    while block:
+        yield block
         try:
-            rows = cursor.fetchmany(batch)
+            block = bytes(copy.read())
         except psycopg.Error as exc:
             raise translate(exc, timeout_s) from exc
 

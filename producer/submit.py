@@ -10,10 +10,9 @@ import uuid
 
 import psycopg
 
-from common.batching import batched
 from common.jobs import record_job
 from common.jobspec import JobSpec
-from producer.query import stream_ids
+from producer.query import stream_chunks
 
 
 def new_job_id() -> str:
@@ -33,5 +32,7 @@ def submit_job(
     The query is checked before anything is recorded, and the job is recorded in one
     transaction: a refused or broken-off query leaves no trace.
     """
-    with stream_ids(database_url, sql, timeout_s, batch=max(chunk_size, 10_000)) as ids:
-        return record_job(conn, spec.job_id, sql, spec.to_message(), batched(ids, chunk_size), spec.variants)
+    with stream_chunks(
+        database_url, sql, timeout_s, job_id=spec.job_id, chunk_size=chunk_size, variants=spec.variants
+    ) as rows:
+        return record_job(conn, spec.job_id, sql, spec.to_message(), rows)

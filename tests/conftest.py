@@ -27,8 +27,8 @@ TEST_REDIS_DB = 13
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server, a real HTTP endpoint on loopback."""
+def s3_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """moto's S3 server, a real HTTP endpoint on loopback (the process, for tests that freeze it)."""
     port = free_port()
     process = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
@@ -42,9 +42,14 @@ def s3_endpoint() -> Iterator[str]:
             return True
 
     wait_until(answers, 20, "moto_server")
-    yield url
+    yield url, process
     process.terminate()
     process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server: tuple[str, subprocess.Popen[bytes]]) -> str:
+    return s3_server[0]
 
 
 @pytest.fixture(scope="session")

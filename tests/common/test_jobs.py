@@ -7,7 +7,8 @@ import pytest
 
 from common.config import Settings
 from common.errors import UnknownJob, UserError
-from common.jobs import cancel_job, job_progress, record_job, retry_job
+from common.jobs import cancel_job, job_progress, retry_job
+from common.jobspec import JobSpec
 from common.ledger import (
     ItemResult,
     Ticket,
@@ -21,6 +22,7 @@ from common.ledger import (
     unclaim,
 )
 from producer.dispatch import RunningJob, allocate, claim
+from producer.submit import submit_job
 
 LEASE = 60
 
@@ -28,9 +30,12 @@ LEASE = 60
 def new_job(
     db: psycopg.Connection, chunks: list[list[int]], variants: int = 1, item_rows: str = "all"
 ) -> str:
-    job_id = str(uuid.uuid4())
-    record_job(db, job_id, "SELECT 1 AS id", {"job_id": job_id, "item_rows": item_rows}, chunks, variants)
-    return job_id
+    """Record a job whose query selects the ids of `chunks` (all but the last of one size)."""
+    spec = JobSpec(job_id=str(uuid.uuid4()), variants=variants, item_rows=item_rows)  # type: ignore[arg-type]
+    ids = ", ".join(str(i) for chunk in chunks for i in chunk) or "NULL"
+    query = f"SELECT unnest(ARRAY[{ids}]::bigint[]) AS id"
+    submit_job(db, db.info.dsn, query, spec, len(chunks[0]) if chunks else 1, 10)
+    return spec.job_id
 
 
 def done(image_id: int, slot: int, variant: int = 0) -> ItemResult:

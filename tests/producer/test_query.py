@@ -1,8 +1,12 @@
+import uuid
+
 import psycopg
 import pytest
 
 from common.errors import QueryError
-from producer.query import check_query, stream_ids
+from common.jobspec import JobSpec
+from producer.query import check_query, stream_chunks
+from producer.submit import submit_job
 from tests.conftest import run_cli
 
 
@@ -46,16 +50,23 @@ def test_check_query_refuses_non_reads(sql: str, message: str) -> None:
 def test_refused_queries_raise_before_anything_streams(
     settings, numbers: str, db: psycopg.Connection, sql: str, message: str
 ) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(QueryError, match=message), stream_ids(settings.database_url, sql, 1, 100):
+    chunks = stream_chunks(
+        settings.database_url, sql, 1, job_id=str(uuid.uuid4()), chunk_size=100, variants=1
+    )
+    with pytest.raises(QueryError, match=message), chunks:
         pass
     assert db.execute("SELECT count(*) FROM numbers").fetchone() == (2500,)
 
 
-def test_ids_stream_distinct_and_complete(settings, numbers: str) -> None:  # type: ignore[no-untyped-def]
+def test_chunks_hold_the_distinct_ids_sorted_and_complete(settings, numbers: str, db) -> None:  # type: ignore[no-untyped-def]
     sql = "SELECT id FROM numbers UNION ALL SELECT id FROM numbers WHERE bucket = 0 UNION ALL SELECT NULL"
-    with stream_ids(settings.database_url, sql, 10, batch=100) as ids:
-        seen = list(ids)
-    assert sorted(seen) == list(range(1, 2501))
+    spec = JobSpec(job_id=str(uuid.uuid4()), variants=3)
+    assert submit_job(db, settings.database_url, sql, spec, 1000, 10) == (3, 7500)
+    rows = db.execute(
+        "SELECT chunk_index, image_ids, items FROM job_chunks WHERE job_id = %s ORDER BY 1", (spec.job_id,)
+    ).fetchall()
+    assert [(index, items) for index, _, items in rows] == [(0, 3000), (1, 3000), (2, 1500)]
+    assert [i for _, ids, _ in rows for i in ids] == list(range(1, 2501))
 
 
 def test_cli_refuses_a_write_with_exit_2_and_enqueues_nothing(test_env, numbers: str, db) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,323 @@
+"""Jobs finish by themselves through faults: real pools, dispatchers and a private redis-server
+that the tests kill, a frozen S3 server, PostgreSQL connections terminated under the stages."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from common.config import Settings
+from common.db import connect, ensure_database
+from common.jobs import JobProgress, job_progress
+from common.storage import ObjectStore
+from tests.conftest import BIN, run_cli
+from tests.stack import Stack, wait_until
+
+pytestmark = pytest.mark.slow
+WITH_IMAGES = "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"
+IMAGES = 295  # stored images of the vendored sample
+JOB = ("--augment", "hflip | rotate(limit=15) | resize(224, 224)", "--variants", "2", "--chunk-size", "10")
+LEASE_S = 10
+MIB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def fault_env(test_env: dict[str, str], store: ObjectStore) -> Iterator[dict[str, str]]:
+    """A database of its own (the session's dispatcher must not see these jobs), ingested."""
+    name = f"quarry_fault_{uuid.uuid4().hex[:8]}"
+    env = {
+        **test_env,
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
+        "CHUNK_LEASE_S": str(LEASE_S),
+        "DISPATCH_INTERVAL_S": "0.2",
+    }
+    ensure_database(env["DATABASE_URL"])
+    run_cli("ingest", env=env)
+    yield env
+    with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def stack(fault_env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
+    """A private redis-server; each test starts the pools and dispatchers it needs."""
+    stack = Stack(fault_env, tmp_path / "stack")
+    stack.start_redis()
+    yield stack
+    stack.stop_all()
+
+
+def submit(stack: Stack, *args: str) -> str:
+    return run_cli("run", "--query", WITH_IMAGES, *args, env=stack.env).stdout.strip().splitlines()[-1]
+
+
+def progress(stack: Stack, job_id: str) -> JobProgress:
+    """The job's counts on a fresh connection (the tests terminate connections)."""
+    for _ in range(50):
+        try:
+            with psycopg.connect(stack.env["DATABASE_URL"], autocommit=True) as conn:
+                found = job_progress(conn, job_id)
+                assert found is not None
+                return found
+        except psycopg.OperationalError:
+            time.sleep(0.2)
+    raise AssertionError("PostgreSQL did not answer")
+
+
+def wait_for_progress(stack: Stack, job_id: str, items: int, timeout: float = 120) -> None:
+    """Wait until at least `items` items are recorded, and the job is not finished yet."""
+    wait_until(lambda: progress(stack, job_id).done >= items, timeout, f"{items} items done")
+    assert not progress(stack, job_id).ended, "the job ended before the fault: make it bigger"
+
+
+def wait_finished(stack: Stack, job_id: str, timeout: float) -> JobProgress:
+    try:
+        wait_until(lambda: progress(stack, job_id).ended, timeout, f"job {job_id} to finish", interval=0.5)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; {progress(stack, job_id)}\n{stack.logs()}") from exc
+    return progress(stack, job_id)
+
+
+def assert_finished_cleanly(stack: Stack, store: ObjectStore, settings: Settings, job_id: str) -> None:
+    """Done == total, 0 failed, one object and one row per item."""
+    final = progress(stack, job_id)
+    assert (final.state, final.failed, final.done) == ("finished", 0, final.total), stack.logs()
+    assert final.total == IMAGES * 2
+    assert len(store.list_keys(settings.output_bucket, f"{job_id}/")) == final.done
+    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+        rows = conn.execute(
+            "SELECT count(*), count(DISTINCT (image_id, variant)) FROM job_items"
+            " WHERE job_id = %s AND status = 'done'",
+            (job_id,),
+        ).fetchone()
+    assert rows == (final.total, final.total)
+
+
+def redispatched(stack: Stack, job_id: str) -> int:
+    """Dispatches beyond the first, over the job's chunks: the fault really cost something."""
+    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+        row = conn.execute("SELECT sum(attempts - 1) FROM job_chunks WHERE job_id = %s", (job_id,)).fetchone()
+    return int(row[0])
+
+
+def test_a_whole_pool_killed_mid_job_is_healed_by_leases(
+    stack: Stack, store: ObjectStore, settings: Settings
+) -> None:
+    stack.start_pools()
+    stack.start_dispatcher()
+    job_id = submit(stack, *JOB)
+    wait_for_progress(stack, job_id, 40)
+    stack.stop("worker-transform", signal.SIGKILL)  # main process and children at once
+    time.sleep(5)
+    restarted = time.monotonic()
+    stack.start_pool("transform")
+    wait_finished(stack, job_id, LEASE_S + 60)
+    assert time.monotonic() - restarted < LEASE_S + 60
+    assert_finished_cleanly(stack, store, settings, job_id)
+    assert redispatched(stack, job_id) > 0
+
+
+def test_the_broker_lost_mid_job_is_healed_by_leases(
+    stack: Stack, store: ObjectStore, settings: Settings
+) -> None:
+    stack.start_pools()
+    stack.start_dispatcher()
+    job_id = submit(stack, *JOB)
+    wait_for_progress(stack, job_id, 40)
+    stack.stop("redis", signal.SIGKILL)  # no persistence: every queued message is gone
+    time.sleep(3)
+    restarted = time.monotonic()
+    stack.start_redis()
+    wait_finished(stack, job_id, LEASE_S + 60)
+    assert time.monotonic() - restarted < LEASE_S + 60
+    assert_finished_cleanly(stack, store, settings, job_id)
+    assert redispatched(stack, job_id) > 0
+
+
+def test_postgresql_connections_terminated_for_10_s_lose_nothing(
+    stack: Stack, store: ObjectStore, settings: Settings
+) -> None:
+    stack.start_pools()
+    stack.start_dispatcher()
+    job_id = submit(stack, *JOB)
+    wait_for_progress(stack, job_id, 40)
+    database = stack.env["DATABASE_URL"].rsplit("/", 1)[1]
+    terminated = 0
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        storm_ends = time.monotonic() + 10
+        while time.monotonic() < storm_ends:
+            terminated += admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            ).fetchone()[0]
+            time.sleep(0.5)
+    assert terminated >= 10
+    wait_finished(stack, job_id, LEASE_S + 60)
+    assert_finished_cleanly(stack, store, settings, job_id)
+
+
+def test_a_frozen_s3_server_loses_nothing(
+    stack: Stack, store: ObjectStore, settings: Settings, s3_server: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    stack.env["CHUNK_LEASE_S"] = "20"  # stages blocked on S3 cannot renew: 30 s = 2 leases
+    stack.start_pools()
+    stack.start_dispatcher()
+    job_id = submit(stack, *JOB)
+    wait_for_progress(stack, job_id, 40)
+    s3 = s3_server[1]
+    os.kill(s3.pid, signal.SIGSTOP)
+    try:
+        time.sleep(30)
+    finally:
+        os.kill(s3.pid, signal.SIGCONT)
+    wait_finished(stack, job_id, 20 + 60)
+    assert_finished_cleanly(stack, store, settings, job_id)
+
+
+def test_a_stopped_upload_pool_holds_redis_memory_down(stack: Stack, settings: Settings) -> None:
+    """Noisy 448x448 PNGs (~0.5 MB each, 1,180 of them) would put over 500 MiB in Redis if
+    transform ran ahead; back-pressure keeps the upload queue at UPLOAD_BACKLOG_MESSAGES."""
+    stack.env["CHUNK_LEASE_S"] = "120"  # the stop is shorter than a lease: nothing is re-sent
+    stack.start_pools()
+    stack.start_dispatcher()
+    client = stack.redis()
+    peak = {"used": 0, "queued": 0}
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            try:
+                peak["used"] = max(peak["used"], int(client.info("memory")["used_memory"]))
+                peak["queued"] = max(peak["queued"], int(client.llen("upload")))
+            except Exception:  # one missed sample
+                pass
+            time.sleep(1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    job_id = submit(
+        stack,
+        "--augment",
+        "resize(448, 448) | gaussian_noise(std=(0.03, 0.05))",
+        "--format",
+        "png",
+        "--variants",
+        "4",
+        "--chunk-size",
+        "20",
+    )
+    wait_for_progress(stack, job_id, 20)
+    stack.stop("worker-upload")  # warm shutdown: what it had not started goes back to the queue
+    time.sleep(60)
+    held_back = progress(stack, job_id)
+    stack.start_pool("upload")
+    final = wait_finished(stack, job_id, 240)
+    sampling.set()
+    sampler.join()
+    produced = sum(size for _, size in store_sizes(settings, job_id))
+    assert produced > 400 * MIB, "the job must be big enough for an unbounded queue to show"
+    assert (final.state, final.done, final.failed) == ("finished", IMAGES * 4, 0)
+    assert held_back.done < final.total
+    assert peak["used"] < 256 * MIB, peak
+    assert peak["queued"] >= settings.upload_backlog_messages - 2, peak  # transform was held back
+
+
+def store_sizes(settings: Settings, job_id: str) -> list[tuple[str, int]]:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=settings.aws_secret_access_key,
+        region_name=settings.aws_default_region,
+    )
+    sizes = []
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=settings.output_bucket, Prefix=f"{job_id}/"
+    ):
+        sizes.extend((item["Key"], item["Size"]) for item in page.get("Contents", []))
+    return sizes
+
+
+def test_a_million_ids_are_recorded_fast_in_bounded_memory(stack: Stack) -> None:
+    url = stack.env["DATABASE_URL"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS synthetic_ids")
+        conn.execute("CREATE TABLE synthetic_ids AS SELECT generate_series(1, 1000000)::bigint AS id")
+    stack.start_dispatcher()  # no workers: chunks are dispatched into Redis up to the budget only
+    measure = (
+        "import resource, subprocess, sys, time; t = time.perf_counter();"
+        " r = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
+        " print(r.stdout.strip(), time.perf_counter() - t,"
+        " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, r.returncode)"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            measure,
+            str(BIN / "producer"),
+            "run",
+            "--query",
+            "SELECT id FROM synthetic_ids",
+        ],
+        env={**os.environ, **stack.env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job_id, seconds, peak_mib, code = result.stdout.split()
+    try:
+        assert code == "0"
+        assert float(seconds) <= 5, seconds
+        assert float(peak_mib) <= 150, peak_mib
+        time.sleep(3)  # a few dispatcher ticks
+        assert int(stack.redis().info("memory")["used_memory"]) <= 16 * MIB
+        with psycopg.connect(url, autocommit=True) as conn:
+            in_flight = conn.execute(
+                "SELECT count(*) FROM job_chunks WHERE job_id = %s AND state = 'dispatched'", (job_id,)
+            ).fetchone()[0]
+            assert in_flight == Settings().dispatch_budget_chunks
+            started = time.perf_counter()
+            found = job_progress(conn, job_id)
+            status_s = time.perf_counter() - started
+        assert found is not None and found.total == 1_000_000 and found.chunks == 10_000
+        assert status_s <= 0.05, status_s
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
+            conn.execute("DROP TABLE synthetic_ids")
+
+
+def test_two_dispatchers_never_send_a_chunk_twice_and_survive_one_killed(
+    stack: Stack, store: ObjectStore, settings: Settings
+) -> None:
+    stack.env["DISPATCH_BUDGET_CHUNKS"] = "4"  # many ticks, so the two dispatchers contend
+    stack.start_pools()
+    stack.start_dispatcher("dispatcher-a")
+    stack.start_dispatcher("dispatcher-b")
+    job_id = submit(stack, *JOB)
+    wait_for_progress(stack, job_id, 100)
+    stack.stop("dispatcher-a", signal.SIGKILL)
+    wait_finished(stack, job_id, LEASE_S + 60)
+    assert_finished_cleanly(stack, store, settings, job_id)
+    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+        chunks, attempts = conn.execute(
+            "SELECT count(*), sum(attempts) FROM job_chunks WHERE job_id = %s", (job_id,)
+        ).fetchone()
+    received = (stack.log_dir / "worker-transform.log").read_text().count("quarry.transform[")
+    # each transform message is logged when received and when it succeeds
+    assert attempts <= chunks + 1  # at most one chunk re-sent: the one the kill may have cut off
+    assert received <= 2 * (chunks + 1)
