@@ -48,7 +48,7 @@ bench: install ## augmentation and inference benchmarks (albumentations as the b
 	$(BIN)/pip install -q 'albumentations>=2,<3'
 	$(BIN)/python -m bench.augment
 	$(BIN)/python -m bench.inference
-	$(BIN)/python -m bench.producer_memory
+	$(BIN)/python -m bench.ledger_scale
 
 clean: down ## stop the stack and remove the virtualenv
 	rm -rf $(VENV) .run

@@ -32,6 +32,12 @@ def test_compose_file_is_valid_and_has_one_service_per_pool() -> None:
         assert f"-Q {queue}" in command
     assert "--pool threads" in str(services["worker-upload"]["command"])
     assert services["worker-transform"]["environment"]["S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert "producer dispatch" in str(services["dispatcher"]["command"])
+    redis_command = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis_command
+    assert any(
+        str(volume).endswith(":/data") or "/data" in str(volume) for volume in services["redis"]["volumes"]
+    )
 
 
 def test_kubernetes_manifests_have_a_deployment_and_scaler_per_pool() -> None:
@@ -45,6 +51,7 @@ def test_kubernetes_manifests_have_a_deployment_and_scaler_per_pool() -> None:
     for queue in QUEUES:
         assert ("Deployment", f"worker-{queue}") in names
         assert ("ScaledObject", f"worker-{queue}") in names
+    assert ("Deployment", "dispatcher") in names
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl not installed: kustomize build not checked")
     subprocess.run(["kubectl", "kustomize", str(ROOT / "deploy" / "k8s")], capture_output=True, check=True)

@@ -304,20 +304,20 @@ def test_a_million_ids_are_recorded_fast_in_bounded_memory(stack: Stack) -> None
 def test_two_dispatchers_never_send_a_chunk_twice_and_survive_one_killed(
     stack: Stack, store: ObjectStore, settings: Settings
 ) -> None:
-    stack.env["DISPATCH_BUDGET_CHUNKS"] = "4"  # many ticks, so the two dispatchers contend
+    budget = 4  # many small ticks, so the two dispatchers contend
+    stack.env["DISPATCH_BUDGET_CHUNKS"] = str(budget)
     stack.start_pools()
     stack.start_dispatcher("dispatcher-a")
     stack.start_dispatcher("dispatcher-b")
     job_id = submit(stack, *JOB)
-    wait_for_progress(stack, job_id, 100)
+    wait_for_progress(stack, job_id, 200)
+    attempts_sql = "SELECT count(*), sum(attempts), max(attempts) FROM job_chunks WHERE job_id = %s"
+    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+        chunks, _, most = conn.execute(attempts_sql, (job_id,)).fetchone()
+    assert most == 1  # both running, no chunk was claimed twice
     stack.stop("dispatcher-a", signal.SIGKILL)
     wait_finished(stack, job_id, LEASE_S + 60)
     assert_finished_cleanly(stack, store, settings, job_id)
     with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
-        chunks, attempts = conn.execute(
-            "SELECT count(*), sum(attempts) FROM job_chunks WHERE job_id = %s", (job_id,)
-        ).fetchone()
-    received = (stack.log_dir / "worker-transform.log").read_text().count("quarry.transform[")
-    # each transform message is logged when received and when it succeeds
-    assert attempts <= chunks + 1  # at most one chunk re-sent: the one the kill may have cut off
-    assert received <= 2 * (chunks + 1)
+        _, attempts, _ = conn.execute(attempts_sql, (job_id,)).fetchone()
+    assert attempts <= chunks + budget  # at most the claim the kill cut off was sent again
