@@ -1,5 +1,6 @@
 """The ledger at scale: recording time and producer memory as the selection grows, PostgreSQL
-bytes per chunk and per item row, the time `status` takes, projected to 1,000,000,000 images.
+bytes per chunk (rows + indexes, while pending) and per item row, the time `status` takes,
+projected to 1,000,000,000 images.
 
 Run: python -m bench.ledger_scale [--sizes 100000 1000000] [--chunk-sizes 100 1000]. Uses
 DATABASE_URL's server (created when missing; a scratch table `bench_ids`, dropped after); no
@@ -36,13 +37,11 @@ def measure(size: int, chunk_size: int) -> None:
     settings = get_settings()
     started = time.perf_counter()
     with connect(settings.database_url, autocommit=True) as conn:
-        before = chunk_bytes(conn)
         spec = JobSpec(job_id=new_job_id())
-        query = f"SELECT id FROM bench_ids WHERE id <= {size}"
+        query = f"SELECT id FROM bench_ids WHERE n <= {size}"
         chunks, _items = submit_job(conn, settings.database_url, query, spec, chunk_size, 600)
         seconds = time.perf_counter() - started
-        conn.execute("VACUUM ANALYZE job_chunks")
-        grown = chunk_bytes(conn) - before
+        grown = stored_bytes(conn, "job_chunks", spec.job_id)
         status_s = min(timed(lambda: job_progress(conn, spec.job_id)) for _ in range(20))
         conn.execute("DELETE FROM jobs WHERE id = %s", (spec.job_id,))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -61,8 +60,14 @@ def measure(size: int, chunk_size: int) -> None:
     )
 
 
-def chunk_bytes(conn) -> int:  # type: ignore[no-untyped-def]
-    return int(conn.execute("SELECT pg_total_relation_size('job_chunks')").fetchone()[0])
+def stored_bytes(conn, table: str, job_id: str) -> int:  # type: ignore[no-untyped-def]
+    """Bytes a job's rows take in `table` (heap, TOAST and every index), measured on a fresh copy
+    so that space freed by earlier runs cannot blur the figure."""
+    conn.execute(f"CREATE TEMP TABLE measured (LIKE {table} INCLUDING INDEXES)")
+    conn.execute(f"INSERT INTO measured SELECT * FROM {table} WHERE job_id = %s", (job_id,))
+    size = int(conn.execute("SELECT pg_total_relation_size('measured')").fetchone()[0])
+    conn.execute("DROP TABLE measured")
+    return size
 
 
 def timed(call) -> float:  # type: ignore[no-untyped-def]
@@ -79,7 +84,6 @@ def item_row_bytes(database_url: str) -> dict[str, float]:
         for kind in ("prediction", "failure"):
             job_id = str(uuid.uuid4())
             conn.execute("INSERT INTO jobs (id, query, spec) VALUES (%s, '', '{}')", (job_id,))
-            before = int(conn.execute("SELECT pg_total_relation_size('job_items')").fetchone()[0])
             for start in range(0, ITEM_ROWS_SAMPLE, 10_000):
                 rows = [
                     ItemResult(
@@ -97,9 +101,7 @@ def item_row_bytes(database_url: str) -> dict[str, float]:
                     for i in range(start, start + 10_000)
                 ]
                 upsert_items(conn, job_id, rows)
-            conn.execute("VACUUM ANALYZE job_items")
-            after = int(conn.execute("SELECT pg_total_relation_size('job_items')").fetchone()[0])
-            figures[kind] = (after - before) / ITEM_ROWS_SAMPLE
+            figures[kind] = stored_bytes(conn, "job_items", job_id) / ITEM_ROWS_SAMPLE
             conn.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
     return figures
 
@@ -118,7 +120,11 @@ def main() -> None:
     with connect(settings.database_url, autocommit=True) as conn:
         ensure_schema(conn)
         conn.execute("DROP TABLE IF EXISTS bench_ids")
-        conn.execute(f"CREATE TABLE bench_ids AS SELECT generate_series(1, {max(args.sizes)})::bigint AS id")
+        # sparse, shuffled ids (7 n + 0..5), as a real selection's are: they compress less
+        conn.execute(
+            "CREATE TABLE bench_ids AS SELECT n, n * 7 + (random() * 5)::bigint AS id"
+            f" FROM generate_series(1, {max(args.sizes)}) AS n ORDER BY random()"
+        )
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(
         f"{'ids':>10} {'chunk':>6} {'chunks':>7} {'record s':>9} {'peak RSS':>9}"
