@@ -1,0 +1,227 @@
+"""The job-ledger faults on the full sample, with figures: each scenario runs one job on real
+processes (moto's S3 server, a private redis-server, the three pools, the dispatcher) and injects
+one fault mid-job.
+
+Run: python -m bench.faults [--dataset ../shared/fashion-sample] [--only NAME ...]. Uses
+PostgreSQL at 127.0.0.1:5432 (a scratch database, dropped after). Process handling comes from
+tests/stack.py, the same helpers the fault tests use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import boto3
+import psycopg
+
+from common.db import connect, ensure_database
+from common.jobs import JobProgress, job_progress
+from common.paths import default_dataset_path
+from tests.stack import BIN, Stack, free_port, wait_until
+
+WITH_IMAGES = "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"
+JOB = ("--augment", "hflip | rotate(limit=15) | resize(224, 224)", "--variants", "2")
+PNG_JOB = ("--augment", "resize(448, 448)", "--format", "png", "--variants", "4")
+LEASE_S = 30
+MIB = 1024 * 1024
+
+
+class Bench:
+    def __init__(self, env: dict[str, str], root: Path, s3: subprocess.Popen[bytes]) -> None:
+        self.env, self.root, self.s3 = env, root, s3
+
+    def stack(self, name: str, **settings: str) -> Stack:
+        stack = Stack({**self.env, **settings}, self.root / name)
+        stack.start_redis()
+        stack.start_pools()
+        stack.start_dispatcher()
+        return stack
+
+    def progress(self, job_id: str) -> JobProgress:
+        while True:
+            try:
+                with psycopg.connect(self.env["DATABASE_URL"], autocommit=True) as conn:
+                    found = job_progress(conn, job_id)
+                    assert found is not None
+                    return found
+            except psycopg.OperationalError:
+                time.sleep(0.2)
+
+    def submit(self, stack: Stack, *args: str) -> str:
+        out = subprocess.run(
+            [str(BIN / "producer"), "run", "--query", WITH_IMAGES, *args],
+            env={**os.environ, **stack.env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip().splitlines()[-1]
+
+    def objects(self, job_id: str) -> tuple[int, int]:
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.env["S3_ENDPOINT_URL"],
+            aws_access_key_id="quarry",
+            aws_secret_access_key="quarry-dev-secret",
+            region_name="us-east-1",
+        )
+        count = size = 0
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.env["OUTPUT_BUCKET"], Prefix=f"{job_id}/"
+        ):
+            for item in page.get("Contents", []):
+                count, size = count + 1, size + item["Size"]
+        return count, size
+
+    def redispatched(self, job_id: str) -> int:
+        with psycopg.connect(self.env["DATABASE_URL"]) as conn:
+            row = conn.execute(
+                "SELECT sum(attempts - 1) FROM job_chunks WHERE job_id = %s", (job_id,)
+            ).fetchone()
+        return int(row[0])
+
+    def scenario(
+        self, name: str, fault: Callable[[Stack], None], job: tuple[str, ...] = JOB, **settings: str
+    ) -> None:
+        stack = self.stack(name, CHUNK_LEASE_S=str(LEASE_S), **settings)
+        peak = {"redis": 0}
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(Exception):  # the broker is down in one scenario
+                    peak["redis"] = max(peak["redis"], int(stack.redis().info("memory")["used_memory"]))
+                time.sleep(1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            started = time.monotonic()
+            job_id = self.submit(stack, *job)
+            total = self.progress(job_id).total
+            wait_until(lambda: self.progress(job_id).done >= total // 4, 600, "a quarter done", 0.2)
+            fault(stack)
+            recovered = time.monotonic()
+            wait_until(lambda: self.progress(job_id).ended, 1800, "the job", 0.5)
+            end = self.progress(job_id)
+            finished = time.monotonic()
+            stop.set()
+            sampler.join()
+            count, size = self.objects(job_id)
+            print(
+                f"{name:<34} items {end.total:>6}  done {end.done:>6}  failed {end.failed:>3}"
+                f"  objects {count:>6}"
+                f"  re-sent chunks {self.redispatched(job_id):>3}  end-to-end {finished - started:6.1f} s"
+                f"  after the fault {finished - recovered:6.1f} s  Redis peak {peak['redis'] / MIB:6.1f} MiB"
+                f"  output {size / MIB:7.1f} MiB",
+                flush=True,
+            )
+        finally:
+            stack.stop_all()
+
+
+def kill_pool(stack: Stack) -> None:
+    stack.stop("worker-transform", signal.SIGKILL)
+    time.sleep(5)
+    stack.start_pool("transform")
+
+
+def lose_broker(stack: Stack) -> None:
+    stack.stop("redis", signal.SIGKILL)
+    time.sleep(3)
+    stack.start_redis()
+
+
+def terminate_connections(stack: Stack) -> None:
+    database = stack.env["DATABASE_URL"].rsplit("/", 1)[1]
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        ends = time.monotonic() + 10
+        while time.monotonic() < ends:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            )
+            time.sleep(0.5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", type=Path, default=default_dataset_path())
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args()
+    name = f"quarry_faults_{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    s3 = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "DATASET_PATH": str(args.dataset),
+        "RAW_BUCKET": "bench-raw",
+        "OUTPUT_BUCKET": "bench-out",
+        "DISPATCH_INTERVAL_S": "0.2",
+    }
+    bench = Bench(env, Path(tempfile.mkdtemp(prefix="quarry-faults-")), s3)
+
+    def freeze_s3(_stack: Stack) -> None:
+        os.kill(s3.pid, signal.SIGSTOP)
+        time.sleep(30)
+        os.kill(s3.pid, signal.SIGCONT)
+
+    def stop_upload(stack: Stack) -> None:
+        stack.stop("worker-upload")
+        time.sleep(60)
+        stack.start_pool("upload")
+
+    scenarios: dict[str, Callable[[], None]] = {
+        "none": lambda: bench.scenario("no fault (baseline)", lambda _s: None),
+        "pool": lambda: bench.scenario("transform pool SIGKILLed, back in 5 s", kill_pool),
+        "broker": lambda: bench.scenario("Redis killed, restarted empty", lose_broker),
+        "postgres": lambda: bench.scenario("PG connections killed for 10 s", terminate_connections),
+        "s3": lambda: bench.scenario("S3 server frozen 30 s", freeze_s3),
+        "upload": lambda: bench.scenario(
+            "upload pool stopped 60 s, 448 PNG x4", stop_upload, PNG_JOB, CHUNK_LEASE_S="120"
+        ),
+    }
+    try:
+        wait_until(
+            lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, 20, "moto"
+        )
+        ensure_database(env["DATABASE_URL"])
+        subprocess.run(
+            [str(BIN / "producer"), "ingest"], env={**os.environ, **env}, check=True, capture_output=True
+        )
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} cores; dataset {args.dataset};"
+            f" lease {LEASE_S} s"
+            " (120 s for the upload stop); pools: transform 2 processes, upload 8 threads, inference 1"
+        )
+        for key, run in scenarios.items():
+            if not args.only or key in args.only:
+                run()
+    finally:
+        s3.terminate()
+        with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        print(f"logs: {bench.root}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
