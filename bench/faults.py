@@ -89,7 +89,7 @@ class Bench:
     def redispatched(self, job_id: str) -> int:
         with psycopg.connect(self.env["DATABASE_URL"]) as conn:
             row = conn.execute(
-                "SELECT sum(attempts - 1) FROM job_chunks WHERE job_id = %s", (job_id,)
+                "SELECT sum(dispatches - 1) FROM job_chunks WHERE job_id = %s", (job_id,)
             ).fetchone()
         return int(row[0])
 

@@ -1,7 +1,8 @@
 """The chunk ledger: what the stages and the dispatcher record about each chunk of a job.
 
-A chunk is `pending` until the dispatcher sends it (`dispatched`, with a lease deadline and one
-more attempt); every stage that touches it renews the lease; the stage that records its last
+A chunk is `pending` until the dispatcher sends it (`dispatched`, with a lease deadline and a new
+dispatch number); the first worker to start that dispatch counts an attempt; every stage that
+touches it renews the lease; the stage that records its last
 item marks it `finished` and adds its counts to the job's. Each item has a slot in the chunk
 (image index x variants + variant) and a bit in the chunk's done or failed bitmap, so recording
 the same result twice (a redelivered or re-dispatched message) changes nothing.
@@ -43,7 +44,7 @@ class Ticket:
 
     job_id: str
     chunk: int
-    attempt: int
+    dispatch: int  # the chunk's dispatch number; transform drops a message of an older one
 
     def to_message(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,13 +107,14 @@ def open_chunk(conn: psycopg.Connection, ticket: Ticket, lease_s: int) -> OpenCh
     message is stale (the chunk finished, was dispatched again since, or its job stopped)."""
     row = conn.execute(
         """
-        UPDATE job_chunks c SET lease_until = now() + %s::interval
+        UPDATE job_chunks c SET lease_until = now() + %s::interval,
+            attempts = c.attempts + (NOT c.started)::integer, started = true
         FROM jobs j
         WHERE j.id = c.job_id AND j.state = 'running' AND c.job_id = %s AND c.chunk_index = %s
-          AND c.state = 'dispatched' AND c.attempts <= %s
+          AND c.state = 'dispatched' AND c.dispatches <= %s
         RETURNING c.image_ids, c.done_mask
         """,
-        (lease(lease_s), ticket.job_id, ticket.chunk, ticket.attempt),
+        (lease(lease_s), ticket.job_id, ticket.chunk, ticket.dispatch),
     ).fetchone()
     if row is None:
         job_state(conn, ticket.job_id)
@@ -249,13 +251,16 @@ def note_failure(conn: psycopg.Connection, ticket: Ticket, error: str, release: 
 
 
 def return_expired(conn: psycopg.Connection, max_attempts: int) -> int:
-    """Chunks whose lease ran out with attempts left go back to pending; how many."""
+    """Chunks whose lease ran out go back to pending, unless a worker started their last allowed
+    attempt; how many. A chunk whose message no worker took yet (lost with the broker, or still
+    queued behind a slow pool) costs no attempt, so a long queue never fails items."""
     return conn.execute(
         """
         UPDATE job_chunks c SET state = 'pending', lease_until = NULL
         FROM jobs j
         WHERE j.id = c.job_id AND j.state = 'running'
-          AND c.state = 'dispatched' AND c.lease_until < now() AND c.attempts < %s
+          AND c.state = 'dispatched' AND c.lease_until < now()
+          AND NOT (c.started AND c.attempts >= %s)
         """,
         (max_attempts,),
     ).rowcount
@@ -265,16 +270,27 @@ def fail_exhausted(conn: psycopg.Connection, max_attempts: int, lease_s: int) ->
     """Fail the unfinished items of chunks whose last allowed lease ran out; how many chunks."""
     rows = conn.execute(
         """
-        SELECT c.job_id, c.chunk_index, c.attempts, c.image_ids, c.items, c.done_mask, c.failed_mask,
-               c.last_error, j.spec ->> 'item_rows'
+        SELECT c.job_id, c.chunk_index, c.dispatches, c.attempts, c.image_ids, c.items, c.done_mask,
+               c.failed_mask, c.last_error, j.spec ->> 'item_rows'
         FROM job_chunks c JOIN jobs j ON j.id = c.job_id
         WHERE j.state = 'running' AND c.state = 'dispatched' AND c.lease_until < now()
-          AND c.attempts >= %s
+          AND c.started AND c.attempts >= %s
         FOR UPDATE OF c SKIP LOCKED
         """,
         (max_attempts,),
     ).fetchall()
-    for job_id, chunk, attempts, image_ids, items, done_bits, failed_bits, last_error, item_rows in rows:
+    for (
+        job_id,
+        chunk,
+        dispatch,
+        attempts,
+        image_ids,
+        items,
+        done_bits,
+        failed_bits,
+        last_error,
+        item_rows,
+    ) in rows:
         why = last_error or f"no stage finished it within the {lease_s} s lease"
         error = f"gave up after {attempts} attempts: {why}"
         done, failed = bits_to_int(done_bits), bits_to_int(failed_bits)
@@ -284,32 +300,32 @@ def fail_exhausted(conn: psycopg.Connection, max_attempts: int, lease_s: int) ->
             for slot in range(items)
             if not ((done | failed) >> slot) & 1
         ]
-        ticket = Ticket(str(job_id), chunk, attempts)
+        ticket = Ticket(str(job_id), chunk, dispatch)
         apply_results(conn, ticket, items, done, failed, results, item_rows or "all", lease_s)
     return len(rows)
 
 
 def claim_chunks(conn: psycopg.Connection, job_id: str, count: int, lease_s: int) -> list[tuple[int, int]]:
-    """Mark up to `count` pending chunks of a job dispatched; (chunk index, attempt) of each."""
+    """Mark up to `count` pending chunks of a job dispatched; (chunk index, dispatch) of each."""
     rows = conn.execute(
         """
-        UPDATE job_chunks c SET state = 'dispatched', attempts = c.attempts + 1,
+        UPDATE job_chunks c SET state = 'dispatched', dispatches = c.dispatches + 1, started = false,
             lease_until = now() + %s::interval
         FROM (SELECT chunk_index FROM job_chunks WHERE job_id = %s AND state = 'pending'
               ORDER BY chunk_index LIMIT %s FOR UPDATE SKIP LOCKED) p
         WHERE c.job_id = %s AND c.chunk_index = p.chunk_index
-        RETURNING c.chunk_index, c.attempts
+        RETURNING c.chunk_index, c.dispatches
         """,
         (lease(lease_s), job_id, count, job_id),
     ).fetchall()
-    return sorted((int(index), int(attempt)) for index, attempt in rows)
+    return sorted((int(index), int(dispatch)) for index, dispatch in rows)
 
 
 def unclaim(conn: psycopg.Connection, tickets: Sequence[Ticket]) -> None:
-    """Hand chunks whose message the broker refused back to pending, attempt not counted."""
+    """Hand chunks whose message the broker refused back to pending."""
     for ticket in tickets:
         conn.execute(
-            """UPDATE job_chunks SET state = 'pending', attempts = attempts - 1, lease_until = NULL
-               WHERE job_id = %s AND chunk_index = %s AND state = 'dispatched' AND attempts = %s""",
-            (ticket.job_id, ticket.chunk, ticket.attempt),
+            """UPDATE job_chunks SET state = 'pending', dispatches = dispatches - 1, lease_until = NULL
+               WHERE job_id = %s AND chunk_index = %s AND state = 'dispatched' AND dispatches = %s""",
+            (ticket.job_id, ticket.chunk, ticket.dispatch),
         )

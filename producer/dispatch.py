@@ -94,8 +94,8 @@ def claim(
         free = budget - sum(job.in_flight for job in jobs)
         specs = {job.job_id: job.spec for job in jobs}
         for job_id, count in allocate(free, jobs).items():
-            for chunk, attempt in claim_chunks(conn, job_id, count, settings.chunk_lease_s):
-                claimed.append((specs[job_id], Ticket(job_id, chunk, attempt)))
+            for chunk, dispatch in claim_chunks(conn, job_id, count, settings.chunk_lease_s):
+                claimed.append((specs[job_id], Ticket(job_id, chunk, dispatch)))
     return report, claimed
 
 

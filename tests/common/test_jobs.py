@@ -90,24 +90,34 @@ def test_stale_and_unknown_messages(db: psycopg.Connection) -> None:
     job_id = new_job(db, [[1]])
     claim_chunks(db, job_id, 1, LEASE)
     assert open_chunk(db, Ticket(job_id, 0, 1), LEASE) is not None
-    db.execute("UPDATE job_chunks SET attempts = 2 WHERE job_id = %s", (job_id,))
+    db.execute("UPDATE job_chunks SET dispatches = 2 WHERE job_id = %s", (job_id,))
     assert open_chunk(db, Ticket(job_id, 0, 1), LEASE) is None  # dispatched again since
-    assert touch(db, Ticket(job_id, 0, 1), LEASE)  # later stages still take an older attempt's work
+    assert touch(db, Ticket(job_id, 0, 1), LEASE)  # later stages still take an older dispatch's work
     with pytest.raises(UnknownJob, match="is not in this worker's database"):
         touch(db, Ticket(str(uuid.uuid4()), 0, 1), LEASE)
+
+
+def expire(db: psycopg.Connection, job_id: str) -> None:
+    db.execute("UPDATE job_chunks SET lease_until = now() - interval '1 s' WHERE job_id = %s", (job_id,))
 
 
 def test_an_expired_lease_returns_the_chunk_then_fails_it_after_the_last_attempt(
     db: psycopg.Connection,
 ) -> None:
     job_id = new_job(db, [[1, 2, 3]])
-    for attempt in (1, 2):
-        assert claim_chunks(db, job_id, 1, LEASE) == [(0, attempt)]
-        if attempt == 1:
-            record_progress(db, Ticket(job_id, 0, 1), [done(1, 0), failed(2, 1)], "all", LEASE)
-        db.execute("UPDATE job_chunks SET lease_until = now() - interval '1 s' WHERE job_id = %s", (job_id,))
-        assert return_expired(db, max_attempts=2) == (1 if attempt == 1 else 0)
-    note_failure(db, Ticket(job_id, 0, 2), "transform: KeyError: 'x'", True)
+    assert claim_chunks(db, job_id, 1, LEASE) == [(0, 1)]
+    expire(db, job_id)  # no worker took the message (a long queue, a lost broker): no attempt
+    assert return_expired(db, max_attempts=2) == 1
+    for dispatch in (2, 3):
+        assert claim_chunks(db, job_id, 1, LEASE) == [(0, dispatch)]
+        assert open_chunk(db, Ticket(job_id, 0, dispatch), LEASE) is not None
+        assert open_chunk(db, Ticket(job_id, 0, dispatch), LEASE) is not None  # same dispatch: one attempt
+        if dispatch == 2:
+            record_progress(db, Ticket(job_id, 0, 2), [done(1, 0), failed(2, 1)], "all", LEASE)
+        expire(db, job_id)
+        assert return_expired(db, max_attempts=2) == (1 if dispatch == 2 else 0)
+    assert db.execute("SELECT attempts FROM job_chunks WHERE job_id = %s", (job_id,)).fetchone() == (2,)
+    note_failure(db, Ticket(job_id, 0, 3), "transform: KeyError: 'x'", True)
     assert fail_exhausted(db, max_attempts=2, lease_s=LEASE) == 1
     assert counts(db, job_id) == ("finished", 3, 1, 2)
     errors = dict(
@@ -127,10 +137,10 @@ def test_retry_resets_only_failed_items_and_their_counts(db: psycopg.Connection)
     assert retry_job(db, job_id) == (1, 1)
     assert counts(db, job_id) == ("running", 4, 2, 0)
     (chunk,) = [(c, a) for c, a in claim_chunks(db, job_id, 5, LEASE)]
-    assert chunk == (0, 1)
-    opened = open_chunk(db, Ticket(job_id, 0, 1), LEASE)
+    assert chunk == (0, 2)  # its second dispatch
+    opened = open_chunk(db, Ticket(job_id, 0, 2), LEASE)
     assert opened is not None and opened.done == 0b01  # image 1 is not redone
-    record_progress(db, Ticket(job_id, 0, 1), [done(2, 1)], "all", LEASE)
+    record_progress(db, Ticket(job_id, 0, 2), [done(2, 1)], "all", LEASE)
     assert counts(db, job_id) == ("finished", 4, 4, 0)
 
 
@@ -148,11 +158,11 @@ def test_cancel_stops_a_job_and_its_messages(db: psycopg.Connection) -> None:
     assert counts(db, job_id)[0] == "running"
 
 
-def test_unclaim_hands_back_without_counting_the_attempt(db: psycopg.Connection) -> None:
+def test_unclaim_hands_back_the_dispatch(db: psycopg.Connection) -> None:
     job_id = new_job(db, [[1]])
     claim_chunks(db, job_id, 1, LEASE)
     unclaim(db, [Ticket(job_id, 0, 1)])
-    assert db.execute("SELECT state, attempts FROM job_chunks WHERE job_id = %s", (job_id,)).fetchone() == (
+    assert db.execute("SELECT state, dispatches FROM job_chunks WHERE job_id = %s", (job_id,)).fetchone() == (
         "pending",
         0,
     )

@@ -106,7 +106,9 @@ def assert_finished_cleanly(stack: Stack, store: ObjectStore, settings: Settings
 def redispatched(stack: Stack, job_id: str) -> int:
     """Dispatches beyond the first, over the job's chunks: the fault really cost something."""
     with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
-        row = conn.execute("SELECT sum(attempts - 1) FROM job_chunks WHERE job_id = %s", (job_id,)).fetchone()
+        row = conn.execute(
+            "SELECT sum(dispatches - 1) FROM job_chunks WHERE job_id = %s", (job_id,)
+        ).fetchone()
     return int(row[0])
 
 
@@ -311,7 +313,7 @@ def test_two_dispatchers_never_send_a_chunk_twice_and_survive_one_killed(
     stack.start_dispatcher("dispatcher-b")
     job_id = submit(stack, *JOB)
     wait_for_progress(stack, job_id, 200)
-    attempts_sql = "SELECT count(*), sum(attempts), max(attempts) FROM job_chunks WHERE job_id = %s"
+    attempts_sql = "SELECT count(*), sum(dispatches), max(dispatches) FROM job_chunks WHERE job_id = %s"
     with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
         chunks, _, most = conn.execute(attempts_sql, (job_id,)).fetchone()
     assert most == 1  # both running, no chunk was claimed twice

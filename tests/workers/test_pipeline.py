@@ -120,7 +120,7 @@ def test_a_chunk_delivered_twice_at_once_leaves_the_same_objects_rows_and_counts
     )
     db.execute("UPDATE jobs SET state = 'running', done = 0, finished_at = NULL WHERE id = %s", (job_id,))
     spec = db.execute("SELECT spec FROM jobs WHERE id = %s", (job_id,)).fetchone()[0]
-    ticket = {"job_id": job_id, "chunk": 0, "attempt": 1}
+    ticket = {"job_id": job_id, "chunk": 0, "dispatch": 1}
     sender = Celery(broker=settings.celery_broker_url)
     for _ in range(2):
         sender.send_task(TRANSFORM, args=[spec, ticket], queue="transform")
