@@ -148,7 +148,7 @@ def retry_job(conn: psycopg.Connection, job_id: str) -> tuple[int, int]:
                 SELECT chunk_index, state, done, failed FROM job_chunks
                 WHERE job_id = %(job)s AND failed > 0 AND state <> 'dispatched' FOR UPDATE
             ), reset AS (
-                UPDATE job_chunks c SET state = 'pending', attempts = 0, started = false, failed = 0,
+                UPDATE job_chunks c SET state = 'pending', attempts = 0, started_by = NULL, failed = 0,
                     failed_mask = NULL, last_error = NULL, lease_until = NULL
                 FROM old WHERE c.job_id = %(job)s AND c.chunk_index = old.chunk_index
                 RETURNING old.state, old.done, old.failed

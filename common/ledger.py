@@ -44,7 +44,7 @@ class Ticket:
 
     job_id: str
     chunk: int
-    dispatch: int  # the chunk's dispatch number; transform drops a message of an older one
+    dispatch: int  # which dispatch of the chunk sent this message
 
     def to_message(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,18 +103,22 @@ def touch(conn: psycopg.Connection, ticket: Ticket, lease_s: int) -> bool:
 
 
 def open_chunk(conn: psycopg.Connection, ticket: Ticket, lease_s: int) -> OpenChunk | None:
-    """Renew the lease of a chunk about to be transformed and read its ids; None when the
-    message is stale (the chunk finished, was dispatched again since, or its job stopped)."""
+    """Start (or go on with) a chunk: renew its lease, count an attempt the first time any of its
+    messages is read since the last dispatch, and read its ids. Whichever message of the current
+    dispatch round is read first runs the chunk, so a re-send never moves a queued chunk to the
+    back; None when the message is stale (another message started it, the chunk finished, or its
+    job stopped)."""
     row = conn.execute(
         """
-        UPDATE job_chunks c SET lease_until = now() + %s::interval,
-            attempts = c.attempts + (NOT c.started)::integer, started = true
+        UPDATE job_chunks c SET lease_until = now() + %(lease)s::interval,
+            attempts = c.attempts + (c.started_by IS NULL)::integer,
+            started_by = coalesce(c.started_by, %(dispatch)s)
         FROM jobs j
-        WHERE j.id = c.job_id AND j.state = 'running' AND c.job_id = %s AND c.chunk_index = %s
-          AND c.state = 'dispatched' AND c.dispatches <= %s
+        WHERE j.id = c.job_id AND j.state = 'running' AND c.job_id = %(job)s AND c.chunk_index = %(chunk)s
+          AND c.state = 'dispatched' AND (c.started_by IS NULL OR c.started_by = %(dispatch)s)
         RETURNING c.image_ids, c.done_mask
         """,
-        (lease(lease_s), ticket.job_id, ticket.chunk, ticket.dispatch),
+        {"lease": lease(lease_s), "job": ticket.job_id, "chunk": ticket.chunk, "dispatch": ticket.dispatch},
     ).fetchone()
     if row is None:
         job_state(conn, ticket.job_id)
@@ -260,7 +264,7 @@ def return_expired(conn: psycopg.Connection, max_attempts: int) -> int:
         FROM jobs j
         WHERE j.id = c.job_id AND j.state = 'running'
           AND c.state = 'dispatched' AND c.lease_until < now()
-          AND NOT (c.started AND c.attempts >= %s)
+          AND NOT (c.started_by IS NOT NULL AND c.attempts >= %s)
         """,
         (max_attempts,),
     ).rowcount
@@ -274,7 +278,7 @@ def fail_exhausted(conn: psycopg.Connection, max_attempts: int, lease_s: int) ->
                c.failed_mask, c.last_error, j.spec ->> 'item_rows'
         FROM job_chunks c JOIN jobs j ON j.id = c.job_id
         WHERE j.state = 'running' AND c.state = 'dispatched' AND c.lease_until < now()
-          AND c.started AND c.attempts >= %s
+          AND c.started_by IS NOT NULL AND c.attempts >= %s
         FOR UPDATE OF c SKIP LOCKED
         """,
         (max_attempts,),
@@ -309,7 +313,7 @@ def claim_chunks(conn: psycopg.Connection, job_id: str, count: int, lease_s: int
     """Mark up to `count` pending chunks of a job dispatched; (chunk index, dispatch) of each."""
     rows = conn.execute(
         """
-        UPDATE job_chunks c SET state = 'dispatched', dispatches = c.dispatches + 1, started = false,
+        UPDATE job_chunks c SET state = 'dispatched', dispatches = c.dispatches + 1, started_by = NULL,
             lease_until = now() + %s::interval
         FROM (SELECT chunk_index FROM job_chunks WHERE job_id = %s AND state = 'pending'
               ORDER BY chunk_index LIMIT %s FOR UPDATE SKIP LOCKED) p

@@ -51,9 +51,9 @@ CREATE TABLE IF NOT EXISTS job_chunks (
     items       integer NOT NULL,          -- cardinality(image_ids) x variants
     state       text NOT NULL DEFAULT 'pending'
                 CHECK (state IN ('pending', 'dispatched', 'finished')),
-    dispatches  integer NOT NULL DEFAULT 0,  -- times sent; a message of an older dispatch is stale
+    dispatches  integer NOT NULL DEFAULT 0,  -- times sent (the message's dispatch number)
     attempts    smallint NOT NULL DEFAULT 0, -- dispatches a worker started (CHUNK_MAX_ATTEMPTS)
-    started     boolean NOT NULL DEFAULT false, -- a worker started the current dispatch
+    started_by  integer,                   -- the dispatch whose message started it; NULL: not yet
     lease_until timestamptz,               -- dispatched again when no stage touched it by then
     done        integer NOT NULL DEFAULT 0,
     failed      integer NOT NULL DEFAULT 0,

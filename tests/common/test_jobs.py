@@ -86,13 +86,17 @@ def test_failures_only_keeps_rows_for_failed_items(db: psycopg.Connection) -> No
     assert rows == [(3, "failed")]
 
 
-def test_stale_and_unknown_messages(db: psycopg.Connection) -> None:
+def test_the_first_message_read_runs_the_chunk_and_the_others_are_stale(db: psycopg.Connection) -> None:
     job_id = new_job(db, [[1]])
     claim_chunks(db, job_id, 1, LEASE)
-    assert open_chunk(db, Ticket(job_id, 0, 1), LEASE) is not None
-    db.execute("UPDATE job_chunks SET dispatches = 2 WHERE job_id = %s", (job_id,))
-    assert open_chunk(db, Ticket(job_id, 0, 1), LEASE) is None  # dispatched again since
-    assert touch(db, Ticket(job_id, 0, 1), LEASE)  # later stages still take an older dispatch's work
+    expire(db, job_id)  # still queued when its lease ran out: sent again
+    return_expired(db, max_attempts=3)
+    assert claim_chunks(db, job_id, 1, LEASE) == [(0, 2)]
+    assert open_chunk(db, Ticket(job_id, 0, 1), LEASE) is not None  # the old message, read first, runs it
+    assert open_chunk(db, Ticket(job_id, 0, 1), LEASE) is not None  # redelivered: goes on
+    assert open_chunk(db, Ticket(job_id, 0, 2), LEASE) is None  # the re-send is dropped
+    assert touch(db, Ticket(job_id, 0, 2), LEASE)  # later stages take any dispatch's work
+    assert db.execute("SELECT attempts FROM job_chunks WHERE job_id = %s", (job_id,)).fetchone() == (1,)
     with pytest.raises(UnknownJob, match="is not in this worker's database"):
         touch(db, Ticket(str(uuid.uuid4()), 0, 1), LEASE)
 
