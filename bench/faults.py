@@ -96,7 +96,7 @@ class Bench:
     def scenario(
         self, name: str, fault: Callable[[Stack], None], job: tuple[str, ...] = JOB, **settings: str
     ) -> None:
-        stack = self.stack(name, CHUNK_LEASE_S=str(LEASE_S), **settings)
+        stack = self.stack(name, **{"CHUNK_LEASE_S": str(LEASE_S), **settings})
         peak = {"redis": 0}
         stop = threading.Event()
 
