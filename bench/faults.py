@@ -28,7 +28,6 @@ import boto3
 import psycopg
 
 from common.db import connect, ensure_database
-from common.jobs import JobProgress, job_progress
 from common.paths import default_dataset_path
 from tests.stack import BIN, Stack, free_port, wait_until
 
@@ -50,26 +49,6 @@ class Bench:
         stack.start_dispatcher()
         return stack
 
-    def progress(self, job_id: str) -> JobProgress:
-        while True:
-            try:
-                with psycopg.connect(self.env["DATABASE_URL"], autocommit=True) as conn:
-                    found = job_progress(conn, job_id)
-                    assert found is not None
-                    return found
-            except psycopg.OperationalError:
-                time.sleep(0.2)
-
-    def submit(self, stack: Stack, *args: str) -> str:
-        out = subprocess.run(
-            [str(BIN / "producer"), "run", "--query", WITH_IMAGES, *args],
-            env={**os.environ, **stack.env},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip().splitlines()[-1]
-
     def objects(self, job_id: str) -> tuple[int, int]:
         client = boto3.client(
             "s3",
@@ -85,13 +64,6 @@ class Bench:
             for item in page.get("Contents", []):
                 count, size = count + 1, size + item["Size"]
         return count, size
-
-    def redispatched(self, job_id: str) -> int:
-        with psycopg.connect(self.env["DATABASE_URL"]) as conn:
-            row = conn.execute(
-                "SELECT sum(dispatches - 1) FROM job_chunks WHERE job_id = %s", (job_id,)
-            ).fetchone()
-        return int(row[0])
 
     def scenario(
         self, name: str, fault: Callable[[Stack], None], job: tuple[str, ...] = JOB, **settings: str
@@ -110,13 +82,13 @@ class Bench:
         sampler.start()
         try:
             started = time.monotonic()
-            job_id = self.submit(stack, *job)
-            total = self.progress(job_id).total
-            wait_until(lambda: self.progress(job_id).done >= total // 4, 600, "a quarter done", 0.2)
+            job_id = stack.submit(WITH_IMAGES, *job)
+            total = stack.progress(job_id).total
+            wait_until(lambda: stack.progress(job_id).done >= total // 4, 600, "a quarter done", 0.2)
             fault(stack)
             recovered = time.monotonic()
-            wait_until(lambda: self.progress(job_id).ended, 1800, "the job", 0.5)
-            end = self.progress(job_id)
+            wait_until(lambda: stack.progress(job_id).ended, 1800, "the job", 0.5)
+            end = stack.progress(job_id)
             finished = time.monotonic()
             stop.set()
             sampler.join()
@@ -124,7 +96,7 @@ class Bench:
             print(
                 f"{name:<34} items {end.total:>6}  done {end.done:>6}  failed {end.failed:>3}"
                 f"  objects {count:>6}"
-                f"  re-sent chunks {self.redispatched(job_id):>3}  end-to-end {finished - started:6.1f} s"
+                f"  re-sent chunks {stack.redispatched(job_id):>3}  end-to-end {finished - started:6.1f} s"
                 f"  after the fault {finished - recovered:6.1f} s  Redis peak {peak['redis'] / MIB:6.1f} MiB"
                 f"  output {size / MIB:7.1f} MiB",
                 flush=True,

@@ -44,7 +44,6 @@ class TickReport:
     sent: int = 0
     returned: int = 0  # leases that ran out, back to pending
     failed_chunks: int = 0  # out of attempts
-    skipped: bool = False  # another dispatcher held the lock
 
 
 def allocate(free: int, jobs: list[RunningJob]) -> dict[str, int]:
@@ -84,8 +83,7 @@ def claim(
     claimed: list[tuple[dict[str, object], Ticket]] = []
     with conn.transaction():
         locked = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (DISPATCH_LOCK_ID,)).fetchone()
-        if not (locked and locked[0]):
-            report.skipped = True
+        if not (locked and locked[0]):  # another dispatcher is mid-tick
             return report, claimed
         report.returned = return_expired(conn, settings.chunk_max_attempts)
         report.failed_chunks = fail_exhausted(conn, settings.chunk_max_attempts, settings.chunk_lease_s)

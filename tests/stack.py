@@ -12,7 +12,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import redis
+
+from common.jobs import JobProgress, job_progress
 
 BIN = Path(sys.executable).parent
 POOLS = {"transform": ("prefork", 2), "upload": ("threads", 8), "inference": ("prefork", 1)}
@@ -138,6 +141,37 @@ class Stack:
 
     def start_dispatcher(self, name: str = "dispatcher") -> None:
         self.start(name, [str(BIN / "producer"), "dispatch"])
+
+    # --- jobs ---------------------------------------------------------------------------
+    def submit(self, query: str, *args: str) -> str:
+        """`producer run` as a user types it; the job id."""
+        out = subprocess.run(
+            [str(BIN / "producer"), "run", "--query", query, *args],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        )
+        return out.stdout.strip().splitlines()[-1]
+
+    def progress(self, job_id: str) -> JobProgress:
+        """The job's counts on a fresh connection (the fault tests terminate connections)."""
+        for _ in range(50):
+            try:
+                with psycopg.connect(self.env["DATABASE_URL"], autocommit=True) as conn:
+                    found = job_progress(conn, job_id)
+                    assert found is not None
+                    return found
+            except psycopg.OperationalError:
+                time.sleep(0.2)
+        raise AssertionError("PostgreSQL did not answer")
+
+    def redispatched(self, job_id: str) -> int:
+        """Dispatches beyond the first, over the job's chunks."""
+        with psycopg.connect(self.env["DATABASE_URL"]) as conn:
+            row = conn.execute("SELECT sum(dispatches - 1) FROM job_chunks WHERE job_id = %s", (job_id,))
+            return int(row.fetchone()[0])  # type: ignore[index]
 
     def logs(self) -> str:
         """Every log's last lines, for a failing test's message."""

@@ -6,7 +6,8 @@ import psycopg
 import pytest
 
 from common.config import Settings
-from common.errors import UnknownJob, UserError
+from common.db import ensure_database, ensure_schema
+from common.errors import ConfigError, UnknownJob, UserError
 from common.jobs import cancel_job, job_progress, retry_job
 from common.jobspec import JobSpec
 from common.ledger import (
@@ -195,3 +196,17 @@ def test_claim_respects_the_budget_across_jobs(db: psycopg.Connection, settings:
     assert report.sent == 0 and len(claimed) == 6
     assert sorted(t.job_id for _, t in claimed) == sorted([first] * 3 + [second] * 3)
     assert claim(db, small)[1] == []  # the budget is full
+
+
+def test_a_database_with_pre_ledger_job_tables_is_refused_in_one_line(settings: Settings) -> None:
+    name = f"quarry_old_{uuid.uuid4().hex[:8]}"
+    url = settings.database_url.rsplit("/", 1)[0] + "/" + name
+    ensure_database(url)
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE jobs (id uuid PRIMARY KEY, state text)")  # version 1's shape
+            with pytest.raises(ConfigError, match="drop tables job_items, job_chunks, jobs"):
+                ensure_schema(conn)
+    finally:
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

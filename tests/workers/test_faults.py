@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -58,20 +58,11 @@ def stack(fault_env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
 
 
 def submit(stack: Stack, *args: str) -> str:
-    return run_cli("run", "--query", WITH_IMAGES, *args, env=stack.env).stdout.strip().splitlines()[-1]
+    return stack.submit(WITH_IMAGES, *args)
 
 
 def progress(stack: Stack, job_id: str) -> JobProgress:
-    """The job's counts on a fresh connection (the tests terminate connections)."""
-    for _ in range(50):
-        try:
-            with psycopg.connect(stack.env["DATABASE_URL"], autocommit=True) as conn:
-                found = job_progress(conn, job_id)
-                assert found is not None
-                return found
-        except psycopg.OperationalError:
-            time.sleep(0.2)
-    raise AssertionError("PostgreSQL did not answer")
+    return stack.progress(job_id)
 
 
 def wait_for_progress(stack: Stack, job_id: str, items: int, timeout: float = 120) -> None:
@@ -103,47 +94,41 @@ def assert_finished_cleanly(stack: Stack, store: ObjectStore, settings: Settings
     assert rows == (final.total, final.total)
 
 
-def redispatched(stack: Stack, job_id: str) -> int:
-    """Dispatches beyond the first, over the job's chunks: the fault really cost something."""
-    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
-        row = conn.execute(
-            "SELECT sum(dispatches - 1) FROM job_chunks WHERE job_id = %s", (job_id,)
-        ).fetchone()
-    return int(row[0])
-
-
-def test_a_whole_pool_killed_mid_job_is_healed_by_leases(
-    stack: Stack, store: ObjectStore, settings: Settings
-) -> None:
-    stack.start_pools()
-    stack.start_dispatcher()
-    job_id = submit(stack, *JOB)
-    wait_for_progress(stack, job_id, 40)
+def kill_transform_pool(stack: Stack) -> None:
     stack.stop("worker-transform", signal.SIGKILL)  # main process and children at once
     time.sleep(5)
-    restarted = time.monotonic()
-    stack.start_pool("transform")
-    wait_finished(stack, job_id, LEASE_S + 60)
-    assert time.monotonic() - restarted < LEASE_S + 60
-    assert_finished_cleanly(stack, store, settings, job_id)
-    assert redispatched(stack, job_id) > 0
 
 
-def test_the_broker_lost_mid_job_is_healed_by_leases(
-    stack: Stack, store: ObjectStore, settings: Settings
+def kill_broker(stack: Stack) -> None:
+    stack.stop("redis", signal.SIGKILL)  # no persistence: every queued message is gone
+    time.sleep(3)
+
+
+@pytest.mark.parametrize(
+    ("fault", "restart"),
+    [
+        pytest.param(kill_transform_pool, lambda s: s.start_pool("transform"), id="transform-pool-killed"),
+        pytest.param(kill_broker, Stack.start_redis, id="broker-lost"),
+    ],
+)
+def test_a_lost_process_mid_job_is_healed_by_leases(
+    stack: Stack,
+    store: ObjectStore,
+    settings: Settings,
+    fault: Callable[[Stack], None],
+    restart: Callable[[Stack], None],
 ) -> None:
     stack.start_pools()
     stack.start_dispatcher()
     job_id = submit(stack, *JOB)
     wait_for_progress(stack, job_id, 40)
-    stack.stop("redis", signal.SIGKILL)  # no persistence: every queued message is gone
-    time.sleep(3)
+    fault(stack)
     restarted = time.monotonic()
-    stack.start_redis()
+    restart(stack)
     wait_finished(stack, job_id, LEASE_S + 60)
     assert time.monotonic() - restarted < LEASE_S + 60
     assert_finished_cleanly(stack, store, settings, job_id)
-    assert redispatched(stack, job_id) > 0
+    assert stack.redispatched(job_id) > 0
 
 
 def test_postgresql_connections_terminated_for_10_s_lose_nothing(
