@@ -1,7 +1,12 @@
-# One image for every Python service: producer, the three pools, Flower.
-# Build the GPU variant with: docker build --build-arg RUNTIME=gpu .
-FROM python:3.11-slim
+# One image for every Python service: producer, dispatcher, the three pools, Flower.
+#   make image                 -> quarry:VERSION      (onnxruntime, CPU)
+#   make image RUNTIME=gpu     -> quarry:VERSION-gpu  (onnxruntime-gpu with its CUDA 13 and cuDNN
+#                                 wheels; the host needs only the NVIDIA driver and container toolkit)
+# The GPU image never holds the CPU onnxruntime too: the two packages overwrite each other.
+FROM python:3.11.11-slim-bookworm
 ARG RUNTIME=cpu
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DATASET_PATH=/app/data/sample MODEL_CACHE_DIR=/tmp/quarry-models
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY common ./common
@@ -9,6 +14,7 @@ COPY producer ./producer
 COPY workers ./workers
 COPY models ./models
 COPY data ./data
-RUN pip install --no-cache-dir ".[${RUNTIME}]"
-ENV DATASET_PATH=/app/data/sample
+RUN pip install ".[${RUNTIME}]" \
+ && if [ "$RUNTIME" = gpu ] && pip show onnxruntime >/dev/null 2>&1; then \
+      echo "onnxruntime (CPU) installed beside onnxruntime-gpu" >&2; exit 1; fi
 USER nobody

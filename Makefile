@@ -3,11 +3,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SHELL := /bin/bash
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= quarry
+RUNTIME ?= cpu
+OVERLAY ?= example
 
-.PHONY: help install up down demo test lint model bench clean
+.PHONY: help install up down demo test lint model bench image k8s-render clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
 
 $(BIN)/producer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +22,10 @@ $(BIN)/producer: pyproject.toml
 install: $(BIN)/producer ## create .venv with Quarry, onnxruntime (CPU) and the test tools
 
 up: install ## start the stack: Docker Compose if an engine answers, else local processes
-	@if docker info >/dev/null 2>&1; then docker compose up -d --build && \
-	  echo "Flower at http://127.0.0.1:5555, MinIO at http://127.0.0.1:9000"; \
+	@if docker info >/dev/null 2>&1; then \
+	  grep -qs '^FLOWER_BASIC_AUTH=' .env || echo "FLOWER_BASIC_AUTH=admin:$$(openssl rand -hex 12)" >>.env; \
+	  docker compose up -d --build && \
+	  echo "Flower at http://127.0.0.1:5555 (login in .env), S3 at http://127.0.0.1:9000"; \
 	else deploy/local/stack.sh up; fi
 
 down: ## stop the stack
@@ -49,6 +55,12 @@ bench: install ## augmentation and inference benchmarks (albumentations as the b
 	$(BIN)/python -m bench.augment
 	$(BIN)/python -m bench.inference
 	$(BIN)/python -m bench.ledger_scale
+
+image: ## build the image quarry:VERSION (RUNTIME=gpu: quarry:VERSION-gpu)
+	docker build --build-arg RUNTIME=$(RUNTIME) -t $(IMAGE):$(VERSION)$(if $(filter gpu,$(RUNTIME)),-gpu) .
+
+k8s-render: ## print the Kubernetes manifests of deploy/k8s/overlays/$(OVERLAY) (example, gpu)
+	@kubectl kustomize deploy/k8s/overlays/$(OVERLAY)
 
 clean: down ## stop the stack and remove the virtualenv
 	rm -rf $(VENV) .run

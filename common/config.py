@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import ConfigError
@@ -22,7 +22,9 @@ class Settings(BaseSettings):
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/quarry"
     celery_broker_url: str = "redis://127.0.0.1:6379/0"
-    s3_endpoint_url: str | None = "http://127.0.0.1:9000"
+    s3_endpoint_url: str | None = Field(
+        default="http://127.0.0.1:9000", description="S3-compatible endpoint; empty: AWS S3 (boto3's default)"
+    )
     aws_access_key_id: str = "quarry"
     aws_secret_access_key: str = "quarry-dev-secret"
     aws_default_region: str = "us-east-1"
@@ -57,6 +59,15 @@ class Settings(BaseSettings):
     broker_visibility_timeout_s: int | None = Field(
         default=None, ge=10, description="unacked task redelivered after this long; default 2 x lease"
     )
+    require_gpu: bool = Field(
+        default=False, description="an inference worker refuses to start unless onnxruntime runs on CUDA"
+    )
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _empty_endpoint_means_aws(cls, value: str | None) -> str | None:
+        """`S3_ENDPOINT_URL=` (as a ConfigMap writes it) means AWS S3, not the URL ''."""
+        return (value or "").strip() or None
 
     @property
     def visibility_timeout_s(self) -> int:

@@ -21,14 +21,15 @@ from typing import Any
 import cv2
 import numpy as np
 
-from common.errors import ModelError
+from common.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
 LABELS_KEY = "quarry.labels"
 PREPROCESS_KEY = "quarry.preprocess"
 HIERARCHY_KEY = "quarry.hierarchy"
-PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+CUDA = "CUDAExecutionProvider"
+PREFERRED_PROVIDERS = (CUDA, "CPUExecutionProvider")
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,8 @@ class Classifier:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         wanted = providers or [p for p in PREFERRED_PROVIDERS if p in ort.get_available_providers()]
+        if CUDA in wanted and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-*-cu12 wheels of `onnxruntime-gpu[cuda,cudnn]`
         source = model if isinstance(model, bytes) else str(model)
         try:
             self.session = ort.InferenceSession(source, options, providers=list(wanted))
@@ -225,3 +228,22 @@ def locate_model(reference: str, models_dir: Path, cache_dir: Path, download: Ca
     if named.is_file():
         return named
     raise ModelError(f"no model {reference!r}: not a file, and no {named}")
+
+
+def require_cuda(model: str | Path | bytes) -> Classifier:
+    """Load the model on CUDA or refuse: onnxruntime falls back to CPU silently (REQUIRE_GPU)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if CUDA not in available:
+        raise ConfigError(
+            f"REQUIRE_GPU is set but this onnxruntime has no {CUDA} (providers: {', '.join(available)}); "
+            "install onnxruntime-gpu, not onnxruntime"
+        )
+    classifier = Classifier(model, providers=[CUDA, "CPUExecutionProvider"])
+    if classifier.provider != CUDA:
+        raise ConfigError(
+            f"REQUIRE_GPU is set but the model runs on {classifier.provider}: the CUDA provider did not "
+            "start (no GPU visible, or the CUDA/cuDNN libraries are missing; see the worker log)"
+        )
+    return classifier

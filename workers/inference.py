@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from celery.signals import celeryd_after_setup
+
+from common.config import get_settings
 from common.errors import QuarryError
 from common.inference import ItemRef, infer_items
 from common.jobspec import JobSpec
 from common.ledger import Ticket
-from common.model import Classifier, locate_model
+from common.model import Classifier, locate_model, require_cuda
 from common.paths import MODELS_DIR
-from common.storage import parse_s3_uri
+from common.storage import ObjectStore, parse_s3_uri
 from workers.base import StageTask
 from workers.celery_app import app
-from workers.routes import INFERENCE
+from workers.routes import INFERENCE, queue_of
+
+log = logging.getLogger(__name__)
 
 
 class InferenceTask(StageTask):
@@ -36,7 +44,7 @@ class InferenceTask(StageTask):
     def classifier(self, reference: str) -> Classifier:
         """The model, loaded once per process and kept."""
         path = locate_model(reference, MODELS_DIR, Path(self.settings.model_cache_dir), self.fetch)
-        return Classifier(path)
+        return require_cuda(path) if self.settings.require_gpu else Classifier(path)
 
 
 @app.task(base=InferenceTask, bind=True, name=INFERENCE)
@@ -60,3 +68,35 @@ def infer_batch(
     )
     self.record(spec, ticket, results)
     return sum(result.status == "done" for result in results)
+
+
+def cuda_problem(model: str) -> str | None:
+    """Why `model` would not run on CUDA here, or None when it does (run in a fresh process)."""
+    settings = get_settings()
+    try:
+        store = ObjectStore(settings)
+        path = locate_model(
+            model, MODELS_DIR, Path(settings.model_cache_dir), lambda uri: store.get(*parse_s3_uri(uri))
+        )
+        require_cuda(path)
+    except QuarryError as exc:
+        return str(exc)
+    return None
+
+
+@celeryd_after_setup.connect
+def refuse_to_start_without_gpu(sender: str, instance: Any, **_: Any) -> None:
+    """REQUIRE_GPU=1: an inference worker whose model would run on CPU exits before taking a task.
+
+    The probe runs in a spawned process so that this parent never initialises CUDA before it
+    forks the pool (a forked child cannot use its parent's CUDA context).
+    """
+    settings = get_settings()
+    if not settings.require_gpu or queue_of(INFERENCE) not in instance.app.amqp.queues.consume_from:
+        return
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as probe:
+        problem = probe.submit(cuda_problem, settings.default_model).result()
+    if problem:
+        log.critical("refusing to start %s: %s", sender, problem)
+        raise SystemExit(f"refusing to start {sender}: {problem}")
+    log.info("REQUIRE_GPU: %s runs on CUDAExecutionProvider", settings.default_model)

@@ -9,7 +9,9 @@ cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 BIN=$(dirname "$PY")
 RUN_DIR=${QUARRY_RUN_DIR:-.run}
-STACK=${QUARRY_STACK:-$(basename "$RUN_DIR" | tr -c 'a-zA-Z0-9\n' '-')}
+# worker names are POOL.STACK@host: STACK from the run dir's name, letters and digits only (".run" -> "run")
+STACK=${QUARRY_STACK:-$(basename "$RUN_DIR" | tr -c 'a-zA-Z0-9\n' '-' | sed -E 's/^-+//; s/-+$//')}
+STACK=${STACK:-local}
 FLOWER_PORT=${FLOWER_PORT:-5555}
 S3_ENDPOINT_URL=${S3_ENDPOINT_URL:-http://127.0.0.1:9000}
 export S3_ENDPOINT_URL
