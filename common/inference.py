@@ -13,7 +13,10 @@ from common.images import decode
 from common.jobspec import JobSpec
 from common.ledger import ItemResult
 from common.model import Classifier
+from common.shards import Shard
 from common.transform import Output
+
+SHARD_BATCH = 64  # images decoded and classified at once when a shard is classified
 
 
 @dataclass(frozen=True)
@@ -86,3 +89,36 @@ def infer_items(
             )
         )
     return results
+
+
+def classify_shard(classifier: Classifier, shard: Shard, infer_on: str, top_k: int) -> Shard:
+    """The final shard: each rendered sample's record gains the model's label, score and top-k
+    (from its own pixels, or its raw image's with `infer_on="raw"`, classified once per image);
+    an image the model cannot read fails alone. The staging-only raws are dropped."""
+    pending = [sample for sample in shard.samples if sample.image is not None]
+    sources: dict[object, bytes] = {}
+    for sample in pending:
+        if infer_on == "raw":
+            sources.setdefault(sample.image_id, shard.raws[sample.image_id][1])
+        else:
+            sources[sample.key] = sample.image  # type: ignore[assignment]
+    predictions: dict[object, Any] = {}
+    names = list(sources)
+    for start in range(0, len(names), SHARD_BATCH):
+        ready: list[tuple[object, np.ndarray]] = []
+        for name in names[start : start + SHARD_BATCH]:
+            try:
+                ready.append((name, decode(sources[name])))
+            except PermanentError as exc:
+                predictions[name] = f"inference: {exc}"
+        batch = classifier.predict([image for _, image in ready], top_k)
+        predictions.update((name, p) for (name, _), p in zip(ready, batch, strict=True))
+    for sample in pending:
+        prediction = predictions[sample.image_id if infer_on == "raw" else sample.key]
+        if isinstance(prediction, str):
+            sample.record["error"] = prediction  # the rendered image stays, as in `files` output
+        else:
+            sample.record.update(
+                label=prediction.label, score=round(prediction.score, 5), top_k=prediction.top_k
+            )
+    return Shard(samples=shard.samples)

@@ -210,3 +210,24 @@ def lookup_images(
         "SELECT id, status, raw_key, error FROM images WHERE id = ANY (%s)", (image_ids,)
     ).fetchall()
     return {row[0]: (row[1], row[2], row[3]) for row in rows}
+
+
+CATALOG_FIELDS = (
+    "gender",
+    "master_category",
+    "sub_category",
+    "article_type",
+    "base_colour",
+    "season",
+    "year",
+    "usage",
+    "product_display_name",
+)
+
+
+def lookup_catalog(conn: psycopg.Connection, image_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """id -> the styles row's fields, for the ids the catalog knows (shard records carry them)."""
+    rows = conn.execute(
+        f"SELECT id, {', '.join(CATALOG_FIELDS)} FROM styles WHERE id = ANY (%s)", (image_ids,)
+    ).fetchall()
+    return {row[0]: dict(zip(CATALOG_FIELDS, row[1:], strict=True)) for row in rows}

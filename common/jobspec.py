@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from common.ledger import ItemRows
 
 InferOn = Literal["raw", "augmented"]
+OutputFormat = Literal["files", "webdataset"]
+KeyLayout = Literal["flat", "hashed"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ class JobSpec:
     infer_on: InferOn = "augmented"
     top_k: int = 5
     item_rows: ItemRows = "all"  # job_items rows for every item, or for failures only
+    output: OutputFormat = "files"  # one object per item, or one tar shard per chunk
+    key_layout: KeyLayout = "flat"  # files only: `hashed` spreads keys over 256 prefixes
 
     def slot(self, index: int, variant: int) -> int:
         """An item's position in its chunk: image index x variants + variant."""
@@ -44,6 +49,11 @@ class JobSpec:
         return (self.keep_original and variant == 0) or (not self.augment and self.image_format is None)
 
 
-def output_key(job_id: str, image_id: int, variant: int, extension: str) -> str:
-    """The deterministic object key of one output: `{job_id}/{image_id}-{variant}{ext}`."""
+def output_key(job_id: str, image_id: int, variant: int, extension: str, layout: KeyLayout = "flat") -> str:
+    """The deterministic object key of one output: `{job_id}/{image_id}-{variant}{ext}`, or with
+    `hashed`, `{job_id}/{hh}/{image_id}-{variant}{ext}` where hh (00-ff) comes from the image id,
+    so one job's keys spread over 256 prefixes (S3 limits request rates per prefix)."""
+    if layout == "hashed":
+        spread = hashlib.sha256(str(image_id).encode()).hexdigest()[:2]
+        return f"{job_id}/{spread}/{image_id}-{variant}{extension}"
     return f"{job_id}/{image_id}-{variant}{extension}"

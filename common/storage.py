@@ -75,6 +75,13 @@ class ObjectStore:
         except (ClientError, BotoCoreError, ConnectionError) as exc:
             raise self._translate(exc, f"s3://{bucket}/{key}") from exc
 
+    def delete(self, bucket: str, key: str) -> None:
+        """Remove an object (S3 answers the same whether or not it existed)."""
+        try:
+            self._client.delete_object(Bucket=bucket, Key=key)
+        except (ClientError, BotoCoreError, ConnectionError) as exc:
+            raise self._translate(exc, f"s3://{bucket}/{key}") from exc
+
     def get(self, bucket: str, key: str) -> bytes:
         """An object's bytes; ObjectMissing when there is none."""
         try:

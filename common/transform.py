@@ -45,6 +45,7 @@ class TransformResult:
 
     outputs: list[Output] = field(default_factory=list)
     failures: list[ItemResult] = field(default_factory=list)
+    raws: dict[int, tuple[str, bytes]] = field(default_factory=dict)  # id -> (raw key, bytes), if kept
 
 
 ImageIndex = dict[int, tuple[str, str | None, str | None]]  # id -> (status, raw_key, error)
@@ -61,12 +62,15 @@ def transform_images(
     index: ImageIndex,
     fetch_many: Callable[[list[str]], dict[str, bytes | QuarryError]],
     done: int = 0,
+    *,
+    keep_raw: bool = False,
 ) -> TransformResult:
     """Render every variant of every id whose item is not in the `done` bitmap; a bad image
     fails its items, not the chunk.
 
     Raw objects are fetched together; a transient storage error is raised so that the task
-    retries the chunk.
+    retries the chunk. `keep_raw` keeps each rendered image's raw bytes (for a model that reads
+    raws from a shard, so that nothing fetches them twice).
     """
     pipeline = Pipeline.from_spec(spec.augment)
     todo = [
@@ -82,6 +86,8 @@ def transform_images(
             key, data = raw_bytes(image_id, index, fetched)
             rendered = list(render_variants(spec, pipeline, position, image_id, variants, key, data))
             result.outputs.extend(rendered)  # all of an image's variants, or none
+            if keep_raw:
+                result.raws[image_id] = (key, data)
         except PermanentError as exc:
             result.failures.extend(
                 ItemResult(image_id, v, spec.slot(position, v), "failed", error=f"transform: {exc}")

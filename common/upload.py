@@ -18,7 +18,7 @@ def upload_outputs(
     results say `done`: with a model, inference records the item's final result instead."""
     results = []
     for output in outputs:
-        key = output_key(spec.job_id, output.image_id, output.variant, output.extension)
+        key = output_key(spec.job_id, output.image_id, output.variant, output.extension, spec.key_layout)
         store.put(
             bucket,
             key,

@@ -31,6 +31,7 @@ from producer.submit import new_job_id, submit_job
 
 EXIT_FAILED_ITEMS = 1
 EXIT_REFUSED = 2
+DEFAULT_SHARD_SIZE = 1000  # images per webdataset shard (img2dataset writes 10,000)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -150,7 +151,22 @@ def build_spec(settings: Settings, store: ObjectStore, options: dict[str, Any]) 
         infer_on=options["infer_on"],
         top_k=options["top_k"],
         item_rows=options.get("item_rows") or settings.item_rows,
+        output=options.get("output", "files"),
+        key_layout=options.get("key_layout", "flat"),
     )
+
+
+def job_chunk_size(spec: JobSpec, chunk_size: int | None, shard_size: int | None, settings: Settings) -> int:
+    """Ids per chunk: a webdataset shard is one chunk, so --shard-size is its chunk size."""
+    if spec.output == "files":
+        if shard_size is not None:
+            raise UserError("--shard-size applies to --output webdataset only")
+        return chunk_size or settings.chunk_size
+    if spec.key_layout != "flat":
+        raise UserError("--key-layout applies to --output files only (shards are already few keys)")
+    if chunk_size is not None and shard_size is not None and chunk_size != shard_size:
+        raise UserError("--chunk-size and --shard-size disagree: a shard is one chunk; give one of them")
+    return shard_size or chunk_size or DEFAULT_SHARD_SIZE
 
 
 def augment_options(command: F) -> F:
@@ -185,17 +201,43 @@ def augment_options(command: F) -> F:
     type=click.Choice(["all", "failures"]),
     help="Rows in job_items for every item, or for failures only [ITEM_ROWS, default all].",
 )
+@click.option(
+    "--output",
+    type=click.Choice(["files", "webdataset"]),
+    default="files",
+    show_default=True,
+    help="One object per item, or WebDataset tar shards with a manifest (one shard per chunk).",
+)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(1, 10_000),
+    help=f"webdataset: images per shard (the chunk size) [default {DEFAULT_SHARD_SIZE}].",
+)
+@click.option(
+    "--key-layout",
+    type=click.Choice(["flat", "hashed"]),
+    default="flat",
+    show_default=True,
+    help="files: `hashed` spreads one job's keys over 256 prefixes.",
+)
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 if any item failed.")
 @click.option("--wait-timeout", type=float, help="Stop following after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job's counts as one JSON object, last.")
 @one_line_errors
 def run(
-    sql: str, chunk_size: int | None, wait: bool, wait_timeout: float | None, as_json: bool, **options: Any
+    sql: str,
+    chunk_size: int | None,
+    shard_size: int | None,
+    wait: bool,
+    wait_timeout: float | None,
+    as_json: bool,
+    **options: Any,
 ) -> None:
     """Select images with SQL and record the job; the dispatcher sends it through the pools."""
     settings = get_settings()
     store = ObjectStore(settings)
     spec = build_spec(settings, store, options)
+    chunk_size = job_chunk_size(spec, chunk_size, shard_size, settings)
     with connect(settings.database_url, autocommit=True) as conn:
         ensure_schema(conn)
         chunks, items = submit_job(
@@ -203,7 +245,7 @@ def run(
             settings.database_url,
             sql,
             spec,
-            chunk_size or settings.chunk_size,
+            chunk_size,
             settings.query_timeout_s,
         )
         progress = job_progress(conn, spec.job_id)
@@ -298,15 +340,35 @@ def dispatch(ticks: int | None) -> None:
 
 @cli.command()
 @click.argument("job_id")
+@click.option(
+    "--format", "file_format", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="File to write (parquet needs one; jsonl: stdout)."
+)
 @one_line_errors
-def results(job_id: str) -> None:
-    """JSON Lines, one per output item: id, variant, s3:// URI, label/score/top_k or error."""
+def results(job_id: str, file_format: str, out: Path | None) -> None:
+    """A job's item rows: id, variant, status, s3:// URI (shard#member for webdataset),
+    label/score/top_k or error. With --item-rows failures, only the failed items have rows."""
+    from producer.results import write_jsonl, write_parquet
+
+    if file_format == "parquet" and out is None:
+        raise UserError("--format parquet needs --out FILE")
     with connect(get_settings().database_url) as conn:
         if job_progress(conn, checked_job_id(job_id)) is None:
             raise UserError(f"no job {job_id}")
         conn.commit()
-        for row in iter_results(conn, job_id):
-            click.echo(json.dumps(row))
+        rows = iter_results(conn, job_id)
+        if file_format == "parquet":
+            assert out is not None
+            count = write_parquet(rows, out)
+        elif out is None:
+            count = write_jsonl(rows, sys.stdout)
+        else:
+            with out.open("w") as handle:
+                count = write_jsonl(rows, handle)
+    if out is not None:
+        click.echo(f"wrote {count} rows to {out}", err=True)
 
 
 @cli.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from multiprocessing import get_context
@@ -13,15 +14,16 @@ from celery.signals import celeryd_after_setup
 
 from common.config import get_settings
 from common.errors import QuarryError
-from common.inference import ItemRef, infer_items
+from common.inference import ItemRef, classify_shard, infer_items
 from common.jobspec import JobSpec
 from common.ledger import Ticket
 from common.model import Classifier, locate_model, require_cuda
 from common.paths import MODELS_DIR
+from common.shards import read_tar, store_shard
 from common.storage import ObjectStore, parse_s3_uri
 from workers.base import StageTask
 from workers.celery_app import app
-from workers.routes import INFERENCE, queue_of
+from workers.routes import INFERENCE, INFERENCE_SHARD, queue_of
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,28 @@ def infer_batch(
     )
     self.record(spec, ticket, results)
     return sum(result.status == "done" for result in results)
+
+
+@app.task(base=InferenceTask, bind=True, name=INFERENCE_SHARD)
+def infer_shard(
+    self: InferenceTask, spec_message: dict[str, Any], ticket_message: dict[str, Any], staging_key: str
+) -> int:
+    """Read a staged shard once, classify it, write the final shard and its manifest, record
+    every item, and delete the staging copy; returns how many items it recorded."""
+    spec = JobSpec.from_message(spec_message)
+    ticket = Ticket.from_message(ticket_message)
+    assert spec.model, "shards are staged only for jobs with a model"
+    if not self.is_live(ticket):
+        return 0
+    started = time.monotonic()
+    bucket = self.settings.output_bucket
+    shard = classify_shard(
+        self.classifier(spec.model), read_tar(self.store.get(bucket, staging_key)), spec.infer_on, spec.top_k
+    )
+    results = store_shard(self.store, bucket, spec, ticket.chunk, shard, time.monotonic() - started)
+    self.record(spec, ticket, results)
+    self.store.delete(bucket, staging_key)
+    return len(results)
 
 
 def cuda_problem(model: str) -> str | None:

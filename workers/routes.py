@@ -3,11 +3,13 @@
 TRANSFORM = "quarry.transform"
 UPLOAD = "quarry.upload"
 INFERENCE = "quarry.inference"
+INFERENCE_SHARD = "quarry.inference.shard"  # webdataset output: classify a staged shard
 
 TASK_ROUTES = {
     TRANSFORM: {"queue": "transform"},
     UPLOAD: {"queue": "upload"},
     INFERENCE: {"queue": "inference"},
+    INFERENCE_SHARD: {"queue": "inference"},
 }
 
 

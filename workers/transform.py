@@ -1,26 +1,35 @@
-"""The transform pool: fetch raw images, render their variants, hand batches to upload."""
+"""The transform pool: fetch raw images, render their variants, hand them on.
+
+`files` output: batches of outputs go to the upload pool. `webdataset` output: the chunk becomes
+one tar shard, written here (one PUT instead of one per item); with a model, a staging shard that
+the inference pool reads once and finishes.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from common.jobs import lookup_images
+from common.jobs import lookup_catalog, lookup_images
 from common.jobspec import JobSpec
-from common.ledger import Ticket, open_chunk
+from common.ledger import OpenChunk, Ticket, open_chunk
+from common.shards import shard_from_transform, shard_key, store_shard, write_tar
 from common.transform import batch_by_bytes, transform_images
 from workers.base import StageTask
 from workers.celery_app import app
-from workers.routes import TRANSFORM, UPLOAD, queue_of
+from workers.routes import INFERENCE_SHARD, TRANSFORM, UPLOAD, queue_of
 
 
 @app.task(base=StageTask, bind=True, name=TRANSFORM)
 def transform_chunk(self: StageTask, spec_message: dict[str, Any], ticket_message: dict[str, Any]) -> int:
-    """Render the items of one chunk that are not done yet; returns how many went on to upload."""
+    """Render the items of one chunk that are not done yet; returns how many were rendered."""
     spec = JobSpec.from_message(spec_message)
     ticket = Ticket.from_message(ticket_message)
     chunk = self.ledger(open_chunk, ticket, self.settings.chunk_lease_s)
     if chunk is None:
         return 0  # finished, dispatched again since, or its job stopped
+    if spec.output == "webdataset":
+        return write_shard(self, spec, ticket, chunk)
     raw_bucket = self.settings.raw_bucket
     result = transform_images(
         spec,
@@ -35,4 +44,32 @@ def transform_chunk(self: StageTask, spec_message: dict[str, Any], ticket_messag
         if not self.wait_for_room(queue_of(UPLOAD), ticket):
             return 0
         self.hand_off(UPLOAD, [spec_message, ticket_message, [output.to_message() for output in batch]])
+    return len(result.outputs)
+
+
+def write_shard(self: StageTask, spec: JobSpec, ticket: Ticket, chunk: OpenChunk) -> int:
+    """Render every item of the chunk (a shard is rewritten whole, so a rerun writes the same
+    bytes) and store it: finished here, or staged for the inference pool."""
+    started = time.monotonic()
+    raw_bucket, bucket = self.settings.raw_bucket, self.settings.output_bucket
+    result = transform_images(
+        spec,
+        chunk.image_ids,
+        self.ledger(lookup_images, chunk.image_ids),
+        lambda keys: self.store.get_many(raw_bucket, keys),
+        keep_raw=bool(spec.model) and spec.infer_on == "raw",
+    )
+    shard = shard_from_transform(spec, result, self.ledger(lookup_catalog, chunk.image_ids))
+    if not spec.model:
+        self.record(
+            spec,
+            ticket,
+            store_shard(self.store, bucket, spec, ticket.chunk, shard, time.monotonic() - started),
+        )
+        return len(result.outputs)
+    staging = shard_key(spec.job_id, ticket.chunk, staging=True)
+    self.store.put(
+        bucket, staging, write_tar(shard, staging=True), content_type="application/x-tar", metadata={}
+    )
+    self.hand_off(INFERENCE_SHARD, [spec.to_message(), ticket.to_message(), staging])
     return len(result.outputs)
