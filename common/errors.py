@@ -5,7 +5,8 @@ QuarryError
 │   ├── ConfigError      a setting is missing or malformed
 │   ├── QueryError       the selection query is refused
 │   ├── SpecError        the augmentation spec is refused
-│   └── ModelError       the model file or its metadata is refused
+│   ├── ModelError       the model file or its metadata is refused
+│   └── NoSuchJob        a command names a job that does not exist
 ├── TransientError       worth retrying: a service did not answer
 │   ├── StorageUnavailable
 │   ├── DatabaseUnavailable
@@ -42,6 +43,10 @@ class SpecError(UserError):
 
 class ModelError(UserError):
     """The model file or its metadata is refused."""
+
+
+class NoSuchJob(UserError):
+    """A command or API call names a job id that is not in the database."""
 
 
 class UnknownJob(QuarryError):

@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -14,24 +13,15 @@ from typing import Any, TypeVar
 
 import click
 
-from common.augment import parse_spec
-from common.config import Settings, get_settings
-from common.db import connect, ensure_database, ensure_schema
+from common.config import get_settings
+from common.db import connect, ensure_schema
 from common.errors import ConfigError, QuarryError, UserError
-from common.jobs import cancel_job, iter_results, job_progress, list_jobs, retry_job
-from common.jobspec import JobSpec
-from common.model import Classifier, locate_model
-from common.paths import MODELS_DIR
-from common.storage import ObjectStore, parse_s3_uri
 from producer.ingest import IngestSummary
-from producer.ingest import ingest as run_ingest
-from producer.preview import write_preview
-from producer.progress import follow
-from producer.submit import new_job_id, submit_job
+from producer.progress import TerminalBar
+from quarry.client import DEFAULT_SHARD_SIZE, Quarry
 
 EXIT_FAILED_ITEMS = 1
 EXIT_REFUSED = 2
-DEFAULT_SHARD_SIZE = 1000  # images per webdataset shard (img2dataset writes 10,000)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -74,13 +64,9 @@ def config() -> None:
 @one_line_errors
 def init() -> None:
     """Create the database (if missing), its tables and both buckets."""
-    settings = get_settings()
-    created = ensure_database(settings.database_url)
-    with connect(settings.database_url, autocommit=True) as conn:
-        ensure_schema(conn)
-    store = ObjectStore(settings)
-    for bucket in (settings.raw_bucket, settings.output_bucket):
-        store.ensure_bucket(bucket)
+    quarry = Quarry.from_env()
+    created = quarry.init()
+    settings = quarry.settings
     click.echo(
         f"database {'created' if created else 'ready'}; buckets "
         f"s3://{settings.raw_bucket} and s3://{settings.output_bucket} ready"
@@ -92,13 +78,9 @@ def init() -> None:
 @one_line_errors
 def ingest(dataset_path: Path | None) -> None:
     """Load styles.csv into PostgreSQL and images/ into the raw bucket (re-runnable)."""
-    settings = get_settings()
-    dataset = dataset_path or settings.dataset_path
-    store = ObjectStore(settings, max_connections=settings.ingest_concurrency)
-    store.ensure_bucket(settings.output_bucket)
-    with connect(settings.database_url, autocommit=True) as conn:
-        ensure_schema(conn)
-        s = run_ingest(conn, store, dataset, settings.raw_bucket, settings.ingest_concurrency, show_ingest)
+    quarry = Quarry.from_env()
+    dataset = dataset_path or quarry.settings.dataset_path
+    s = quarry.ingest(dataset, show_ingest)
     if sys.stderr.isatty():
         click.echo("", err=True)  # end the progress line
     click.echo(
@@ -119,54 +101,6 @@ def show_ingest(summary: IngestSummary) -> None:
             err=True,
             nl=False,
         )
-
-
-def model_reference(model: str | None, settings: Settings, store: ObjectStore) -> str | None:
-    """Check a --model before the job starts; the reference workers will load."""
-    if model is None:
-        return None
-    reference = settings.default_model if model == "default" else model
-    path = locate_model(
-        reference, MODELS_DIR, settings.model_cache_dir, lambda uri: store.get(*parse_s3_uri(uri))
-    )
-    Classifier(path, providers=["CPUExecutionProvider"])  # refuses missing or bad metadata
-    return reference
-
-
-def build_spec(settings: Settings, store: ObjectStore, options: dict[str, Any]) -> JobSpec:
-    """Validate every job option; UserError before anything is recorded."""
-    augment = parse_spec(options["augment"]) if options["augment"] else None
-    keep_original = options["keep_original"] or bool(augment and augment.keep_original)
-    if keep_original and options["variants"] < 2 and augment and augment.stages:
-        raise UserError("--keep-original needs --variants 2 or more to leave room for an augmented one")
-    return JobSpec(
-        job_id=new_job_id(),
-        variants=options["variants"],
-        seed=options["seed"],
-        augment=augment.stages if augment else [],
-        keep_original=keep_original,
-        image_format=options["image_format"],
-        quality=options["quality"],
-        model=model_reference(options["model"], settings, store),
-        infer_on=options["infer_on"],
-        top_k=options["top_k"],
-        item_rows=options.get("item_rows") or settings.item_rows,
-        output=options.get("output", "files"),
-        key_layout=options.get("key_layout", "flat"),
-    )
-
-
-def job_chunk_size(spec: JobSpec, chunk_size: int | None, shard_size: int | None, settings: Settings) -> int:
-    """Ids per chunk: a webdataset shard is one chunk, so --shard-size is its chunk size."""
-    if spec.output == "files":
-        if shard_size is not None:
-            raise UserError("--shard-size applies to --output webdataset only")
-        return chunk_size or settings.chunk_size
-    if spec.key_layout != "flat":
-        raise UserError("--key-layout applies to --output files only (shards are already few keys)")
-    if chunk_size is not None and shard_size is not None and chunk_size != shard_size:
-        raise UserError("--chunk-size and --shard-size disagree: a shard is one chunk; give one of them")
-    return shard_size or chunk_size or DEFAULT_SHARD_SIZE
 
 
 def augment_options(command: F) -> F:
@@ -224,41 +158,16 @@ def augment_options(command: F) -> F:
 @click.option("--wait-timeout", type=float, help="Stop following after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job's counts as one JSON object, last.")
 @one_line_errors
-def run(
-    sql: str,
-    chunk_size: int | None,
-    shard_size: int | None,
-    wait: bool,
-    wait_timeout: float | None,
-    as_json: bool,
-    **options: Any,
-) -> None:
+def run(sql: str, wait: bool, wait_timeout: float | None, as_json: bool, **options: Any) -> None:
     """Select images with SQL and record the job; the dispatcher sends it through the pools."""
-    settings = get_settings()
-    store = ObjectStore(settings)
-    spec = build_spec(settings, store, options)
-    chunk_size = job_chunk_size(spec, chunk_size, shard_size, settings)
-    with connect(settings.database_url, autocommit=True) as conn:
-        ensure_schema(conn)
-        chunks, items = submit_job(
-            conn,
-            settings.database_url,
-            sql,
-            spec,
-            chunk_size,
-            settings.query_timeout_s,
-        )
-        progress = job_progress(conn, spec.job_id)
-        assert progress is not None
-        click.echo(f"job {spec.job_id}: {items} items in {chunks} chunks", err=True)
-        if not wait:
-            click.echo(json.dumps(progress.as_dict()) if as_json else spec.job_id)
-            return
-        progress = follow(conn, spec.job_id, timeout_s=wait_timeout)
-    if as_json:
-        click.echo(json.dumps(progress.as_dict()))
-    else:
-        click.echo(spec.job_id)
+    job = Quarry.from_env().run(sql, **options)
+    progress = job.status()
+    click.echo(f"job {job.id}: {progress.total} items in {progress.chunks} chunks", err=True)
+    if not wait:
+        click.echo(json.dumps(progress.as_dict()) if as_json else job.id)
+        return
+    progress = job.wait(timeout=wait_timeout, display=TerminalBar())
+    click.echo(json.dumps(progress.as_dict()) if as_json else job.id)
     sys.exit(0 if progress.finished and progress.failed == 0 else EXIT_FAILED_ITEMS)
 
 
@@ -268,10 +177,7 @@ def run(
 @one_line_errors
 def status(job_id: str, as_json: bool) -> None:
     """Counts of a running or finished job."""
-    with connect(get_settings().database_url, autocommit=True) as conn:
-        progress = job_progress(conn, checked_job_id(job_id))
-    if progress is None:
-        raise UserError(f"no job {job_id}")
+    progress = Quarry.from_env().job(job_id).status()
     if as_json:
         click.echo(json.dumps(progress.as_dict()))
         return
@@ -288,9 +194,7 @@ def status(job_id: str, as_json: bool) -> None:
 @one_line_errors
 def jobs(limit: int, as_json: bool) -> None:
     """The newest jobs with their counts."""
-    with connect(get_settings().database_url, autocommit=True) as conn:
-        ensure_schema(conn)
-        listed = list_jobs(conn, limit)
+    listed = Quarry.from_env().list_jobs(limit)
     if as_json:
         for progress in listed:
             click.echo(json.dumps({**progress.as_dict(), "created_at": progress.created_at}))
@@ -307,8 +211,7 @@ def jobs(limit: int, as_json: bool) -> None:
 @one_line_errors
 def cancel(job_id: str) -> None:
     """Stop a running job: nothing more is dispatched and the pools drop its messages."""
-    with connect(get_settings().database_url, autocommit=True) as conn:
-        stopped = cancel_job(conn, checked_job_id(job_id))
+    stopped = Quarry.from_env().job(job_id).cancel()
     click.echo(f"job {job_id}: {'cancelled' if stopped else 'not running, nothing to cancel'}")
 
 
@@ -317,8 +220,7 @@ def cancel(job_id: str) -> None:
 @one_line_errors
 def retry(job_id: str) -> None:
     """Run a finished (or cancelled) job's failed items again, once their cause is fixed."""
-    with connect(get_settings().database_url, autocommit=True) as conn:
-        chunks, items = retry_job(conn, checked_job_id(job_id))
+    chunks, items = Quarry.from_env().job(job_id).retry()
     click.echo(f"job {job_id}: {items} failed items in {chunks} chunks sent again")
 
 
@@ -354,19 +256,15 @@ def results(job_id: str, file_format: str, out: Path | None) -> None:
 
     if file_format == "parquet" and out is None:
         raise UserError("--format parquet needs --out FILE")
-    with connect(get_settings().database_url) as conn:
-        if job_progress(conn, checked_job_id(job_id)) is None:
-            raise UserError(f"no job {job_id}")
-        conn.commit()
-        rows = iter_results(conn, job_id)
-        if file_format == "parquet":
-            assert out is not None
-            count = write_parquet(rows, out)
-        elif out is None:
-            count = write_jsonl(rows, sys.stdout)
-        else:
-            with out.open("w") as handle:
-                count = write_jsonl(rows, handle)
+    rows = Quarry.from_env().job(job_id).rows()
+    if file_format == "parquet":
+        assert out is not None
+        count = write_parquet(rows, out)
+    elif out is None:
+        count = write_jsonl(rows, sys.stdout)
+    else:
+        with out.open("w") as handle:
+            count = write_jsonl(rows, handle)
     if out is not None:
         click.echo(f"wrote {count} rows to {out}", err=True)
 
@@ -378,20 +276,8 @@ def results(job_id: str, file_format: str, out: Path | None) -> None:
 @one_line_errors
 def preview(image_id: int, out: Path, **options: Any) -> None:
     """Write a contact sheet of one image and its variants, as a job would render them."""
-    settings = get_settings()
-    spec = build_spec(
-        settings, ObjectStore(settings), {**options, "model": None, "infer_on": "augmented", "top_k": 1}
-    )
-    write_preview(spec, image_id, settings.dataset_path, out)
+    Quarry.from_env().preview(image_id, **options).save(out)
     click.echo(f"wrote {out}")
-
-
-def checked_job_id(job_id: str) -> str:
-    """Refuse a job id that is not a UUID before asking the database."""
-    try:
-        return str(uuid.UUID(job_id))
-    except ValueError as exc:
-        raise UserError(f"not a job id: {job_id!r}") from exc
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""`producer preview`: a labelled contact sheet of one image and its augmented variants."""
+"""`producer preview` and `Quarry.preview`: a labelled contact sheet of one image and its variants."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 from common.augment import Pipeline
 from common.errors import UserError
-from common.images import decode, encode
+from common.images import decode
 from common.jobspec import JobSpec
 from common.transform import render_variants
 
@@ -48,10 +48,9 @@ def label_tile(label: str, image: np.ndarray) -> np.ndarray:
     return cell
 
 
-def write_preview(spec: JobSpec, image_id: int, dataset: Path, out: Path) -> None:
-    """Read the image from the dataset folder and write the sheet as PNG."""
+def read_dataset_image(dataset: Path, image_id: int) -> bytes:
+    """An image's bytes from the dataset folder (`images/{id}.jpg`); UserError when missing."""
     source = dataset / "images" / f"{image_id}.jpg"
     if not source.is_file():
         raise UserError(f"no image {source}")
-    sheet = contact_sheet(spec, image_id, source.read_bytes())
-    out.write_bytes(encode(sheet, "png", 0))
+    return source.read_bytes()

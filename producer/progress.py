@@ -1,10 +1,10 @@
-"""Following a job until it ends, with a one-line progress bar on stderr."""
+"""Following a job until it ends; what is shown while it runs is up to a Display."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Protocol, TextIO
 
 import psycopg
 
@@ -14,6 +14,12 @@ from common.jobs import JobProgress, dispatcher_last_seen_s, job_progress
 BAR_WIDTH = 30
 STALL_WARNING_S = 60  # say so when nothing moved for this long: are the pools running?
 DISPATCHER_SILENT_S = 10  # a dispatcher says it is alive every tick (DISPATCH_INTERVAL_S)
+
+
+class Display(Protocol):
+    def update(self, progress: JobProgress) -> None: ...
+    def warn(self, message: str) -> None: ...
+    def close(self, progress: JobProgress) -> None: ...
 
 
 def render(progress: JobProgress) -> str:
@@ -27,13 +33,31 @@ def render(progress: JobProgress) -> str:
     )
 
 
+class TerminalBar:
+    """The CLI's display: a refreshed line on a terminal, the last line only otherwise."""
+
+    def __init__(self, out: TextIO = sys.stderr) -> None:
+        self.out = out
+
+    def update(self, progress: JobProgress) -> None:
+        if self.out.isatty():
+            self.out.write("\r" + render(progress))
+            self.out.flush()
+
+    def warn(self, message: str) -> None:
+        self.out.write(f"\n{message}\n")
+
+    def close(self, progress: JobProgress) -> None:
+        self.out.write(("\r" if self.out.isatty() else "") + render(progress) + "\n")
+
+
 def follow(
     conn: psycopg.Connection,
     job_id: str,
+    display: Display,
     *,
     timeout_s: float | None = None,
     interval_s: float = 0.5,
-    out: TextIO = sys.stderr,
 ) -> JobProgress:
     """Poll the job's counts until every item is done or failed (or the timeout passes)."""
     started = last_change = time.monotonic()
@@ -44,21 +68,19 @@ def follow(
         if progress is None:
             raise UserError(f"no job {job_id}")
         finished = progress.done + progress.failed
-        if out.isatty():
-            out.write("\r" + render(progress))
-            out.flush()
+        display.update(progress)
         now = time.monotonic()
         if finished != last_seen:
             last_seen, last_change, warned = finished, now, False
         elif not warned and now - last_change > STALL_WARNING_S:
-            out.write(f"\nno progress for {STALL_WARNING_S} s: {stall_hint(conn)}\n")
+            display.warn(f"no progress for {STALL_WARNING_S} s: {stall_hint(conn)}")
             warned = True
         if progress.ended:
             break
         if timeout_s is not None and now - started > timeout_s:
             break
         time.sleep(interval_s)
-    out.write(("\r" if out.isatty() else "") + render(progress) + "\n")
+    display.close(progress)
     return progress
 
 

@@ -9,7 +9,7 @@ from common.config import Settings
 from common.errors import UserError
 from common.jobspec import JobSpec, output_key
 from common.shards import Sample, Shard, read_tar, write_tar
-from producer.cli import DEFAULT_SHARD_SIZE, job_chunk_size
+from quarry.client import DEFAULT_SHARD_SIZE, job_chunk_size
 
 
 def shard(order: list[int]) -> Shard:

@@ -25,8 +25,8 @@ def metric(db: psycopg.Connection, pool: str) -> int:
     return int(value)
 
 
-def record(db: psycopg.Connection, chunks: int, model: str | None = None) -> str:
-    spec = JobSpec(job_id=str(uuid.uuid4()), variants=1, model=model)
+def record(db: psycopg.Connection, chunks: int, model: str | None = None, output: str = "files") -> str:
+    spec = JobSpec(job_id=str(uuid.uuid4()), variants=1, model=model, output=output)  # type: ignore[arg-type]
     submit_job(db, db.info.dsn, f"SELECT generate_series(1, {chunks}) AS id", spec, 1, 10)
     return spec.job_id
 
@@ -47,6 +47,12 @@ def test_scaler_queries_follow_the_ledger(db: psycopg.Connection, settings: Sett
     assert (metric(db, "transform"), metric(db, "upload"), metric(db, "inference")) == (3, 2, 2)
     cancel_job(db, classified)
     assert [metric(db, pool) for pool in ("transform", "upload", "inference")] == [0, 0, 0]
+
+
+def test_webdataset_jobs_keep_no_upload_replica(db: psycopg.Connection, settings: Settings) -> None:
+    record(db, chunks=3, output="webdataset")
+    claim(db, settings)
+    assert (metric(db, "transform"), metric(db, "upload"), metric(db, "inference")) == (3, 0, 0)
 
 
 def test_the_backlog_query_is_capped_so_a_huge_job_polls_cheaply(db: psycopg.Connection) -> None:

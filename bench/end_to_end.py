@@ -1,0 +1,240 @@
+"""End to end, side by side in one run on the same services: a plain Python loop a user would
+write, Quarry with `--output files`, Quarry with `--output webdataset`. Same query, ops, model and
+S3 server (moto's, on loopback); S3 requests are counted from the server's own request log.
+
+Then the pipeline without the storage ceiling: the transform stage on one core with the raw bytes
+in memory (S3 excluded), against the OpenCV limit (decode + the same ops + encode, one core).
+
+Run: python -m bench.end_to_end [--dataset ../shared/fashion-sample] [--shard-size 250]
+Uses PostgreSQL at 127.0.0.1:5432 (a scratch database, dropped after) and a private redis-server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import cv2
+import numpy as np
+import psycopg
+
+from common.augment import Pipeline, parse_spec
+from common.db import connect, ensure_database
+from common.jobs import lookup_catalog, lookup_images
+from common.jobspec import JobSpec
+from common.model import Classifier
+from common.paths import MODELS_DIR, default_dataset_path
+from common.shards import shard_from_transform, write_tar
+from common.transform import transform_images
+from tests.stack import BIN, Stack, free_port, wait_until
+
+QUERY = (
+    "SELECT s.id FROM styles s JOIN images i USING (id)"
+    " WHERE s.master_category IN ('Footwear', 'Accessories') AND i.status = 'stored'"
+)
+OPS = "hflip(p=0.5) | rotate(limit=15) | resize(224, 224)"
+REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|HEAD|DELETE) ')
+
+
+class RequestLog:
+    """Counts the requests moto's server logged since the last `mark()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def mark(self) -> None:
+        self.offset = self.path.stat().st_size
+
+    def since_mark(self) -> dict[str, int]:
+        with self.path.open("rb") as log:
+            log.seek(self.offset)
+            text = log.read().decode(errors="replace")
+        counts: dict[str, int] = {}
+        for method in REQUEST.findall(text):
+            counts[method] = counts.get(method, 0) + 1
+        return counts
+
+
+def plain_loop(env: dict[str, str], raw_keys: dict[int, str]) -> int:
+    """What a user would write: GET, decode, three OpenCV ops, encode, PUT, classify (batch 1),
+    INSERT, one image at a time."""
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["S3_ENDPOINT_URL"],
+        aws_access_key_id="quarry",
+        aws_secret_access_key="quarry-dev-secret",
+        region_name="us-east-1",
+    )
+    model = Classifier(MODELS_DIR / "fashion-classifier.onnx")
+    rng = np.random.default_rng(0)
+    with psycopg.connect(env["DATABASE_URL"], autocommit=True) as db:
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS loop_predictions (id bigint PRIMARY KEY, label text, score real)"
+        )
+        for image_id, raw_key in raw_keys.items():
+            raw = s3.get_object(Bucket=env["RAW_BUCKET"], Key=raw_key)["Body"].read()
+            image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+            if rng.random() < 0.5:
+                image = cv2.flip(image, 1)
+            height, width = image.shape[:2]
+            turn = cv2.getRotationMatrix2D((width / 2, height / 2), rng.uniform(-15, 15), 1.0)
+            image = cv2.warpAffine(image, turn, (width, height), borderMode=cv2.BORDER_REFLECT_101)
+            image = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)
+            encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+            s3.put_object(Bucket=env["OUTPUT_BUCKET"], Key=f"loop/{image_id}.jpg", Body=encoded)
+            prediction = model.predict([image], 1)[0]
+            db.execute(
+                "INSERT INTO loop_predictions VALUES (%s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                (image_id, prediction.label, prediction.score),
+            )
+    return len(raw_keys)
+
+
+def opencv_limit(raws: list[bytes]) -> float:
+    """img/s on one core: decode + hflip + rotate + resize + encode, nothing else."""
+    started = time.perf_counter()
+    for index, raw in enumerate(raws):
+        image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+        if index % 2:
+            image = cv2.flip(image, 1)
+        height, width = image.shape[:2]
+        turn = cv2.getRotationMatrix2D((width / 2, height / 2), 7.0, 1.0)
+        image = cv2.warpAffine(image, turn, (width, height), borderMode=cv2.BORDER_REFLECT_101)
+        image = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)
+        cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return len(raws) / (time.perf_counter() - started)
+
+
+def transform_stage_rate(database_url: str, ids: list[int], raws: dict[str, bytes], shard_size: int) -> float:
+    """img/s on one core of Quarry's transform stage for webdataset output (render + shard tar),
+    raw bytes from memory: the storage ceiling removed."""
+    spec = JobSpec(job_id=str(uuid.uuid4()), augment=parse_spec(OPS).stages, output="webdataset")
+    with psycopg.connect(database_url) as db:
+        index, catalog = lookup_images(db, ids), lookup_catalog(db, ids)
+    Pipeline.from_spec(spec.augment)
+    started = time.perf_counter()
+    for start in range(0, len(ids), shard_size):
+        chunk = ids[start : start + shard_size]
+        result = transform_images(spec, chunk, index, lambda keys: {k: raws[k] for k in keys})
+        write_tar(shard_from_transform(spec, result, catalog))
+    return len(ids) / (time.perf_counter() - started)
+
+
+def quarry_run(stack: Stack, log: RequestLog, *args: str) -> tuple[float, int, dict[str, int]]:
+    log.mark()
+    started = time.monotonic()
+    job_id = stack.submit(QUERY, "--augment", OPS, "--model", "default", *args)
+    wait_until(lambda: stack.progress(job_id).ended, 1800, "the job", 0.2)
+    seconds = time.monotonic() - started
+    end = stack.progress(job_id)
+    assert end.failed == 0, f"{end.failed} items failed"
+    return seconds, end.done, log.since_mark()
+
+
+def report(
+    name: str, seconds: float, outputs: int, requests: dict[str, int], baseline: float | None
+) -> float:
+    rate = outputs / seconds
+    total = sum(requests.values())
+    ratio = f"{rate / baseline:5.2f}x loop" if baseline else "  (baseline)"
+    detail = ", ".join(f"{method} {count}" for method, count in sorted(requests.items()))
+    print(
+        f"{name:<22} {outputs:>6} outputs {seconds:7.1f} s {rate:7.1f} img/s {ratio}"
+        f"   S3 requests/output {total / outputs:5.3f} ({detail})",
+        flush=True,
+    )
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", type=Path, default=default_dataset_path())
+    parser.add_argument("--shard-size", type=int, default=250)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="quarry-e2e-"))
+    name = f"quarry_e2e_{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    moto_log = root / "moto.log"
+    s3 = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=moto_log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    env = {
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "DATASET_PATH": str(args.dataset),
+        "RAW_BUCKET": "bench-raw",
+        "OUTPUT_BUCKET": "bench-out",
+        "DISPATCH_INTERVAL_S": "0.2",
+        "DISPATCH_BUDGET_CHUNKS": "8",
+    }
+    stack = Stack(env, root / "stack")
+    try:
+        wait_until(lambda: "Running on" in moto_log.read_text(), 20, "moto")
+        ensure_database(env["DATABASE_URL"])
+        subprocess.run(
+            [str(BIN / "producer"), "ingest"], env={**os.environ, **env}, check=True, capture_output=True
+        )
+        with psycopg.connect(env["DATABASE_URL"]) as db:
+            ids = [row[0] for row in db.execute(QUERY + " ORDER BY 1")]
+            keys = dict(db.execute("SELECT id, raw_key FROM images WHERE id = ANY (%s)", (ids,)).fetchall())
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()};"
+            f" dataset {args.dataset}; {len(ids)} images; ops {OPS}; model default;"
+            f" pools: transform 2 processes, upload 8 threads, inference 1; S3: moto_server"
+        )
+        log = RequestLog(moto_log)
+        log.mark()
+        started = time.monotonic()
+        loop_outputs = plain_loop(env, {image_id: keys[image_id] for image_id in ids})
+        baseline = report("plain loop", time.monotonic() - started, loop_outputs, log.since_mark(), None)
+
+        stack.start_redis()
+        stack.start_pools()
+        stack.start_dispatcher()
+        seconds, outputs, requests = quarry_run(stack, log, "--output", "files")
+        files_rate = report("quarry files", seconds, outputs, requests, baseline)
+        seconds, outputs, requests = quarry_run(
+            stack, log, "--output", "webdataset", "--shard-size", str(args.shard_size)
+        )
+        shards_rate = report(f"quarry webdataset/{args.shard_size}", seconds, outputs, requests, baseline)
+        print(f"webdataset vs files: {shards_rate / files_rate:.2f}x")
+        stack.stop_all()
+
+        s3_client = boto3.client(
+            "s3",
+            endpoint_url=env["S3_ENDPOINT_URL"],
+            aws_access_key_id="quarry",
+            aws_secret_access_key="quarry-dev-secret",
+            region_name="us-east-1",
+        )
+        raws = {
+            key: s3_client.get_object(Bucket=env["RAW_BUCKET"], Key=key)["Body"].read()
+            for key in keys.values()
+        }
+        limit = opencv_limit(list(raws.values()))
+        stage = transform_stage_rate(env["DATABASE_URL"], ids, raws, args.shard_size)
+        print(
+            f"without the storage ceiling, one core: OpenCV limit {limit:7.1f} img/s;"
+            f" Quarry transform stage (render + shard) {stage:7.1f} img/s = {stage / limit:.0%} of the limit"
+        )
+    finally:
+        stack.stop_all()
+        s3.terminate()
+        with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        print(f"logs: {root}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""Quarry's Python API: what the CLI and notebooks call. Every method raises from Quarry's error
+tree (`common.errors`) with one clear message; a refused job records nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from common.augment import parse_spec
+from common.config import Settings, get_settings
+from common.db import connect, ensure_database, ensure_schema
+from common.errors import NoSuchJob, UserError
+from common.images import encode
+from common.jobs import JobProgress, cancel_job, iter_results, job_progress, list_jobs, retry_job
+from common.jobspec import JobSpec
+from common.model import Classifier, locate_model
+from common.paths import MODELS_DIR
+from common.storage import ObjectStore, parse_s3_uri
+from producer.ingest import IngestSummary
+from producer.ingest import ingest as run_ingest
+from producer.preview import contact_sheet, read_dataset_image
+from producer.progress import Display, follow
+from producer.query import check_query
+from producer.submit import new_job_id, submit_job
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+DEFAULT_SHARD_SIZE = 1000  # images per webdataset shard (img2dataset writes 10,000)
+SQL_ROW_LIMIT = 100_000  # `Quarry.sql` returns at most this many rows unless told otherwise
+
+
+class Preview:
+    """A contact sheet of one image and its variants; shows itself inline in Jupyter."""
+
+    def __init__(self, image_id: int, sheet: Any) -> None:
+        self.image_id = image_id
+        self.pixels = sheet  # BGR uint8, as OpenCV holds it
+        self.png = encode(sheet, "png", 0)
+
+    def _repr_png_(self) -> bytes:
+        return self.png
+
+    def save(self, path: str | Path) -> Path:
+        Path(path).write_bytes(self.png)
+        return Path(path)
+
+
+class Job:
+    """One job of the ledger, by id. Cheap to create: every call reads PostgreSQL afresh."""
+
+    def __init__(self, quarry: Quarry, job_id: str) -> None:
+        self.quarry = quarry
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def status(self) -> JobProgress:
+        """Counts, state and seconds; NoSuchJob if the id is not a job."""
+        with self.quarry.connection() as conn:
+            progress = job_progress(conn, self.id)
+        if progress is None:
+            raise NoSuchJob(f"no job {self.id}")
+        return progress
+
+    def wait(
+        self, progress: bool = True, timeout: float | None = None, display: Display | None = None
+    ) -> JobProgress:
+        """Follow the job until it finishes or is cancelled (or `timeout` seconds pass), with a
+        progress bar: a notebook widget in Jupyter, text in a terminal."""
+        with self.quarry.connection() as conn:
+            return follow(
+                conn, self.id, display or (ProgressBar() if progress else Silent()), timeout_s=timeout
+            )
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Every item row (id, variant, status, uri, label/score/top_k or error), streamed."""
+        self.status()
+        with self.quarry.connection(autocommit=False) as conn:
+            yield from iter_results(conn, self.id)
+
+    def results(self, catalog: bool = False) -> pd.DataFrame:
+        """The item rows as a DataFrame; `catalog=True` joins each row with its `styles` fields."""
+        import pandas as pd
+
+        frame = pd.DataFrame(
+            self.rows(), columns=["image_id", "variant", "status", "uri", "error", "label", "score", "top_k"]
+        )
+        if catalog and not frame.empty:
+            styles = self.quarry.sql(  # the id is a checked UUID, safe to inline
+                "SELECT * FROM styles WHERE id IN"
+                f" (SELECT image_id FROM job_items WHERE job_id = '{self.id}')",
+                limit=None,
+            )
+            frame = frame.merge(styles.rename(columns={"id": "image_id"}), on="image_id", how="left")
+        return frame
+
+    def failures(self) -> pd.DataFrame:
+        """The failed items with their errors."""
+        frame = self.results()
+        return frame[frame["status"] == "failed"][["image_id", "variant", "error"]].reset_index(drop=True)
+
+    def retry(self) -> tuple[int, int]:
+        """Send the failed items again; (chunks, items) sent."""
+        with self.quarry.connection() as conn:
+            return retry_job(conn, self.id)
+
+    def cancel(self) -> bool:
+        """Stop dispatching the job; False when it was not running."""
+        with self.quarry.connection() as conn:
+            return cancel_job(conn, self.id)
+
+
+class Quarry:
+    """A handle on one deployment: its PostgreSQL, S3 and settings (see `common/config.py`)."""
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        base = settings or get_settings()
+        self.settings = base.model_copy(update=overrides) if overrides else base
+
+    @classmethod
+    def from_env(cls) -> Quarry:
+        """Settings from the environment, as the CLI and workers read them."""
+        return cls(get_settings())
+
+    def connection(self, autocommit: bool = True) -> Any:
+        return connect(self.settings.database_url, autocommit=autocommit)
+
+    def store(self, max_connections: int = 10) -> ObjectStore:
+        return ObjectStore(self.settings, max_connections=max_connections)
+
+    def init(self) -> bool:
+        """Create the database if missing, its tables and both buckets; True if it was created."""
+        created = ensure_database(self.settings.database_url)
+        with self.connection() as conn:
+            ensure_schema(conn)
+        store = self.store()
+        for bucket in (self.settings.raw_bucket, self.settings.output_bucket):
+            store.ensure_bucket(bucket)
+        return created
+
+    def ingest(
+        self, path: str | Path | None = None, on_progress: Callable[[IngestSummary], None] = lambda s: None
+    ) -> IngestSummary:
+        """Load `styles.csv` into PostgreSQL and `images/` into the raw bucket (re-runnable)."""
+        dataset = Path(path) if path is not None else self.settings.dataset_path
+        store = self.store(max_connections=self.settings.ingest_concurrency)
+        store.ensure_bucket(self.settings.output_bucket)
+        with self.connection() as conn:
+            ensure_schema(conn)
+            return run_ingest(
+                conn, store, dataset, self.settings.raw_bucket, self.settings.ingest_concurrency, on_progress
+            )
+
+    def run(
+        self,
+        query: str,
+        *,
+        augment: str | None = None,
+        variants: int = 1,
+        seed: int = 0,
+        image_format: str | None = None,
+        quality: int = 90,
+        keep_original: bool = False,
+        model: str | None = None,
+        infer_on: Literal["raw", "augmented"] = "augmented",
+        top_k: int = 5,
+        item_rows: Literal["all", "failures"] | None = None,
+        output: Literal["files", "webdataset"] = "files",
+        shard_size: int | None = None,
+        chunk_size: int | None = None,
+        key_layout: Literal["flat", "hashed"] = "flat",
+    ) -> Job:
+        """Select images with SQL and record the job; the dispatcher sends it through the pools.
+        Every option is checked before anything is recorded."""
+        spec = self.job_spec(
+            augment=augment,
+            variants=variants,
+            seed=seed,
+            image_format=image_format,
+            quality=quality,
+            keep_original=keep_original,
+            model=model,
+            infer_on=infer_on,
+            top_k=top_k,
+            item_rows=item_rows,
+            output=output,
+            key_layout=key_layout,
+        )
+        size = job_chunk_size(spec, chunk_size, shard_size, self.settings)
+        with self.connection() as conn:
+            ensure_schema(conn)
+            submit_job(conn, self.settings.database_url, query, spec, size, self.settings.query_timeout_s)
+        return Job(self, spec.job_id)
+
+    def job_spec(self, **options: Any) -> JobSpec:
+        """A validated JobSpec (UserError for a bad option) with a new job id."""
+        check_range("variants", options["variants"], 1, 64)
+        check_range("quality", options["quality"], 1, 100)
+        check_range("top_k", options["top_k"], 1, 100)
+        check_choice("infer_on", options["infer_on"], ("raw", "augmented"))
+        check_choice("output", options["output"], ("files", "webdataset"))
+        check_choice("key_layout", options["key_layout"], ("flat", "hashed"))
+        check_choice("image_format", options["image_format"], (None, "jpeg", "png", "webp"))
+        augment = parse_spec(options["augment"]) if options["augment"] else None
+        keep_original = options["keep_original"] or bool(augment and augment.keep_original)
+        if keep_original and options["variants"] < 2 and augment and augment.stages:
+            raise UserError("keep_original needs 2 or more variants to leave room for an augmented one")
+        return JobSpec(
+            job_id=new_job_id(),
+            variants=options["variants"],
+            seed=options["seed"],
+            augment=augment.stages if augment else [],
+            keep_original=keep_original,
+            image_format=options["image_format"],
+            quality=options["quality"],
+            model=self.model_reference(options["model"]),
+            infer_on=options["infer_on"],
+            top_k=options["top_k"],
+            item_rows=options["item_rows"] or self.settings.item_rows,
+            output=options["output"],
+            key_layout=options["key_layout"],
+        )
+
+    def model_reference(self, model: str | None) -> str | None:
+        """Check a model before the job starts; the reference workers will load."""
+        if model is None:
+            return None
+        reference = self.settings.default_model if model == "default" else model
+        store = self.store()
+        path = locate_model(
+            reference, MODELS_DIR, self.settings.model_cache_dir, lambda uri: store.get(*parse_s3_uri(uri))
+        )
+        Classifier(path, providers=["CPUExecutionProvider"])  # refuses missing or bad metadata
+        return reference
+
+    def job(self, job_id: str) -> Job:
+        """A job by id; NoSuchJob when there is none."""
+        job = Job(self, checked_job_id(job_id))
+        job.status()
+        return job
+
+    def list_jobs(self, limit: int = 20) -> list[JobProgress]:
+        with self.connection() as conn:
+            ensure_schema(conn)
+            return list_jobs(conn, limit)
+
+    def jobs(self, limit: int = 20) -> pd.DataFrame:
+        """The newest jobs with their counts, newest first."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [{**p.as_dict(), "created_at": p.created_at} for p in self.list_jobs(limit)],
+            columns=["job_id", "state", "total", "done", "failed", "seconds", "created_at"],
+        )
+
+    def preview(
+        self,
+        image_id: int,
+        *,
+        augment: str | None = None,
+        variants: int = 1,
+        seed: int = 0,
+        image_format: str | None = None,
+        quality: int = 90,
+        keep_original: bool = False,
+    ) -> Preview:
+        """The image and its variants exactly as a job with these options renders them."""
+        spec = self.job_spec(
+            augment=augment,
+            variants=variants,
+            seed=seed,
+            image_format=image_format,
+            quality=quality,
+            keep_original=keep_original,
+            model=None,
+            infer_on="augmented",
+            top_k=1,
+            item_rows=None,
+            output="files",
+            key_layout="flat",
+        )
+        data = read_dataset_image(self.settings.dataset_path, image_id)
+        return Preview(image_id, contact_sheet(spec, image_id, data))
+
+    def sql(self, query: str, limit: int | None = SQL_ROW_LIMIT) -> pd.DataFrame:
+        """A read-only query on the catalog (the same guard as `run`: one statement, READ ONLY
+        transaction, QUERY_TIMEOUT_S) as a DataFrame of at most `limit` rows."""
+        import pandas as pd
+        import psycopg
+
+        from producer.query import translate
+
+        text = check_query(query)
+        with self.connection(autocommit=False) as conn:
+            try:
+                conn.execute("SET TRANSACTION READ ONLY")
+                conn.execute(f"SET LOCAL statement_timeout = {self.settings.query_timeout_s * 1000}")
+                cursor = conn.execute(text)
+                rows = cursor.fetchall() if limit is None else cursor.fetchmany(limit)
+                columns = [column.name for column in cursor.description or []]
+            except psycopg.Error as exc:
+                raise translate(exc, self.settings.query_timeout_s) from exc
+            finally:
+                conn.rollback()
+        return pd.DataFrame(rows, columns=columns)
+
+
+def job_chunk_size(spec: JobSpec, chunk_size: int | None, shard_size: int | None, settings: Settings) -> int:
+    """Ids per chunk: a webdataset shard is one chunk, so a shard size is its chunk size."""
+    if spec.output == "files":
+        if shard_size is not None:
+            raise UserError("--shard-size applies to --output webdataset only")
+        return chunk_size or settings.chunk_size
+    if spec.key_layout != "flat":
+        raise UserError("--key-layout applies to --output files only (shards are already few keys)")
+    if chunk_size is not None and shard_size is not None and chunk_size != shard_size:
+        raise UserError("--chunk-size and --shard-size disagree: a shard is one chunk; give one of them")
+    return shard_size or chunk_size or DEFAULT_SHARD_SIZE
+
+
+def checked_job_id(job_id: str) -> str:
+    """A job id must be a UUID; UserError names the bad value."""
+    import uuid
+
+    try:
+        return str(uuid.UUID(job_id))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise UserError(f"not a job id: {job_id!r}") from exc
+
+
+def check_range(name: str, value: int, low: int, high: int) -> None:
+    if not isinstance(value, int) or not low <= value <= high:
+        raise UserError(f"{name} must be an integer from {low} to {high}, not {value!r}")
+
+
+def check_choice(name: str, value: object, choices: tuple[object, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(map(repr, choices))}, not {value!r}")
+
+
+class Silent:
+    def update(self, progress: JobProgress) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass
+
+    def close(self, progress: JobProgress) -> None:
+        pass
+
+
+class ProgressBar:
+    """tqdm.auto: a widget in Jupyter, text in a terminal; counts finished items."""
+
+    def __init__(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=0, unit="img", desc="job")
+
+    def update(self, progress: JobProgress) -> None:
+        self.bar.total = progress.total
+        self.bar.n = progress.done + progress.failed
+        self.bar.set_postfix(failed=progress.failed, refresh=False)
+        self.bar.refresh()
+
+    def warn(self, message: str) -> None:
+        self.bar.write(message)
+
+    def close(self, progress: JobProgress) -> None:
+        self.update(progress)
+        self.bar.close()
