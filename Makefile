@@ -8,7 +8,7 @@ IMAGE ?= quarry
 RUNTIME ?= cpu
 OVERLAY ?= example
 
-.PHONY: help install up down demo test lint model bench image k8s-render clean
+.PHONY: help install up down demo notebook test lint model bench image k8s-render clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
@@ -37,6 +37,10 @@ demo: up ## up, ingest the default dataset, run a query end to end, print the su
 	  --query "SELECT s.id FROM styles s JOIN images i USING (id) WHERE s.master_category = 'Footwear' AND i.status = 'stored'" \
 	  --augment "hflip(p=0.5) | rotate(limit=10) | resize(120, 160, keep_aspect=True, fill=255)" \
 	  --variants 2 --model default
+
+notebook: up ## JupyterLab on examples/ against the running stack (quickstart.ipynb)
+	$(BIN)/pip install -q -e '.[cpu,dev,notebook]'
+	$(BIN)/jupyter lab --notebook-dir=examples --ip=127.0.0.1
 
 test: install ## run the whole suite against real PostgreSQL, Redis, S3 and workers
 	$(BIN)/python -m pytest

@@ -29,16 +29,24 @@ class Example:
     article_type: str
     master_category: str
     sub_category: str
+    folder: Path  # the dataset folder holding images/{image_id}.jpg
+
+    @property
+    def image_path(self) -> Path:
+        return self.folder / "images" / f"{self.image_id}.jpg"
 
 
-def load_examples(dataset: Path) -> list[Example]:
-    """Rows of styles.csv that have an image and an article type."""
-    examples = []
-    for row in read_styles(dataset / "styles.csv", CatalogStats()):
-        if isinstance(row, RejectedLine) or row[4] is None or row[2] is None:
-            continue
-        if (dataset / "images" / f"{row[0]}.jpg").is_file():
-            examples.append(Example(row[0], row[4], row[2], row[3] or ""))
+def load_examples(datasets: list[Path]) -> list[Example]:
+    """Rows of each folder's styles.csv that have an image and an article type; an id seen in
+    an earlier folder is not taken again."""
+    examples, seen = [], set()
+    for dataset in datasets:
+        for row in read_styles(dataset / "styles.csv", CatalogStats()):
+            if isinstance(row, RejectedLine) or row[4] is None or row[2] is None or row[0] in seen:
+                continue
+            if (dataset / "images" / f"{row[0]}.jpg").is_file():
+                examples.append(Example(row[0], row[4], row[2], row[3] or "", dataset))
+                seen.add(row[0])
     return examples
 
 
@@ -63,10 +71,10 @@ def label_set(train: list[Example]) -> tuple[list[str], dict[str, list[str]], di
     return sorted(hierarchy), hierarchy, mapping
 
 
-def load_pixels(dataset: Path, examples: list[Example], preprocess: Preprocess) -> np.ndarray:
+def load_pixels(examples: list[Example], preprocess: Preprocess) -> np.ndarray:
     """N x H x W x 3 uint8 RGB, fitted by the model's own resize rule."""
     pixels = np.empty((len(examples), preprocess.height, preprocess.width, 3), dtype=np.uint8)
     for index, example in enumerate(examples):
-        image = decode((dataset / "images" / f"{example.image_id}.jpg").read_bytes())
+        image = decode(example.image_path.read_bytes())
         pixels[index] = preprocess.fit(image)[..., ::-1]
     return pixels

@@ -1,6 +1,6 @@
 """Train the fashion classifier and export it to ONNX with Quarry's metadata (`make model`).
 
-Usage: python -m training.train [DATASET] [--out models/fashion-classifier.onnx] [--epochs N]
+Usage: python -m training.train [DATASET ...] [--out models/fashion-classifier.onnx] [--epochs N]
 Needs the training extra (torch, onnx); serving needs only onnxruntime.
 """
 
@@ -72,16 +72,16 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
 
 
-def train(dataset: Path, out: Path, epochs: int) -> None:
+def train(datasets: list[Path], out: Path, epochs: int) -> None:
     random.seed(SEED)
     np.random.seed(SEED)
     torch.manual_seed(SEED)
-    examples = load_examples(dataset)
+    examples = load_examples(datasets)
     train_set = [e for e in examples if not is_held_out(e.image_id)]
     test_set = [e for e in examples if is_held_out(e.image_id)]
     labels, hierarchy, mapping = label_set(train_set)
     index = {label: i for i, label in enumerate(labels)}
-    inputs = to_tensor(load_pixels(dataset, train_set, PREPROCESS))
+    inputs = to_tensor(load_pixels(train_set, PREPROCESS))
     targets = torch.tensor([index[mapping[e.article_type]] for e in train_set])
     print(f"{len(train_set)} training images, {len(test_set)} held out, {len(labels)} labels")
 
@@ -107,9 +107,13 @@ def train(dataset: Path, out: Path, epochs: int) -> None:
             f"epoch {epoch + 1}/{epochs}: loss {total / len(order):.3f} ({time.monotonic() - started:.0f} s)"
         )
 
+    seconds = time.monotonic() - started
     export(model.eval(), labels, hierarchy, out)
-    report = evaluate_onnx(out, dataset, test_set, mapping)
-    write_card(out.with_suffix(".md"), report, len(train_set), len(test_set), labels, epochs)
+    report = evaluate_onnx(out, test_set, mapping)
+    sources = {str(d): sum(e.folder == d for e in examples) for d in datasets}
+    write_card(
+        out.with_suffix(".md"), report, len(train_set), len(test_set), labels, epochs, sources, seconds
+    )
     print(json.dumps({k: report[k] for k in ("top1", "top5", "master_top1", "raw_top1")}))
 
 
@@ -140,12 +144,12 @@ def export(model: nn.Module, labels: list[str], hierarchy: dict[str, list[str]],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dataset", nargs="?", type=Path, default=get_settings().dataset_path)
+    parser.add_argument("datasets", nargs="*", type=Path, help="dataset folders (default: DATASET_PATH)")
     parser.add_argument("--out", type=Path, default=Path("models/fashion-classifier.onnx"))
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=60)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    train(args.dataset, args.out, args.epochs)
+    train(args.datasets or [get_settings().dataset_path], args.out, args.epochs)
 
 
 if __name__ == "__main__":
