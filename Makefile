@@ -7,6 +7,8 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= quarry
 RUNTIME ?= cpu
 OVERLAY ?= example
+# `make model` trains on these folders (the committed model's data); empty: DATASET_PATH
+DATASET ?= $(wildcard ../shared/fashion-sample ../shared/fashion-train)
 
 .PHONY: help install up down demo notebook test lint model bench image k8s-render clean
 
@@ -50,7 +52,7 @@ lint: install ## ruff and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-model: install ## train the classifier on DATASET (default: DATASET_PATH) into models/ with its card
+model: install ## train the classifier on the DATASET folders into models/ with its card
 	$(BIN)/pip install -q torch==2.13.0 'onnx>=1.16,<2'
 	$(BIN)/python -m training.train $(DATASET)
 

@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from common.catalog import COLUMNS
 from common.errors import UserError
 
 
@@ -212,17 +213,7 @@ def lookup_images(
     return {row[0]: (row[1], row[2], row[3]) for row in rows}
 
 
-CATALOG_FIELDS = (
-    "gender",
-    "master_category",
-    "sub_category",
-    "article_type",
-    "base_colour",
-    "season",
-    "year",
-    "usage",
-    "product_display_name",
-)
+CATALOG_FIELDS = COLUMNS[1:]  # the styles columns after id
 
 
 def lookup_catalog(conn: psycopg.Connection, image_ids: list[int]) -> dict[int, dict[str, Any]]:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from common.images import decode
 from common.model import Classifier
@@ -39,10 +36,6 @@ def evaluate_onnx(model_path: Path, test_set: list[Example], mapping: dict[str, 
         if prediction.label != example.article_type:
             confusions[(example.article_type, prediction.label)] += 1
         master += hierarchy.get(prediction.label, [""])[0] == example.master_category
-    batch = np.stack(images[:256] * (256 // max(1, len(images[:256])) + 1))[:256]
-    started = time.perf_counter()
-    classifier.predict(list(batch), top_k=5)
-    latency = time.perf_counter() - started
     n = len(test_set)
     return {
         "top1": top1 / n,
@@ -53,7 +46,6 @@ def evaluate_onnx(model_path: Path, test_set: list[Example], mapping: dict[str, 
         "per_class": {k: v for k, v in sorted(per_class.items(), key=lambda kv: -kv[1][0])},
         "confusions": confusions.most_common(12),
         "majority": Counter(mapping.get(e.article_type, "") for e in test_set).most_common(1)[0][1] / n,
-        "latency_256_s": latency,
         "input": f"{classifier.info.preprocess.height}x{classifier.info.preprocess.width} (HxW)",
         "size_bytes": model_path.stat().st_size,
     }
@@ -100,8 +92,8 @@ CPU (2 threads), seed 7, in {seconds / 60:.1f} min of training on the 2-core dev
 | master_category top-1 | {report["master_top1"]:.1%} |
 | majority-class baseline | {report["majority"]:.1%} |
 
-Latency: {report["latency_256_s"] * 1000:.0f} ms per batch of 256 on this 2-core CPU
-(preprocessing included); see `bench/inference.py` for the throughput benchmark.
+Speed: `python -m bench.inference` (a process of its own; timing inside the training process
+would share the CPU with torch's threads). Figures in docs/benchmarks.md.
 
 ## Per class (held out)
 | label | n | top-1 | top-5 |
