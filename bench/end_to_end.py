@@ -21,13 +21,14 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import boto3
 import cv2
 import numpy as np
 import psycopg
 
-from common.augment import Pipeline, parse_spec
+from common.augment import parse_spec
 from common.db import connect, ensure_database
 from common.jobs import lookup_catalog, lookup_images
 from common.jobspec import JobSpec
@@ -64,16 +65,21 @@ class RequestLog:
         return counts
 
 
-def plain_loop(env: dict[str, str], raw_keys: dict[int, str]) -> int:
-    """What a user would write: GET, decode, three OpenCV ops, encode, PUT, classify (batch 1),
-    INSERT, one image at a time."""
-    s3 = boto3.client(
+def s3_client(env: dict[str, str]) -> Any:
+    """A boto3 client on the bench's S3 server, as the plain loop's author would make one."""
+    return boto3.client(
         "s3",
         endpoint_url=env["S3_ENDPOINT_URL"],
         aws_access_key_id="quarry",
         aws_secret_access_key="quarry-dev-secret",
         region_name="us-east-1",
     )
+
+
+def plain_loop(env: dict[str, str], raw_keys: dict[int, str]) -> int:
+    """What a user would write: GET, decode, three OpenCV ops, encode, PUT, classify (batch 1),
+    INSERT, one image at a time."""
+    s3 = s3_client(env)
     model = Classifier(MODELS_DIR / "fashion-classifier.onnx")
     rng = np.random.default_rng(0)
     with psycopg.connect(env["DATABASE_URL"], autocommit=True) as db:
@@ -120,7 +126,6 @@ def transform_stage_rate(database_url: str, ids: list[int], raws: dict[str, byte
     spec = JobSpec(job_id=str(uuid.uuid4()), augment=parse_spec(OPS).stages, output="webdataset")
     with psycopg.connect(database_url) as db:
         index, catalog = lookup_images(db, ids), lookup_catalog(db, ids)
-    Pipeline.from_spec(spec.augment)
     started = time.perf_counter()
     for start in range(0, len(ids), shard_size):
         chunk = ids[start : start + shard_size]
@@ -211,17 +216,8 @@ def main() -> None:
         print(f"webdataset vs files: {shards_rate / files_rate:.2f}x")
         stack.stop_all()
 
-        s3_client = boto3.client(
-            "s3",
-            endpoint_url=env["S3_ENDPOINT_URL"],
-            aws_access_key_id="quarry",
-            aws_secret_access_key="quarry-dev-secret",
-            region_name="us-east-1",
-        )
-        raws = {
-            key: s3_client.get_object(Bucket=env["RAW_BUCKET"], Key=key)["Body"].read()
-            for key in keys.values()
-        }
+        s3 = s3_client(env)
+        raws = {key: s3.get_object(Bucket=env["RAW_BUCKET"], Key=key)["Body"].read() for key in keys.values()}
         limit = opencv_limit(list(raws.values()))
         stage = transform_stage_rate(env["DATABASE_URL"], ids, raws, args.shard_size)
         print(

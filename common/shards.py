@@ -28,7 +28,6 @@ from common.storage import ObjectStore
 from common.transform import TransformResult
 
 RAW_PREFIX = "_raw/"  # staging-only members: the raw images a model reads with --infer-on raw
-MANIFEST_COLUMNS = ("image_id", "variant", "shard", "member", "status", "error", "label", "score")
 
 
 def shard_name(job_id: str, chunk: int) -> str:
@@ -133,8 +132,8 @@ def write_tar(shard: Shard, *, staging: bool = False) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in sorted(shard.samples, key=lambda s: s.slot):
-            if sample.image is not None and sample.image_member:
-                tar.addfile(*_member(sample.image_member, sample.image))
+            if sample.image is not None:
+                tar.addfile(*_member(f"{sample.key}{sample.extension}", sample.image))
             record = {**sample.record, "id": sample.image_id, "variant": sample.variant}
             if staging:
                 record["slot"] = sample.slot
@@ -228,17 +227,18 @@ def manifest_rows(name: str, samples: Iterable[Sample]) -> Iterator[dict[str, An
 
 
 def parquet_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
-    """Rows of MANIFEST_COLUMNS as a parquet file."""
+    """Rows of `manifest_rows` as a parquet file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(list(rows), schema=MANIFEST_SCHEMA())
+    table = pa.Table.from_pylist(list(rows), schema=manifest_schema())
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
 
 
-def MANIFEST_SCHEMA() -> Any:
+def manifest_schema() -> Any:
+    """The parquet manifest's columns (pyarrow is imported only where parquet is written)."""
     import pyarrow as pa
 
     return pa.schema(

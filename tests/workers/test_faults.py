@@ -131,6 +131,26 @@ def test_a_lost_process_mid_job_is_healed_by_leases(
     assert stack.redispatched(job_id) > 0
 
 
+def test_a_killed_inference_pool_loses_no_shard(stack: Stack, store: ObjectStore, settings: Settings) -> None:
+    """WebDataset with a model: the inference pool is SIGKILLed holding staged shards; their
+    leases run out, transform stages them again, and every shard ends written once, complete."""
+    stack.start_pools()
+    stack.start_dispatcher()
+    job_id = submit(stack, *JOB[:4], "--output", "webdataset", "--shard-size", "10", "--model", "default")
+    wait_for_progress(stack, job_id, 40)
+    stack.stop("worker-inference", signal.SIGKILL)
+    time.sleep(5)
+    stack.start_pool("inference")
+    final = wait_finished(stack, job_id, LEASE_S + 90)
+    assert (final.state, final.failed, final.done, final.total) == ("finished", 0, IMAGES * 2, IMAGES * 2)
+    keys = store.list_keys(settings.output_bucket, f"{job_id}/shards/")
+    shards = -(-IMAGES // 10)
+    assert len([k for k in keys if k.endswith(".tar")]) == shards
+    assert len([k for k in keys if k.endswith((".parquet", "_stats.json"))]) == 2 * shards
+    assert not [k for k in keys if "/_staging/" in k]
+    assert stack.redispatched(job_id) > 0
+
+
 def test_postgresql_connections_terminated_for_10_s_lose_nothing(
     stack: Stack, store: ObjectStore, settings: Settings
 ) -> None:
