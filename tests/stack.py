@@ -3,6 +3,8 @@ must kill the broker, a private redis-server. Each process logs to its own file 
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import socket
@@ -72,6 +74,47 @@ class Stack:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
+
+    def kill_pool_mid_chunk(self, queue: str, timeout: float = 60) -> None:
+        """SIGKILL a pool at a moment it holds a task whose chunk the ledger has not finished.
+
+        The pool is frozen (SIGSTOP) before looking, so it can neither record nor take a task
+        between the look and the kill. A taken task whose chunk is finished is not enough: the
+        worker acks after it records, so such a task is already safe. An idle pool is thawed and
+        looked at again."""
+        name = f"worker-{queue}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.send_signal(name, signal.SIGSTOP)
+            if any(self.chunk_state(ticket) == "dispatched" for ticket in self.held_tickets(queue)):
+                self.stop(name, signal.SIGKILL)
+                return
+            self.send_signal(name, signal.SIGCONT)
+            time.sleep(0.05)
+        raise TimeoutError(f"the {queue} pool held no unfinished chunk in {timeout} s")
+
+    def held_tickets(self, queue: str) -> list[dict[str, object]]:
+        """The chunk tickets of `queue`'s messages that a worker took and has not acked.
+
+        kombu keeps each in its `unacked` hash as [message, exchange, routing key]; the message
+        body is Celery's base64 JSON [args, kwargs, embed], and the ticket is the dict argument
+        that names a chunk."""
+        tickets = []
+        for entry in self.redis().hvals("unacked"):
+            message, _exchange, routing_key = json.loads(entry)
+            if routing_key == queue:
+                args = json.loads(base64.b64decode(message["body"]))[0]
+                tickets += [arg for arg in args if isinstance(arg, dict) and "chunk" in arg]
+        return tickets
+
+    def chunk_state(self, ticket: dict[str, object]) -> str:
+        with psycopg.connect(self.env["DATABASE_URL"]) as conn:
+            row = conn.execute(
+                "SELECT state FROM job_chunks WHERE job_id = %s AND chunk_index = %s",
+                (ticket["job_id"], ticket["chunk"]),
+            ).fetchone()
+        assert row is not None, f"no chunk for {ticket}"
+        return str(row[0])
 
     def stop_all(self) -> None:
         for name in list(self.processes):

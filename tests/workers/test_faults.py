@@ -138,7 +138,7 @@ def test_a_killed_inference_pool_loses_no_shard(stack: Stack, store: ObjectStore
     stack.start_dispatcher()
     job_id = submit(stack, *JOB[:4], "--output", "webdataset", "--shard-size", "10", "--model", "default")
     wait_for_progress(stack, job_id, 40)
-    stack.stop("worker-inference", signal.SIGKILL)
+    stack.kill_pool_mid_chunk("inference")
     time.sleep(5)
     stack.start_pool("inference")
     final = wait_finished(stack, job_id, LEASE_S + 90)
