@@ -44,6 +44,9 @@ class Settings(BaseSettings):
         default=64, ge=1, description="chunks in flight at once, over every job (the dispatcher's budget)"
     )
     dispatch_interval_s: float = Field(default=0.5, gt=0, le=60, description="dispatcher tick")
+    dispatch_stall_s: int = Field(
+        default=300, ge=5, description="a dispatcher whose loop stopped this long exits, to be restarted"
+    )
     chunk_lease_s: int = Field(
         default=300, ge=5, description="a chunk no stage touched for this long is dispatched again"
     )

@@ -54,9 +54,14 @@ class Database:
     """A long-running process's PostgreSQL access: one autocommit connection per thread, reopened
     when it broke, and `run` retries a whole (idempotent) call through connection loss."""
 
-    def __init__(self, url: str, *, retry_for_s: float = 30.0) -> None:
+    def __init__(
+        self, url: str, *, retry_for_s: float = 30.0, idle_in_transaction_s: int | None = None
+    ) -> None:
+        """`idle_in_transaction_s`: the server ends a session that leaves a transaction idle this
+        long, releasing its locks (a client cut off mid-transaction cannot roll back itself)."""
         self.url = url
         self.retry_for_s = retry_for_s
+        self.idle_in_transaction_s = idle_in_transaction_s
         self._local = threading.local()
 
     def connection(self) -> psycopg.Connection:
@@ -64,6 +69,11 @@ class Database:
         conn: psycopg.Connection | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed or conn.broken:
             conn = connect(self.url, autocommit=True)
+            if self.idle_in_transaction_s:
+                conn.execute(
+                    "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                    (f"{self.idle_in_transaction_s}s",),
+                )
             self._local.conn = conn
         return conn
 

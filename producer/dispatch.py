@@ -24,6 +24,7 @@ from common.config import Settings
 from common.db import Database, first_line
 from common.errors import BrokerUnavailable, TransientError
 from common.ledger import Ticket, claim_chunks, fail_exhausted, return_expired, unclaim
+from producer.watchdog import Watchdog
 from workers.base import BROKER_ERRORS, PUBLISH_RETRY
 from workers.routes import TRANSFORM
 
@@ -137,8 +138,11 @@ def check_broker(app: Celery) -> None:
 
 def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = None) -> None:
     """Tick forever (or `max_ticks` times); an outage of PostgreSQL or the broker is logged and
-    waited out, never fatal."""
-    database = Database(settings.database_url)
+    waited out, never fatal. A loop that stops turning for DISPATCH_STALL_S (a silent peer)
+    ends the process, for its supervisor to restart."""
+    # a dispatcher cut off inside its claim transaction holds the dispatch lock until the server
+    # ends that transaction: give up on it as soon as the watchdog gives up on the dispatcher
+    database = Database(settings.database_url, idle_in_transaction_s=settings.dispatch_stall_s)
     name = dispatcher_name()
 
     def publish(spec: dict[str, object], ticket: Ticket) -> None:
@@ -151,6 +155,7 @@ def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = N
         settings.chunk_lease_s,
         settings.chunk_max_attempts,
     )
+    watchdog = Watchdog(settings.dispatch_stall_s, f"dispatcher {name}").start()
     ticks = 0
     while max_ticks is None or ticks < max_ticks:
         ticks += 1
@@ -167,4 +172,5 @@ def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = N
         except (*BROKER_ERRORS, TransientError) as exc:  # the tick rolled back: try again next tick
             log.warning("dispatch paused: %s", first_line(exc))
             time.sleep(min(5.0, settings.dispatch_interval_s * 4))
+        watchdog.beat()
         time.sleep(settings.dispatch_interval_s)

@@ -51,11 +51,12 @@ class Stack:
         self.redis_port: int | None = None
         log_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, command: list[str]) -> None:
+    def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
+        """Start `command` with this stack's environment, and `env` on top of it."""
         with (self.log_dir / f"{name}.log").open("ab") as log:
             self.processes[name] = subprocess.Popen(
                 command,
-                env={**os.environ, **self.env},
+                env={**os.environ, **self.env, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -115,6 +116,13 @@ class Stack:
             ).fetchone()
         assert row is not None, f"no chunk for {ticket}"
         return str(row[0])
+
+    def wait_exit(self, name: str, timeout: float) -> int:
+        """The exit code of a process that is expected to end by itself."""
+        return self.processes.pop(name).wait(timeout)
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
 
     def stop_all(self) -> None:
         for name in list(self.processes):
@@ -182,8 +190,8 @@ class Stack:
             log = self.log_dir / f"worker-{queue}.log"
             wait_until(lambda log=log: " ready." in log.read_text(), 60, f"the {queue} pool")
 
-    def start_dispatcher(self, name: str = "dispatcher") -> None:
-        self.start(name, [str(BIN / "producer"), "dispatch"])
+    def start_dispatcher(self, name: str = "dispatcher", env: dict[str, str] | None = None) -> None:
+        self.start(name, [str(BIN / "producer"), "dispatch"], env)
 
     # --- jobs ---------------------------------------------------------------------------
     def submit(self, query: str, *args: str) -> str:

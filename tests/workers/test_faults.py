@@ -20,7 +20,9 @@ from common.config import Settings
 from common.db import connect, ensure_database
 from common.jobs import JobProgress, job_progress
 from common.storage import ObjectStore
+from producer.watchdog import EXIT_STALLED
 from tests.conftest import BIN, run_cli
+from tests.partition import SilentLink
 from tests.stack import Stack, wait_until
 
 pytestmark = pytest.mark.slow
@@ -328,3 +330,30 @@ def test_two_dispatchers_never_send_a_chunk_twice_and_survive_one_killed(
     with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
         _, attempts, _ = conn.execute(attempts_sql, (job_id,)).fetchone()
     assert attempts <= chunks + budget  # at most the claim the kill cut off was sent again
+
+
+def test_a_dispatcher_cut_off_mid_claim_exits_and_its_successor_finishes_the_job(
+    stack: Stack, store: ObjectStore, settings: Settings
+) -> None:
+    """A network partition between the dispatcher and PostgreSQL, inside its claim transaction:
+    no error ever comes, the loop blocks. The watchdog ends the process (code 3) for its supervisor
+    to restart, and the server ends the abandoned transaction, so the successor can take the
+    dispatch lock. A budget of 4 chunks means the job cannot finish without a dispatcher."""
+    stall_s = 5
+    stack.env["DISPATCH_BUDGET_CHUNKS"] = "4"
+    stack.env["DISPATCH_STALL_S"] = str(stall_s)
+    link = SilentLink(("127.0.0.1", 5432))
+    try:
+        through_link = stack.env["DATABASE_URL"].replace(":5432/", f":{link.port}/") + "?sslmode=disable"
+        stack.start_pools()
+        stack.start_dispatcher("dispatcher-cut-off", env={"DATABASE_URL": through_link})
+        job_id = submit(stack, *JOB)
+        wait_for_progress(stack, job_id, 40)
+        link.silence_after(b"BEGIN", then=1)  # the claim's first statement takes the dispatch lock
+        assert stack.wait_exit("dispatcher-cut-off", stall_s + 15) == EXIT_STALLED
+        assert "stalled: no progress for" in stack.log("dispatcher-cut-off")
+        stack.start_dispatcher("dispatcher-restarted")
+        wait_finished(stack, job_id, stall_s + LEASE_S + 60)
+        assert_finished_cleanly(stack, store, settings, job_id)
+    finally:
+        link.close()
