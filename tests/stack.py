@@ -87,10 +87,13 @@ class Stack:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.send_signal(name, signal.SIGSTOP)
-            if any(self.chunk_state(ticket) == "dispatched" for ticket in self.held_tickets(queue)):
-                self.stop(name, signal.SIGKILL)
-                return
-            self.send_signal(name, signal.SIGCONT)
+            try:
+                if any(self.chunk_state(ticket) == "dispatched" for ticket in self.held_tickets(queue)):
+                    self.stop(name, signal.SIGKILL)
+                    return
+            finally:
+                if name in self.processes:  # not killed: thaw it, also when the look failed
+                    self.send_signal(name, signal.SIGCONT)
             time.sleep(0.05)
         raise TimeoutError(f"the {queue} pool held no unfinished chunk in {timeout} s")
 
@@ -118,8 +121,11 @@ class Stack:
         return str(row[0])
 
     def wait_exit(self, name: str, timeout: float) -> int:
-        """The exit code of a process that is expected to end by itself."""
-        return self.processes.pop(name).wait(timeout)
+        """The exit code of a process that is expected to end by itself (still running after
+        `timeout`: TimeoutExpired, and stop_all ends it)."""
+        code = self.processes[name].wait(timeout)
+        del self.processes[name]
+        return code
 
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")

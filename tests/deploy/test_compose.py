@@ -41,6 +41,7 @@ def test_one_service_per_pool_plus_dispatcher_flower_and_the_cli() -> None:
         assert "replicas" not in services[f"worker-{queue}"].get("deploy", {})  # --scale owns it
     assert "--pool threads" in command_of(services["worker-upload"])
     assert command_of(services["dispatcher"]) == "producer dispatch"
+    assert services["dispatcher"]["restart"] == "unless-stopped"  # its watchdog exits to be restarted
     assert services["worker-transform"]["environment"]["S3_ENDPOINT_URL"] == "http://s3:8333"
 
 
