@@ -85,6 +85,14 @@ class Settings(BaseSettings):
         return shown
 
 
+def stage_time_limits(settings: Settings) -> tuple[int, int]:
+    """(soft, hard) seconds a stage task may run. A stage still running when its chunk's lease
+    runs out has lost the chunk to a new dispatch anyway: the soft limit ends it there (the
+    failure is noted on the chunk like any other), and the hard limit kills its pool process a
+    little later, where it is stuck beyond the reach of a signal."""
+    return settings.chunk_lease_s, settings.chunk_lease_s + 30
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Read the environment once; a bad value raises ConfigError naming the variable."""

@@ -3,31 +3,61 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
 from importlib import resources
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg.conninfo
 import psycopg.sql
+from psycopg import errors as pg_errors
 
-from common.errors import ConfigError, DatabaseUnavailable
+from common.errors import ConfigError, DatabaseUnavailable, LockConflict
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 SCHEMA_LOCK_ID = 0x51A7  # advisory lock serialising concurrent schema creation
 SCHEMA_VERSION = 2  # 2: the job ledger (chunk states, leases, counters)
 CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError)
+# Two transactions that wanted each other's locks (one is rolled back), a serialization failure,
+# or a lock not granted within LOCK_TIMEOUT: the same transaction run again succeeds.
+LOCK_CONFLICTS = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure, pg_errors.LockNotAvailable)
+LOCK_TIMEOUT = "10s"  # no ledger statement waits longer for a row lock (then it is retried)
+# A silent peer (the host gone, a partition dropping packets) ends the connection in about a
+# minute instead of never: TCP keepalives after 30 s idle, 3 probes 10 s apart, and at most 60 s
+# for sent data to be acknowledged. The server side gets the same on its end of the session.
+KEEPALIVE = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # ms
+    "connect_timeout": 10,
+}
+# the server's end of the session: the same keepalives, and no row lock waited on for long
+SESSION_SETTINGS = """
+SELECT set_config('tcp_keepalives_idle', '30', false), set_config('tcp_keepalives_interval', '10', false),
+       set_config('tcp_keepalives_count', '3', false), set_config('tcp_user_timeout', '60000', false),
+       set_config('lock_timeout', %s, false)
+"""
 
 
 def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
-    """Open a connection; an unreachable server raises DatabaseUnavailable."""
+    """Open a connection with TCP keepalives both ways and LOCK_TIMEOUT; an unreachable server
+    raises DatabaseUnavailable. Connection parameters in the URL win over the keepalive defaults."""
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    options: dict[str, Any] = {key: value for key, value in KEEPALIVE.items() if key not in given}
     try:
-        return psycopg.connect(url, autocommit=autocommit)
+        conn = psycopg.connect(url, autocommit=autocommit, **options)
+        conn.execute(SESSION_SETTINGS, (LOCK_TIMEOUT,))
+        if not autocommit:
+            conn.commit()
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {first_line(exc)}") from exc
+    return conn
 
 
 def ensure_schema(conn: psycopg.Connection) -> None:
@@ -78,20 +108,29 @@ class Database:
         return conn
 
     def run(self, function: Callable[..., R], *args: object) -> R:
-        """`function(conn, *args)`, retried with backoff on a fresh connection while PostgreSQL is
-        unreachable (AdminShutdown, a stale connection, a restart); then DatabaseUnavailable."""
+        """`function(conn, *args)`, run again after a lock conflict (deadlock, serialization
+        failure, lock timeout: jittered backoff, same connection) and on a fresh connection while
+        PostgreSQL is unreachable (AdminShutdown, a stale connection, a restart). After
+        `retry_for_s`: LockConflict or DatabaseUnavailable, one line each. `function` must run its
+        writes in one transaction (or be idempotent), so that running it again is safe."""
         deadline = time.monotonic() + self.retry_for_s
-        delay = 0.2
+        tries = 0
         while True:
+            tries += 1
             try:
                 return function(self.connection(), *args)
+            except LOCK_CONFLICTS as exc:
+                delay = random.uniform(0, min(2.0, 0.05 * 2**tries))  # "full jitter" backoff
+                if time.monotonic() + delay > deadline:
+                    raise LockConflict(f"PostgreSQL: {first_line(exc)} ({tries} tries)") from exc
+                log.info("PostgreSQL lock conflict (%s); retrying in %.2f s", first_line(exc), delay)
             except (*CONNECTION_LOST, DatabaseUnavailable) as exc:
                 self.close()
+                delay = min(0.2 * 2 ** (tries - 1), 5.0)
                 if time.monotonic() + delay > deadline:
                     raise DatabaseUnavailable(f"PostgreSQL: {first_line(exc)}") from exc
                 log.warning("PostgreSQL connection lost (%s); retrying in %.1f s", first_line(exc), delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            time.sleep(delay)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

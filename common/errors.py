@@ -10,6 +10,7 @@ QuarryError
 ├── TransientError       worth retrying: a service did not answer
 │   ├── StorageUnavailable
 │   ├── DatabaseUnavailable
+│   │   └── LockConflict a deadlock or lock timeout that retries did not clear
 │   └── BrokerUnavailable
 ├── PermanentError       one item is bad: record it and move on
 │   ├── ImageMissing     no image stored for the id
@@ -63,6 +64,10 @@ class StorageUnavailable(TransientError):
 
 class DatabaseUnavailable(TransientError):
     """PostgreSQL did not answer."""
+
+
+class LockConflict(DatabaseUnavailable):
+    """PostgreSQL kept refusing a transaction for lock conflicts (deadlock, lock timeout)."""
 
 
 class BrokerUnavailable(TransientError):

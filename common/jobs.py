@@ -120,34 +120,45 @@ def cancel_job(conn: psycopg.Connection, job_id: str) -> bool:
     """Stop dispatching a running job and return its in-flight chunks to pending (the stages drop
     messages of a cancelled job); False when it was not running."""
     with conn.transaction():
-        job_spec(conn, job_id)
-        cancelled = conn.execute(
-            "UPDATE jobs SET state = 'cancelled', finished_at = clock_timestamp()"
-            " WHERE id = %s AND state = 'running'",
-            (job_id,),
-        ).rowcount
+        if lock_job(conn, job_id) != "running":
+            return False
         conn.execute(
-            "UPDATE job_chunks SET state = 'pending', lease_until = NULL"
-            " WHERE job_id = %s AND state = 'dispatched'",
-            (job_id,),
+            "UPDATE jobs SET state = 'cancelled', finished_at = clock_timestamp() WHERE id = %s", (job_id,)
         )
-    return bool(cancelled)
+        conn.execute(
+            """
+            UPDATE job_chunks c SET state = 'pending', lease_until = NULL
+            FROM (SELECT chunk_index FROM job_chunks WHERE job_id = %(job)s AND state = 'dispatched'
+                  ORDER BY chunk_index FOR UPDATE) d
+            WHERE c.job_id = %(job)s AND c.chunk_index = d.chunk_index
+            """,
+            {"job": job_id},
+        )
+    return True
+
+
+def lock_job(conn: psycopg.Connection, job_id: str) -> str:
+    """Lock a job's row FOR UPDATE, the first lock of a command that changes the job's state
+    (docs/decisions.md, "Lock order"): it waits for transactions recording into the job's chunks
+    to end and keeps new ones out until it commits. The job's state; UserError if there is none."""
+    row = conn.execute("SELECT state FROM jobs WHERE id = %s FOR UPDATE", (job_id,)).fetchone()
+    if row is None:
+        raise UserError(f"no job {job_id}")
+    return str(row[0])
 
 
 def retry_job(conn: psycopg.Connection, job_id: str) -> tuple[int, int]:
     """Run the failed items of an ended job again (a cancelled job also resumes its pending
     chunks); returns (chunks reset, items reset). Done items are kept and not redone."""
     with conn.transaction():
-        row = conn.execute("SELECT state FROM jobs WHERE id = %s FOR UPDATE", (job_id,)).fetchone()
-        if row is None:
-            raise UserError(f"no job {job_id}")
-        if row[0] == "running":
+        if lock_job(conn, job_id) == "running":
             raise UserError(f"job {job_id} is still running: retry it when it has ended (or cancel it)")
         counted = conn.execute(
             """
             WITH old AS (
                 SELECT chunk_index, state, done, failed FROM job_chunks
-                WHERE job_id = %(job)s AND failed > 0 AND state <> 'dispatched' FOR UPDATE
+                WHERE job_id = %(job)s AND failed > 0 AND state <> 'dispatched'
+                ORDER BY chunk_index FOR UPDATE
             ), reset AS (
                 UPDATE job_chunks c SET state = 'pending', attempts = 0, started_by = NULL, failed = 0,
                     failed_mask = NULL, last_error = NULL, lease_until = NULL

@@ -158,6 +158,17 @@ def upsert_items(conn: psycopg.Connection, job_id: str, results: Sequence[ItemRe
     )
 
 
+def lock_running_job(conn: psycopg.Connection, job_id: str) -> bool:
+    """Take the job row's weakest lock (FOR KEY SHARE), the first lock of a transaction that
+    records into the job's chunks (docs/decisions.md, "Lock order"): recorders share it and it
+    lets counter updates through, while cancel and retry (FOR UPDATE) wait for it and it for them.
+    False when the job is not running; UnknownJob when there is no such job."""
+    row = conn.execute("SELECT state FROM jobs WHERE id = %s FOR KEY SHARE", (job_id,)).fetchone()
+    if row is None:
+        job_state(conn, job_id)  # raises UnknownJob
+    return row is not None and row[0] == "running"
+
+
 def record_progress(
     conn: psycopg.Connection,
     ticket: Ticket,
@@ -168,16 +179,17 @@ def record_progress(
     """Record item results against a live chunk (bitmaps, counts, item rows) in one transaction,
     finishing the chunk (and the job) when its last item is in; False when the chunk was not live."""
     with conn.transaction():
+        if not lock_running_job(conn, ticket.job_id):
+            return False
         row = conn.execute(
             """
-            SELECT c.items, c.done_mask, c.failed_mask FROM job_chunks c JOIN jobs j ON j.id = c.job_id
-            WHERE c.job_id = %s AND c.chunk_index = %s AND c.state = 'dispatched' AND j.state = 'running'
-            FOR UPDATE OF c
+            SELECT items, done_mask, failed_mask FROM job_chunks
+            WHERE job_id = %s AND chunk_index = %s AND state = 'dispatched'
+            FOR UPDATE
             """,
             (ticket.job_id, ticket.chunk),
         ).fetchone()
         if row is None:
-            job_state(conn, ticket.job_id)
             return False
         items, done_bits, failed_bits = row
         apply_results(
@@ -251,6 +263,22 @@ def note_failure(conn: psycopg.Connection, ticket: Ticket, error: str, release: 
     )
 
 
+def hand_back(conn: psycopg.Connection, ticket: Ticket) -> bool:
+    """Give a started chunk back to the dispatcher without counting the attempt (the stage could
+    not go on for a reason that is not the chunk's: its time ran out waiting for room); the done
+    items stay done. False when the chunk is no longer this dispatch's."""
+    return bool(
+        conn.execute(
+            """
+            UPDATE job_chunks SET state = 'pending', lease_until = NULL, started_by = NULL,
+                attempts = greatest(attempts - 1, 0)
+            WHERE job_id = %s AND chunk_index = %s AND state = 'dispatched' AND started_by = %s
+            """,
+            (ticket.job_id, ticket.chunk, ticket.dispatch),
+        ).rowcount
+    )
+
+
 # --- the dispatcher's side ---------------------------------------------------------------
 
 
@@ -260,28 +288,41 @@ def return_expired(conn: psycopg.Connection, max_attempts: int) -> int:
     queued behind a slow pool) costs no attempt, so a long queue never fails items."""
     return conn.execute(
         """
+        WITH expired AS (
+            SELECT c.job_id, c.chunk_index FROM job_chunks c JOIN jobs j ON j.id = c.job_id
+            WHERE j.state = 'running' AND c.state = 'dispatched' AND c.lease_until < now()
+              AND NOT (c.started_by IS NOT NULL AND c.attempts >= %s)
+            ORDER BY c.job_id, c.chunk_index
+            FOR UPDATE OF c SKIP LOCKED
+        )
         UPDATE job_chunks c SET state = 'pending', lease_until = NULL
-        FROM jobs j
-        WHERE j.id = c.job_id AND j.state = 'running'
-          AND c.state = 'dispatched' AND c.lease_until < now()
-          AND NOT (c.started_by IS NOT NULL AND c.attempts >= %s)
+        FROM expired e WHERE c.job_id = e.job_id AND c.chunk_index = e.chunk_index
         """,
         (max_attempts,),
     ).rowcount
 
 
 def fail_exhausted(conn: psycopg.Connection, max_attempts: int, lease_s: int) -> int:
-    """Fail the unfinished items of chunks whose last allowed lease ran out; how many chunks."""
+    """Fail the unfinished items of chunks whose last allowed lease ran out; how many chunks.
+    Job rows are locked before chunk rows (the lock order); a job being cancelled or retried
+    right now, and a chunk being recorded, are skipped until the next tick."""
+    jobs = [
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM jobs WHERE state = 'running' ORDER BY id FOR KEY SHARE SKIP LOCKED"
+        )
+    ]
     rows = conn.execute(
         """
         SELECT c.job_id, c.chunk_index, c.dispatches, c.attempts, c.image_ids, c.items, c.done_mask,
                c.failed_mask, c.last_error, j.spec ->> 'item_rows'
         FROM job_chunks c JOIN jobs j ON j.id = c.job_id
-        WHERE j.state = 'running' AND c.state = 'dispatched' AND c.lease_until < now()
+        WHERE j.id = ANY (%s) AND c.state = 'dispatched' AND c.lease_until < now()
           AND c.started_by IS NOT NULL AND c.attempts >= %s
+        ORDER BY c.job_id, c.chunk_index
         FOR UPDATE OF c SKIP LOCKED
         """,
-        (max_attempts,),
+        (jobs, max_attempts),
     ).fetchall()
     for (
         job_id,

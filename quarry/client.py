@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from common.augment import parse_spec
 from common.config import Settings, get_settings
-from common.db import connect, ensure_database, ensure_schema
+from common.db import Database, connect, ensure_database, ensure_schema
 from common.errors import NoSuchJob, UserError
 from common.images import encode
 from common.jobs import JobProgress, cancel_job, iter_results, job_progress, list_jobs, retry_job
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 DEFAULT_SHARD_SIZE = 1000  # images per webdataset shard (img2dataset writes 10,000)
+R = TypeVar("R")
 SQL_ROW_LIMIT = 100_000  # `Quarry.sql` returns at most this many rows unless told otherwise
 
 
@@ -104,13 +105,11 @@ class Job:
 
     def retry(self) -> tuple[int, int]:
         """Send the failed items again; (chunks, items) sent."""
-        with self.quarry.connection() as conn:
-            return retry_job(conn, self.id)
+        return self.quarry.ledger(retry_job, self.id)
 
     def cancel(self) -> bool:
         """Stop dispatching the job; False when it was not running."""
-        with self.quarry.connection() as conn:
-            return cancel_job(conn, self.id)
+        return self.quarry.ledger(cancel_job, self.id)
 
 
 class Quarry:
@@ -127,6 +126,15 @@ class Quarry:
 
     def connection(self, autocommit: bool = True) -> Any:
         return connect(self.settings.database_url, autocommit=autocommit)
+
+    def ledger(self, function: Callable[..., R], *args: Any) -> R:
+        """A ledger transaction `function(conn, *args)`, run again after a lock conflict or a
+        dropped connection (for up to 30 s), on a connection of its own."""
+        database = Database(self.settings.database_url)
+        try:
+            return database.run(function, *args)
+        finally:
+            database.close()
 
     def store(self, max_connections: int = 10) -> ObjectStore:
         return ObjectStore(self.settings, max_connections=max_connections)

@@ -9,14 +9,15 @@ from functools import cached_property
 from typing import Any, TypeVar
 
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
-from common.config import Settings, get_settings
+from common.config import Settings, get_settings, stage_time_limits
 from common.db import Database
 from common.errors import TRANSIENT_ERRORS, BrokerUnavailable, TransientError, UnknownJob
 from common.jobspec import JobSpec
-from common.ledger import ItemResult, Ticket, note_failure, record_progress, touch
+from common.ledger import ItemResult, Ticket, hand_back, note_failure, record_progress, touch
 from common.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,9 @@ class StageTask(Task):
 
     @cached_property
     def database(self) -> Database:
-        return Database(self.settings.database_url)
+        # a stage cut off mid-transaction (a silent link) must not hold its row locks for longer
+        # than the lease: the server ends such a session
+        return Database(self.settings.database_url, idle_in_transaction_s=self.settings.chunk_lease_s)
 
     def ledger(self, function: Callable[..., R], *args: Any) -> R:
         """Call a ledger function with this thread's connection, through connection loss."""
@@ -83,12 +86,19 @@ class StageTask(Task):
         except BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"broker did not answer: {exc}") from exc
 
-    def wait_for_room(self, queue: str, ticket: Ticket) -> bool:
+    def wait_for_room(self, queue: str, ticket: Ticket, started: float) -> bool:
         """Back-pressure: wait while `queue` holds UPLOAD_BACKLOG_MESSAGES or more, renewing the
-        chunk's lease meanwhile; False when the chunk stopped being live while we waited."""
+        chunk's lease meanwhile. False when the chunk stopped being live while we waited, or when
+        the task's time limit (counted from `started`, a monotonic time) draws near: the chunk is
+        then handed back uncounted, to be sent again, rather than killed for overrunning."""
         limit = self.settings.upload_backlog_messages
+        give_up_at = started + 0.8 * stage_time_limits(self.settings)[0]
         renewed = time.monotonic()
         while self.queue_length(queue) >= limit:
+            if time.monotonic() > give_up_at:
+                self.ledger(hand_back, ticket)
+                log.info("job %s chunk %d handed back: no room in %s", ticket.job_id, ticket.chunk, queue)
+                return False
             if time.monotonic() - renewed > self.settings.chunk_lease_s / 3:
                 if not self.is_live(ticket):
                     return False
@@ -104,6 +114,9 @@ class StageTask(Task):
         if isinstance(exc, UnknownJob):  # nowhere to record it: the log line is the record
             log.error("%s", exc)
             return
+        if isinstance(exc, SoftTimeLimitExceeded):  # it may have cut a statement off mid-way
+            self.database.close()
+            exc = SoftTimeLimitExceeded(f"ran past the {stage_time_limits(self.settings)[0]} s time limit")
         error = f"{self.name.removeprefix('quarry.')}: {type(exc).__name__}: {exc}"
         try:
             self.ledger(note_failure, ticket, error, not isinstance(exc, TransientError))

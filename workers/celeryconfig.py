@@ -1,6 +1,6 @@
 """Celery configuration, loaded by name from `workers.celery_app`; values come from Settings."""
 
-from common.config import get_settings
+from common.config import get_settings, stage_time_limits
 from workers.routes import TASK_ROUTES
 
 _settings = get_settings()
@@ -10,7 +10,22 @@ broker_connection_retry_on_startup = True
 # Redis redelivers a task that was not acked within this many seconds. The ledger re-dispatches a
 # chunk once its lease runs out, so this is set above the lease (2 x by default): by the time Redis
 # restores a lost message, the chunk has been sent again and the old message is dropped as stale.
-broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
+# A silent Redis (a partition that drops packets, a frozen host) ends in an error, which the
+# worker and the dispatcher already handle by reconnecting, instead of a read that waits forever:
+# every socket read gives up after 30 s (the consumer's BRPOP itself waits 1 s), idle
+# connections are pinged before use after 10 s, and TCP keepalives run underneath.
+broker_transport_options = {
+    "visibility_timeout": _settings.visibility_timeout_s,
+    "socket_timeout": 30,
+    "socket_connect_timeout": 10,
+    "socket_keepalive": True,
+    "health_check_interval": 10,
+}
+
+# Time limits per task, from the lease (common.config.stage_time_limits): the prefork pools
+# (transform, inference) enforce them; Celery's threads pool (upload) cannot, and relies on the
+# socket timeouts above and PostgreSQL's keepalives (common/db.py) for silent peers.
+task_soft_time_limit, task_time_limit = stage_time_limits(_settings)
 
 task_routes = TASK_ROUTES
 task_serializer = "json"  # kombu's JSON carries bytes as base64

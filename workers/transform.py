@@ -23,6 +23,7 @@ from workers.routes import INFERENCE_SHARD, TRANSFORM, UPLOAD, queue_of
 @app.task(base=StageTask, bind=True, name=TRANSFORM)
 def transform_chunk(self: StageTask, spec_message: dict[str, Any], ticket_message: dict[str, Any]) -> int:
     """Render the items of one chunk that are not done yet; returns how many were rendered."""
+    started = time.monotonic()
     spec = JobSpec.from_message(spec_message)
     ticket = Ticket.from_message(ticket_message)
     chunk = self.ledger(open_chunk, ticket, self.settings.chunk_lease_s)
@@ -41,7 +42,7 @@ def transform_chunk(self: StageTask, spec_message: dict[str, Any], ticket_messag
     if result.failures:
         self.record(spec, ticket, result.failures)
     for batch in batch_by_bytes(result.outputs, self.settings.message_byte_budget):
-        if not self.wait_for_room(queue_of(UPLOAD), ticket):
+        if not self.wait_for_room(queue_of(UPLOAD), ticket, started):
             return 0
         self.hand_off(UPLOAD, [spec_message, ticket_message, [output.to_message() for output in batch]])
     return len(result.outputs)

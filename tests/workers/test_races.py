@@ -1,0 +1,102 @@
+"""Commands racing the pools on the same rows: cancel and retry while chunks finish, through the
+real CLI, pools and dispatcher. No deadlock, no traceback, no count out of step."""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+
+from common.errors import UserError
+from quarry import Quarry
+from tests.conftest import run_cli
+from tests.stack import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("workers")]
+WITH_IMAGES = "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"
+ROUNDS = 40
+# a chunk per image, so chunks finish (and lock the job's counters) many times a second
+JOB = ("--chunk-size", "1", "--augment", "resize(32, 32)")
+
+
+def deadlocks(conn: psycopg.Connection) -> int:
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+    return int(row.fetchone()[0])  # type: ignore[index]
+
+
+def command(env: dict[str, str], *args: str) -> tuple[int, str]:
+    result = run_cli(*args, env=env, check=False)
+    return result.returncode, result.stderr
+
+
+def bitmap_mismatches(conn: psycopg.Connection, job_id: str) -> list[tuple[object, ...]]:
+    """Rows where the job's counters differ from what its chunks' bitmaps say."""
+    return conn.execute(
+        """
+        WITH c AS (
+            SELECT sum(bit_count(coalesce(done_mask, B''))) FILTER (WHERE state = 'finished') AS done,
+                   sum(bit_count(coalesce(failed_mask, B''))) FILTER (WHERE state = 'finished') AS failed,
+                   bool_and(done = bit_count(coalesce(done_mask, B''))
+                            AND failed = bit_count(coalesce(failed_mask, B''))) AS chunks_agree
+            FROM job_chunks WHERE job_id = %(job)s
+        )
+        SELECT j.done, j.failed, c.done, c.failed, c.chunks_agree FROM jobs j, c
+        WHERE j.id = %(job)s AND NOT (j.done = c.done AND j.failed = c.failed AND c.chunks_agree)
+        """,
+        {"job": job_id},
+    ).fetchall()
+
+
+def cancel_and_retry(env: dict[str, str], job_id: str, rounds: int, seed: int) -> list[tuple[str, int, str]]:
+    """`rounds` times: cancel, let some chunks finish, retry; every fifth round through the CLI,
+    the others through the Python API (faster, so the commands meet far more finishing chunks)."""
+    quarry = Quarry.from_env()  # the test session's environment is `env`
+    rng = random.Random(seed)
+    outcomes = []
+    for round_ in range(rounds):
+        for verb in ("cancel", "retry"):
+            if round_ % 5 == 0:
+                outcomes.append((f"{verb} {job_id}", *command(env, verb, job_id)))
+            else:
+                try:
+                    getattr(quarry.job(job_id), verb)()
+                    outcomes.append((f"{verb} {job_id} (API)", 0, ""))
+                except UserError as exc:  # retry of a job already running again: refused
+                    outcomes.append((f"{verb} {job_id} (API)", 2, f"error: {exc}"))
+            time.sleep(rng.uniform(0.02, 0.3))  # chunks are claimed and finish in between
+    return outcomes
+
+
+def test_cancel_and_retry_while_chunks_finish_never_deadlock(ingested, db: psycopg.Connection) -> None:
+    before = deadlocks(db)
+    jobs = [run_cli("run", "--query", WITH_IMAGES, *JOB, env=ingested).stdout.split()[-1] for _ in range(2)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        runs = pool.map(
+            lambda args: cancel_and_retry(ingested, *args), [(j, ROUNDS, n) for n, j in enumerate(jobs)]
+        )
+        outcomes = [outcome for run in runs for outcome in run]
+
+    for name, code, err in outcomes:
+        # 0, or a one-line refusal (retry of a job that is running again already)
+        assert code in (0, 2), (name, code, err)
+        assert code == 0 or (len(err.strip().splitlines()) == 1 and err.startswith("error: ")), (name, err)
+    assert sum(code == 0 for _, code, _ in outcomes) >= ROUNDS  # the race really happened
+    run_cli("retry", jobs[0], env=ingested, check=False)  # the last cancel may have been refused
+    run_cli("retry", jobs[1], env=ingested, check=False)
+
+    def finished(job_id: str) -> bool:
+        return db.execute("SELECT state FROM jobs WHERE id = %s", (job_id,)).fetchone()[0] == "finished"
+
+    for job_id in jobs:
+        wait_until(lambda j=job_id: finished(j), 120, f"job {job_id} to finish")
+        assert bitmap_mismatches(db, job_id) == []
+        done, failed, total = db.execute(
+            "SELECT done, failed, total FROM jobs WHERE id = %s", (job_id,)
+        ).fetchone()
+        assert (done, failed) == (total, 0)
+    time.sleep(1.5)  # backends report their statistics at most once a second
+    assert deadlocks(db) == before
