@@ -9,10 +9,15 @@ import time
 
 
 class SilentLink:
-    """Forwards 127.0.0.1:`port` to `target`, until it goes silent."""
+    """Forwards 127.0.0.1:`port` to `target`, until it goes silent: every connection, or with
+    `new_connections_pass` only those open at that moment (a partition that dropped a middlebox's
+    state: old connections hang, a reconnect works)."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], new_connections_pass: bool = False) -> None:
         self.target = target
+        self.new_connections_pass = new_connections_pass
+        self.opened = 0  # connections accepted so far
+        self.silenced_below: int | None = None  # connections numbered below this are silent
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.server.getsockname()[1])
         self.silent = threading.Event()
@@ -38,15 +43,27 @@ class SilentLink:
                 client, _ = self.server.accept()
             except OSError:  # closed
                 return
-            upstream = socket.create_connection(self.target)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:  # the target is down (a test's teardown): refuse this one
+                client.close()
+                continue
             self.sockets += [client, upstream]
-            threading.Thread(target=self._forward, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._forward, args=(upstream, client, False), daemon=True).start()
+            number, self.opened = self.opened, self.opened + 1
+            for pair in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._forward, args=(*pair, number), daemon=True).start()
 
-    def _forward(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+    def is_silent(self, connection: int) -> bool:
+        if not self.silent.is_set() or self.closed.is_set():
+            return False
+        return self.silenced_below is None or connection < self.silenced_below
+
+    def _forward(
+        self, source: socket.socket, sink: socket.socket, from_client: bool, connection: int
+    ) -> None:
         try:
             while data := source.recv(65536):
-                while self.silent.is_set() and not self.closed.is_set():
+                while self.is_silent(connection):
                     time.sleep(0.1)
                 if from_client:
                     self._count(data)
@@ -62,5 +79,7 @@ class SilentLink:
             self.sends_left = self.then
         else:
             self.sends_left -= 1
-        if self.sends_left <= 0:
+        if self.sends_left <= 0 and not self.silent.is_set():
+            if self.new_connections_pass:
+                self.silenced_below = self.opened
             self.silent.set()

@@ -161,7 +161,7 @@ class Stack:
         return redis.Redis.from_url(self.env["CELERY_BROKER_URL"], socket_timeout=2)
 
     # --- Quarry's processes -------------------------------------------------------------
-    def start_pool(self, queue: str, wait: bool = True) -> None:
+    def start_pool(self, queue: str, wait: bool = True, env: dict[str, str] | None = None) -> None:
         pool, concurrency = POOLS[queue]
         log = self.log_dir / f"worker-{queue}.log"
         ready_before = log.read_text().count(" ready.") if log.exists() else 0
@@ -185,6 +185,7 @@ class Stack:
                 "--without-mingle",
                 "--without-gossip",
             ],
+            env,
         )
         if wait:
             wait_until(lambda: log.read_text().count(" ready.") > ready_before, 60, f"the {queue} pool")

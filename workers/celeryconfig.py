@@ -11,14 +11,16 @@ broker_connection_retry_on_startup = True
 # chunk once its lease runs out, so this is set above the lease (2 x by default): by the time Redis
 # restores a lost message, the chunk has been sent again and the old message is dropped as stale.
 # A silent Redis (a partition that drops packets, a frozen host) ends in an error, which the
-# worker and the dispatcher already handle by reconnecting, instead of a read that waits forever:
-# every socket read gives up after 30 s (the consumer's BRPOP itself waits 1 s), idle
-# connections are pinged before use after 10 s, and TCP keepalives run underneath.
+# worker and the dispatcher handle by reconnecting, instead of a read that waits forever: a
+# command's reply is given up on after 10 s and the command tried once more on a new connection;
+# kombu drops a consumer's BRPOP connection whose reply is overdue by the health-check interval
+# (kombu >= 5.7) and pings idle connections before use; TCP keepalives run underneath.
 broker_transport_options = {
     "visibility_timeout": _settings.visibility_timeout_s,
-    "socket_timeout": 30,
+    "socket_timeout": 10,
     "socket_connect_timeout": 10,
     "socket_keepalive": True,
+    "retry_on_timeout": True,
     "health_check_interval": 10,
 }
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from common.config import Settings
+from common.config import Settings, stage_time_limits
 from common.db import connect, ensure_database
 from common.jobs import JobProgress, job_progress
 from common.storage import ObjectStore
@@ -31,6 +31,7 @@ IMAGES = 295  # stored images of the vendored sample
 JOB = ("--augment", "hflip | rotate(limit=15) | resize(224, 224)", "--variants", "2", "--chunk-size", "10")
 LEASE_S = 10
 MIB = 1024 * 1024
+REDIS_RECONNECT_S = 40  # a worker's consumer back after a silent Redis link (workers/celeryconfig.py)
 
 
 @pytest.fixture(scope="module")
@@ -355,5 +356,50 @@ def test_a_dispatcher_cut_off_mid_claim_exits_and_its_successor_finishes_the_job
         stack.start_dispatcher("dispatcher-restarted")
         wait_finished(stack, job_id, stall_s + LEASE_S + 60)
         assert_finished_cleanly(stack, store, settings, job_id)
+    finally:
+        link.close()
+
+
+@pytest.mark.parametrize(
+    ("variable", "marker"),
+    [
+        # the transform's catalog look-up, after it opened the chunk (its attempt is counted)
+        pytest.param("DATABASE_URL", b"FROM images", id="postgresql"),
+        # the transform's hand-off of rendered images to the upload queue
+        pytest.param("CELERY_BROKER_URL", b"LPUSH", id="redis"),
+    ],
+)
+def test_a_pool_whose_link_goes_silent_mid_chunk_finishes_the_job(
+    stack: Stack, store: ObjectStore, settings: Settings, variable: str, marker: bytes
+) -> None:
+    """A partition between the transform pool and PostgreSQL (or Redis) that drops the bytes of
+    the connections open at that moment, without closing them: no error ever comes by itself.
+    The stage's time limit (from the lease) or the broker's socket timeout ends the wait, the
+    lease machinery sends the chunk again, and reconnections get through."""
+    port = 5432 if variable == "DATABASE_URL" else stack.redis_port
+    link = SilentLink(("127.0.0.1", int(port or 0)), new_connections_pass=True)
+    try:
+        through_link = stack.env[variable].replace(f":{port}/", f":{link.port}/")
+        if variable == "DATABASE_URL":
+            through_link += "?sslmode=disable"  # the marker must be readable on the wire
+        stack.start_pool("transform", env={variable: through_link})
+        stack.start_pool("upload")
+        stack.start_pool("inference")
+        stack.start_dispatcher()
+        job_id = submit(stack, *JOB)
+        wait_for_progress(stack, job_id, 20)
+        link.silence_after(marker)
+        wait_until(link.silent.is_set, 30, "the link to go silent")
+        silenced = time.monotonic()
+        # PostgreSQL: the chunk is noted failed at the soft limit, or its lease runs out after
+        # the hard one. Redis: the worker's own connections time out one after another (each
+        # command 2 x the socket timeout) before its consumer reconnects; measured about 55 s.
+        _, hard_limit_s = stage_time_limits(Settings(chunk_lease_s=LEASE_S))
+        bound = LEASE_S + hard_limit_s + (0 if variable == "DATABASE_URL" else REDIS_RECONNECT_S)
+        wait_finished(stack, job_id, bound + 30)
+        took = time.monotonic() - silenced
+        assert_finished_cleanly(stack, store, settings, job_id)
+        print(f"silent {variable}: job finished {took:.1f} s after the link went silent")
+        assert took < bound, took
     finally:
         link.close()
