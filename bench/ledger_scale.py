@@ -24,6 +24,7 @@ from common.config import get_settings
 from common.db import connect, ensure_database, ensure_schema
 from common.jobs import job_progress
 from common.ledger import ItemResult, upsert_items
+from common.query_role import ensure_query_role
 
 BILLION = 1_000_000_000
 ITEM_ROWS_SAMPLE = 100_000
@@ -39,7 +40,7 @@ def measure(size: int, chunk_size: int) -> None:
     with connect(settings.database_url, autocommit=True) as conn:
         spec = JobSpec(job_id=new_job_id())
         query = f"SELECT id FROM bench_ids WHERE n <= {size}"
-        chunks, _items = submit_job(conn, settings.database_url, query, spec, chunk_size, 600)
+        chunks, _items = submit_job(conn, settings, query, spec, chunk_size)
         seconds = time.perf_counter() - started
         grown = stored_bytes(conn, "job_chunks", spec.job_id)
         status_s = min(timed(lambda: job_progress(conn, spec.job_id)) for _ in range(20))
@@ -125,6 +126,8 @@ def main() -> None:
             "CREATE TABLE bench_ids AS SELECT n, n * 7 + (random() * 5)::bigint AS id"
             f" FROM generate_series(1, {max(args.sizes)}) AS n ORDER BY random()"
         )
+        ensure_query_role(conn, settings)  # user SQL runs as the query role: let it read the ids
+        conn.execute(f"GRANT SELECT ON bench_ids TO {settings.query_role}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(
         f"{'ids':>10} {'chunk':>6} {'chunks':>7} {'record s':>9} {'peak RSS':>9}"

@@ -12,7 +12,7 @@ from common.errors import ConfigError
 from common.ledger import ItemRows
 from common.paths import default_dataset_path
 
-SECRET_FIELDS = frozenset({"aws_secret_access_key"})
+SECRET_FIELDS = frozenset({"aws_secret_access_key", "query_role_password"})
 
 
 class Settings(BaseSettings):
@@ -33,6 +33,16 @@ class Settings(BaseSettings):
     dataset_path: Path = Field(default_factory=default_dataset_path)
     chunk_size: int = Field(default=100, ge=1, le=10_000, description="image ids per task message")
     query_timeout_s: int = Field(default=600, ge=1, description="statement timeout of the selection query")
+    query_role: str = Field(
+        default="quarry_reader",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="the PostgreSQL role (a login) that every piece of user SQL runs as",
+    )
+    query_role_password: str = Field(default="", description="its password; empty: none (trust auth)")
+    query_work_mem: str = Field(default="64MB", description="work_mem of user SQL (the selection's sort)")
+    query_temp_file_limit: str = Field(
+        default="50GB", description="temporary files one user query may write (where a large selection sorts)"
+    )
     ingest_concurrency: int = Field(default=16, ge=1, le=256, description="parallel raw uploads")
     message_byte_budget: int = Field(
         default=4 * 1024 * 1024, ge=64 * 1024, description="largest transform→upload message, bytes"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -48,10 +49,14 @@ class JobProgress:
 
 
 def record_job(
-    conn: psycopg.Connection, job_id: str, query: str, spec: dict[str, Any], chunk_rows: Iterable[bytes]
+    conn: psycopg.Connection,
+    job_id: str,
+    query: str,
+    spec: dict[str, Any],
+    chunk_rows: Iterable[tuple[int, list[int], int]],
 ) -> tuple[int, int]:
     """Record a job and its chunks in one transaction: the job exists whole or not at all.
-    `chunk_rows` is a binary COPY stream of (job_id, chunk_index, image_ids, items) rows.
+    `chunk_rows` are (chunk index, image ids, items), streamed into job_chunks by binary COPY.
     Returns (chunks, items); a job without items is finished at once."""
     with conn.transaction():
         conn.execute("INSERT INTO jobs (id, query, spec) VALUES (%s, %s, %s)", (job_id, query, Jsonb(spec)))
@@ -61,8 +66,10 @@ def record_job(
                 "COPY job_chunks (job_id, chunk_index, image_ids, items) FROM STDIN (FORMAT binary)"
             ) as copy,
         ):
-            for block in chunk_rows:
-                copy.write(block)
+            copy.set_types(["uuid", "integer", "bigint[]", "integer"])
+            job = uuid.UUID(job_id)
+            for index, image_ids, items in chunk_rows:
+                copy.write_row((job, index, image_ids, items))
         totals = conn.execute(
             """UPDATE jobs SET (chunks, total) = (
                    SELECT count(*), coalesce(sum(items), 0) FROM job_chunks WHERE job_id = %(job)s)

@@ -1,104 +1,205 @@
-"""Running the user's selection query safely: read-only, time-limited, streamed."""
+"""Running user SQL: parsed by PostgreSQL's grammar, run as the query role, read-only, limited.
+
+Every piece of user SQL (a job's selection, `Quarry.sql`) goes through `check_query` and then
+`user_session`: one plain query statement, checked with libpg_query (pglast), sent inside a
+READ ONLY transaction on a session that logged in as QUERY_ROLE, with the statement timeout,
+work_mem and temp-file limit of user queries, over the extended query protocol (so no text can
+add a statement). What the role may not do, the server refuses; docs/decisions.md ("User SQL").
+"""
 
 from __future__ import annotations
 
-import re
+import json
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
+from typing import Any
 
 import psycopg
-import psycopg.sql
+from pglast import parser as pg_parser
 from psycopg import errors as pg_errors
 
+from common.config import Settings
 from common.db import connect, first_line
 from common.errors import QueryError
+from common.query_role import check_query_session, query_role_url
 
-READ_KEYWORDS = frozenset({"select", "with", "values", "table", "("})
 INTEGER_TYPE_OIDS = frozenset({20, 21, 23})  # int8, int2, int4
-COMMENTS = re.compile(r"(--[^\n]*\n?|/\*.*?\*/)", re.DOTALL)
+# keys of libpg_query's parse tree that mark a statement that writes or locks
+WRITES = {
+    "InsertStmt": "the query writes (INSERT)",
+    "UpdateStmt": "the query writes (UPDATE)",
+    "DeleteStmt": "the query writes (DELETE)",
+    "MergeStmt": "the query writes (MERGE)",
+    "intoClause": "the query writes (SELECT INTO)",
+    "lockingClause": "the query locks rows (FOR UPDATE/SHARE)",
+}
+# server-side large-object functions: lo_create and its kin write even in a READ ONLY transaction
+LARGE_OBJECT_PREFIXES = ("lo_", "loread", "lowrite")
+# functions that change this session or others rather than read (any role may call them)
+SESSION_FUNCTIONS = frozenset(
+    {
+        "set_config",
+        "pg_notify",
+        "pg_advisory_lock",
+        "pg_advisory_lock_shared",
+        "pg_try_advisory_lock",
+        "pg_try_advisory_lock_shared",
+        "pg_advisory_xact_lock",
+        "pg_advisory_xact_lock_shared",
+        "pg_try_advisory_xact_lock",
+        "pg_try_advisory_xact_lock_shared",
+        "pg_advisory_unlock",
+        "pg_advisory_unlock_shared",
+        "pg_advisory_unlock_all",
+        # every user's selection runs as the query role, so the server lets one end another's
+        "pg_cancel_backend",
+        "pg_terminate_backend",
+    }
+)
 
 
-def check_query(sql: str) -> str:
-    """The query without trailing semicolons; QueryError if it cannot be a read."""
-    body = sql.strip().rstrip(";").strip()
-    stripped = COMMENTS.sub(" ", body).strip()
-    if not stripped:
+def check_query(text: str) -> str:
+    """The one statement of `text` (comments and a final semicolon dropped from its ends);
+    QueryError naming the reason unless it is a single plain query (SELECT, WITH … SELECT,
+    VALUES, TABLE) that neither writes, locks nor changes the session."""
+    try:
+        tree = json.loads(pg_parser.parse_sql_json(text))
+    except pg_parser.ParseError as exc:
+        raise QueryError(f"query refused: {first_line(exc)}") from exc
+    statements = tree.get("stmts", [])
+    if not statements:
         raise QueryError("the query is empty")
-    first = stripped.split(None, 1)[0].lower()
-    first = "(" if first.startswith("(") else first
-    if first not in READ_KEYWORDS:
-        raise QueryError(f"only SELECT queries are allowed; this one starts with {first.upper()}")
-    return body
+    if len(statements) > 1:
+        raise QueryError(f"not a single SELECT: the text holds {len(statements)} statements")
+    (raw,) = statements
+    kind = next(iter(raw["stmt"]))
+    if kind != "SelectStmt":
+        verb = kind.removesuffix("Stmt").upper()
+        raise QueryError(
+            f"not a single SELECT: this one is {verb} (only SELECT, WITH, VALUES, TABLE are allowed)"
+        )
+    for reason in refusals(raw["stmt"]):
+        raise QueryError(reason)
+    start = raw.get("stmt_location", 0)
+    length = raw.get("stmt_len")
+    return text[start : start + length if length else None].strip()
 
 
-SORT_MEMORY = "64MB"  # work_mem of the selection's sort: 1,000,000 ids sort in memory
-CHUNKS = """
-COPY (
-    SELECT %(job_id)s::uuid, ((n - 1) / %(size)s)::integer, array_agg(id ORDER BY n),
-           (count(*) * %(variants)s)::integer
-    FROM (SELECT id, row_number() OVER () AS n FROM (
-        SELECT DISTINCT q.id::bigint AS id FROM ({body}
-        ) AS q WHERE q.id IS NOT NULL ORDER BY 1) AS d) AS r
-    GROUP BY 2 ORDER BY 2
-) TO STDOUT (FORMAT binary)
+def refusals(node: Any) -> Iterator[str]:
+    """Why a parsed statement is refused: every writing, locking or session-changing part."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in WRITES and value:
+                yield WRITES[key]
+            if key == "FuncCall":
+                name = value["funcname"][-1]["String"]["sval"].lower()
+                if name in SESSION_FUNCTIONS:
+                    yield f"the query changes the session: {name}() is not allowed"
+                if name.startswith(LARGE_OBJECT_PREFIXES):
+                    yield f"the query uses large objects: {name}() is not allowed"
+            yield from refusals(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from refusals(item)
+
+
+def embed(template: str, body: str) -> str:
+    """`template` with the checked statement in place of {body}, on lines of its own (a line
+    comment cannot swallow what follows), its `%` doubled for psycopg's placeholders."""
+    return template.replace("{body}", "\n" + body.replace("%", "%%") + "\n")
+
+
+@contextmanager
+def user_session(settings: Settings) -> Iterator[psycopg.Connection]:
+    """A READ ONLY transaction on a session logged in as the query role, limits set; QueryError
+    for what the server refuses inside it."""
+    url = query_role_url(settings.database_url, settings.query_role, settings.query_role_password)
+    with connect(url, autocommit=True) as conn:
+        check_query_session(conn, settings.query_role)
+        conn.read_only = True
+        with conn.transaction(force_rollback=True):  # whatever it did, nothing of it is kept
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, true), set_config('work_mem', %s, true)",
+                (f"{settings.query_timeout_s}s", settings.query_work_mem),
+            )
+            try:
+                yield conn
+            except psycopg.Error as exc:
+                raise translate(exc, settings.query_timeout_s) from exc
+
+
+PROBE = "SELECT q.id FROM ({body}) AS q LIMIT %(none)s"
+CHUNK_ROWS = """
+SELECT ((n - 1) / %(size)s)::integer, array_agg(id ORDER BY n), (count(*) * %(variants)s)::integer
+FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM (
+    SELECT DISTINCT q.id::bigint AS id FROM ({body}) AS q WHERE q.id IS NOT NULL) AS d) AS r
+GROUP BY 1 ORDER BY 1
 """
+CHUNKS_PER_FETCH = 100
 
 
 @contextmanager
 def stream_chunks(
-    database_url: str, sql: str, timeout_s: int, *, job_id: str, chunk_size: int, variants: int
-) -> Iterator[Iterator[bytes]]:
-    """Yield the selection as job_chunks rows in PostgreSQL's binary COPY format: the distinct
-    ids, sorted, `chunk_size` to a row. The server does the chunking; the bytes stream through.
-
-    The query runs in a READ ONLY transaction with a statement timeout; it is checked (and its
-    first block read) before this yields, so a refused query raises QueryError before anything
-    is recorded.
-    """
+    settings: Settings, sql: str, *, chunk_size: int, variants: int
+) -> Iterator[Iterator[tuple[int, list[int], int]]]:
+    """Yield the selection as (chunk index, ids, items) rows: the distinct ids, sorted,
+    `chunk_size` to a row, cut by the server and fetched CHUNKS_PER_FETCH rows at a time.
+    The query is checked, typed and its first rows read before this yields, so a refused query
+    raises QueryError before anything is recorded."""
     body = check_query(sql)
-    with connect(database_url) as conn, ExitStack() as stack:
-        conn.read_only = True
-        stack.enter_context(conn.transaction())
-        cursor = stack.enter_context(conn.cursor())
+    with user_session(settings) as conn:
+        probe = conn.execute(embed(PROBE, body), {"none": 0}, prepare=True)
+        check_id_type(probe)
+        with conn.cursor(name="quarry_selection") as cursor:
+            cursor.itersize = CHUNKS_PER_FETCH
+            cursor.execute(embed(CHUNK_ROWS, body), {"size": chunk_size, "variants": variants})
+            first = cursor.fetchmany(CHUNKS_PER_FETCH)
+            yield rows(first, cursor, settings.query_timeout_s)
+
+
+def rows(
+    first: list[Any], cursor: psycopg.ServerCursor, timeout_s: int
+) -> Iterator[tuple[int, list[int], int]]:
+    """The first rows, then the rest of the server cursor's."""
+    yield from first
+    while True:
         try:
-            conn.execute(f"SET LOCAL statement_timeout = {int(timeout_s) * 1000}")
-            conn.execute(f"SET LOCAL work_mem = '{SORT_MEMORY}'")
-            cursor.execute(f"SELECT q.id FROM ({body}\n) AS q LIMIT 0")
-            check_id_type(cursor)
-            params = {"job_id": job_id, "size": chunk_size, "variants": variants}
-            copy = stack.enter_context(cursor.copy(psycopg.sql.SQL(CHUNKS.format(body=body)), params))
-            first = bytes(copy.read())
+            more = cursor.fetchmany(CHUNKS_PER_FETCH)
         except psycopg.Error as exc:
             raise translate(exc, timeout_s) from exc
-        yield blocks(first, copy, timeout_s)
+        if not more:
+            return
+        yield from more
+
+
+def run_user_query(
+    settings: Settings, sql: str, limit: int | None
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """(column names, at most `limit` rows) of a checked query, run as the query role."""
+    body = check_query(sql)
+    with user_session(settings) as conn:
+        # prepare=True: the extended protocol also when there is no parameter to bind
+        cursor = conn.execute(embed("SELECT * FROM ({body}) AS q", body), {}, prepare=True)
+        found = cursor.fetchall() if limit is None else cursor.fetchmany(limit)
+        return [column.name for column in cursor.description or []], found
 
 
 def check_id_type(cursor: psycopg.Cursor) -> None:
     """Refuse an id column that is not an integer."""
     description = cursor.description
-    if description and description[0].name != "id":
-        raise QueryError("the query has no id column; select styles.id AS id")
     if description and description[0].type_code not in INTEGER_TYPE_OIDS:
         raise QueryError("the query's id column must be an integer (the styles.id of an image)")
 
 
-def blocks(first: bytes, copy: psycopg.Copy, timeout_s: int) -> Iterator[bytes]:
-    """The first block, then the rest of the COPY stream."""
-    block = first
-    while block:
-        yield block
-        try:
-            block = bytes(copy.read())
-        except psycopg.Error as exc:
-            raise translate(exc, timeout_s) from exc
-
-
 def translate(exc: psycopg.Error, timeout_s: int) -> QueryError:
-    """A one-line QueryError for a failed query."""
+    """A one-line QueryError for what the server refused."""
+    message = exc.diag.message_primary or first_line(exc)
     if isinstance(exc, pg_errors.ReadOnlySqlTransaction):
-        return QueryError(f"query refused: it would write ({first_line(exc)})")
-    if isinstance(exc, pg_errors.UndefinedColumn) and "q.id" in (exc.diag.message_primary or ""):
+        return QueryError(f"the query writes: {message}")
+    if isinstance(exc, pg_errors.InsufficientPrivilege):
+        return QueryError(f"query refused: {message}")
+    if isinstance(exc, pg_errors.UndefinedColumn) and "q.id" in message:
         return QueryError("the query has no id column; select styles.id AS id")
     if isinstance(exc, pg_errors.QueryCanceled):
         return QueryError(f"query exceeded the statement timeout of {timeout_s} s")
-    return QueryError(f"query failed: {exc.diag.message_primary or first_line(exc)}")
+    return QueryError(f"query failed: {message}")

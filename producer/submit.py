@@ -10,6 +10,7 @@ import uuid
 
 import psycopg
 
+from common.config import Settings
 from common.jobs import record_job
 from common.jobspec import JobSpec
 from producer.query import stream_chunks
@@ -20,19 +21,13 @@ def new_job_id() -> str:
 
 
 def submit_job(
-    conn: psycopg.Connection,
-    database_url: str,
-    sql: str,
-    spec: JobSpec,
-    chunk_size: int,
-    timeout_s: int,
+    conn: psycopg.Connection, settings: Settings, sql: str, spec: JobSpec, chunk_size: int
 ) -> tuple[int, int]:
-    """Run the query and record the job with its ids in chunks; returns (chunks, items).
+    """Run the query (as the query role) and record the job with its ids in chunks on `conn`
+    (the owner's); returns (chunks, items).
 
     The query is checked before anything is recorded, and the job is recorded in one
     transaction: a refused or broken-off query leaves no trace.
     """
-    with stream_chunks(
-        database_url, sql, timeout_s, job_id=spec.job_id, chunk_size=chunk_size, variants=spec.variants
-    ) as rows:
+    with stream_chunks(settings, sql, chunk_size=chunk_size, variants=spec.variants) as rows:
         return record_job(conn, spec.job_id, sql, spec.to_message(), rows)

@@ -7,21 +7,33 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import psycopg
+
 from common.augment import parse_spec
 from common.config import Settings, get_settings
 from common.db import Database, connect, ensure_database, ensure_schema
 from common.errors import NoSuchJob, UserError
 from common.images import encode
-from common.jobs import JobProgress, cancel_job, iter_results, job_progress, list_jobs, retry_job
+from common.jobs import (
+    CATALOG_FIELDS,
+    JobProgress,
+    cancel_job,
+    iter_results,
+    job_progress,
+    list_jobs,
+    lookup_catalog,
+    retry_job,
+)
 from common.jobspec import JobSpec
 from common.model import Classifier, locate_model
 from common.paths import MODELS_DIR
+from common.query_role import ensure_query_role
 from common.storage import ObjectStore, parse_s3_uri
 from producer.ingest import IngestSummary
 from producer.ingest import ingest as run_ingest
 from producer.preview import contact_sheet, read_dataset_image
 from producer.progress import Display, follow
-from producer.query import check_query
+from producer.query import check_query, run_user_query
 from producer.submit import new_job_id, submit_job
 
 if TYPE_CHECKING:
@@ -90,12 +102,13 @@ class Job:
             self.rows(), columns=["image_id", "variant", "status", "uri", "error", "label", "score", "top_k"]
         )
         if catalog and not frame.empty:
-            styles = self.quarry.sql(  # the id is a checked UUID, safe to inline
-                "SELECT * FROM styles WHERE id IN"
-                f" (SELECT image_id FROM job_items WHERE job_id = '{self.id}')",
-                limit=None,
+            with self.quarry.connection() as conn:  # Quarry's own query: the owner's connection
+                found = lookup_catalog(conn, [int(i) for i in frame["image_id"].unique()])
+            styles = pd.DataFrame(
+                [{"image_id": i, **fields} for i, fields in found.items()],
+                columns=["image_id", *CATALOG_FIELDS],
             )
-            frame = frame.merge(styles.rename(columns={"id": "image_id"}), on="image_id", how="left")
+            frame = frame.merge(styles, on="image_id", how="left")
         return frame
 
     def failures(self) -> pd.DataFrame:
@@ -118,6 +131,7 @@ class Quarry:
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         base = settings or get_settings()
         self.settings = base.model_copy(update=overrides) if overrides else base
+        self._ready = False  # the schema and the query role were checked
 
     @classmethod
     def from_env(cls) -> Quarry:
@@ -144,6 +158,7 @@ class Quarry:
         created = ensure_database(self.settings.database_url)
         with self.connection() as conn:
             ensure_schema(conn)
+            ensure_query_role(conn, self.settings, maintain=True)
         store = self.store()
         for bucket in (self.settings.raw_bucket, self.settings.output_bucket):
             store.ensure_bucket(bucket)
@@ -157,7 +172,7 @@ class Quarry:
         store = self.store(max_connections=self.settings.ingest_concurrency)
         store.ensure_bucket(self.settings.output_bucket)
         with self.connection() as conn:
-            ensure_schema(conn)
+            self.ensure_ready(conn)
             return run_ingest(
                 conn, store, dataset, self.settings.raw_bucket, self.settings.ingest_concurrency, on_progress
             )
@@ -199,8 +214,8 @@ class Quarry:
         )
         size = job_chunk_size(spec, chunk_size, shard_size, self.settings)
         with self.connection() as conn:
-            ensure_schema(conn)
-            submit_job(conn, self.settings.database_url, query, spec, size, self.settings.query_timeout_s)
+            self.ensure_ready(conn)
+            submit_job(conn, self.settings, query, spec, size)
         return Job(self, spec.job_id)
 
     def job_spec(self, **options: Any) -> JobSpec:
@@ -294,26 +309,22 @@ class Quarry:
         return Preview(image_id, contact_sheet(spec, image_id, data))
 
     def sql(self, query: str, limit: int | None = SQL_ROW_LIMIT) -> pd.DataFrame:
-        """A read-only query on the catalog (the same guard as `run`: one statement, READ ONLY
-        transaction, QUERY_TIMEOUT_S) as a DataFrame of at most `limit` rows."""
+        """A read-only query on the catalog as a DataFrame of at most `limit` rows, with the same
+        guard as `run`: one plain query, run as the query role, READ ONLY, QUERY_TIMEOUT_S."""
         import pandas as pd
-        import psycopg
 
-        from producer.query import translate
-
-        text = check_query(query)
-        with self.connection(autocommit=False) as conn:
-            try:
-                conn.execute("SET TRANSACTION READ ONLY")
-                conn.execute(f"SET LOCAL statement_timeout = {self.settings.query_timeout_s * 1000}")
-                cursor = conn.execute(text)
-                rows = cursor.fetchall() if limit is None else cursor.fetchmany(limit)
-                columns = [column.name for column in cursor.description or []]
-            except psycopg.Error as exc:
-                raise translate(exc, self.settings.query_timeout_s) from exc
-            finally:
-                conn.rollback()
+        check_query(query)  # refused before any connection is made
+        with self.connection() as conn:
+            self.ensure_ready(conn)
+        columns, rows = run_user_query(self.settings, query, limit)
         return pd.DataFrame(rows, columns=columns)
+
+    def ensure_ready(self, conn: psycopg.Connection) -> None:
+        """Quarry's tables and the query role, once per Quarry object."""
+        if not self._ready:
+            ensure_schema(conn)
+            ensure_query_role(conn, self.settings)
+            self._ready = True
 
 
 def job_chunk_size(spec: JobSpec, chunk_size: int | None, shard_size: int | None, settings: Settings) -> int:

@@ -18,6 +18,7 @@ import redis
 
 from common.config import Settings, get_settings
 from common.db import connect, ensure_database, ensure_schema
+from common.query_role import ensure_query_role
 from common.storage import ObjectStore
 from tests.stack import Stack, free_port, wait_until
 
@@ -101,6 +102,7 @@ def db(settings: Settings) -> Iterator[psycopg.Connection]:
     """An autocommit connection to a database with the schema and no job records."""
     with connect(settings.database_url, autocommit=True) as conn:
         ensure_schema(conn)
+        ensure_query_role(conn, settings)
         yield conn
         conn.execute("TRUNCATE jobs, job_chunks, job_items")
 

@@ -5,7 +5,7 @@ import uuid
 import psycopg
 import pytest
 
-from common.config import Settings
+from common.config import Settings, get_settings
 from common.db import ensure_database, ensure_schema
 from common.errors import ConfigError, UnknownJob, UserError
 from common.jobs import cancel_job, job_progress, retry_job
@@ -35,7 +35,7 @@ def new_job(
     spec = JobSpec(job_id=str(uuid.uuid4()), variants=variants, item_rows=item_rows)  # type: ignore[arg-type]
     ids = ", ".join(str(i) for chunk in chunks for i in chunk) or "NULL"
     query = f"SELECT unnest(ARRAY[{ids}]::bigint[]) AS id"
-    submit_job(db, db.info.dsn, query, spec, len(chunks[0]) if chunks else 1, 10)
+    submit_job(db, get_settings(), query, spec, len(chunks[0]) if chunks else 1)
     return spec.job_id
 
 

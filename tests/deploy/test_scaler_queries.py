@@ -6,7 +6,7 @@ import uuid
 
 import psycopg
 
-from common.config import Settings
+from common.config import Settings, get_settings
 from common.jobs import cancel_job
 from common.jobspec import JobSpec
 from producer.dispatch import claim
@@ -27,7 +27,7 @@ def metric(db: psycopg.Connection, pool: str) -> int:
 
 def record(db: psycopg.Connection, chunks: int, model: str | None = None, output: str = "files") -> str:
     spec = JobSpec(job_id=str(uuid.uuid4()), variants=1, model=model, output=output)  # type: ignore[arg-type]
-    submit_job(db, db.info.dsn, f"SELECT generate_series(1, {chunks}) AS id", spec, 1, 10)
+    submit_job(db, get_settings(), f"SELECT generate_series(1, {chunks}) AS id", spec, 1)
     return spec.job_id
 
 

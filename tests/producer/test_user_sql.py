@@ -1,0 +1,175 @@
+"""User SQL reads the catalog and nothing else, enforced by PostgreSQL: every way out of the
+selection statement is refused with one line, through the CLI (exit 2) and the API (QueryError),
+while a canary table and a sentinel session of the owner stay untouched; honest queries work."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from common.config import Settings
+from common.errors import QuarryError
+from common.jobs import cancel_job, record_job
+from common.ledger import ItemResult, upsert_items
+from quarry import Quarry
+from tests.conftest import run_cli
+
+SENTINEL = "quarry-sentinel"
+
+
+@pytest.fixture
+def guarded(ingested: dict[str, str], db: psycopg.Connection) -> Iterator[psycopg.Connection]:
+    """A canary table of the owner's and a sentinel session of the owner, checked after the test."""
+    db.execute("DROP TABLE IF EXISTS canary")
+    db.execute("CREATE TABLE canary AS SELECT generate_series(1, 3) AS id")
+    with psycopg.connect(ingested["DATABASE_URL"], autocommit=True, application_name=SENTINEL) as sentinel:
+        yield sentinel
+        assert sentinel.execute("SELECT 1").fetchone() == (1,), "the sentinel session was ended"
+    assert db.execute("SELECT count(*) FROM canary").fetchone() == (3,)
+    assert db.execute("SELECT count(*) FROM jobs").fetchone() == (0,), "a refused query recorded a job"
+    db.execute("DROP TABLE canary")
+
+
+def sentinel_pid(db: psycopg.Connection) -> int:
+    row = db.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", (SENTINEL,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+ESCAPES = {
+    "second statement": "SELECT id FROM styles; DROP TABLE canary",
+    "closing the parentheses": "SELECT id FROM styles) AS q; DROP TABLE canary; SELECT (1",
+    "behind a comment": "SELECT id FROM styles /* ) */; DROP TABLE canary -- (",
+    "a line comment and a newline": "SELECT id FROM styles --\n; DELETE FROM canary",
+    "data-modifying CTE": "WITH gone AS (DELETE FROM canary RETURNING id) SELECT id FROM gone",
+    "nested data-modifying CTE": "SELECT id FROM"
+    " (WITH g AS (UPDATE canary SET id = 0 RETURNING id) SELECT id FROM g) s",
+    "SELECT INTO": "SELECT id INTO stolen FROM styles",
+    "locking clause": "SELECT id FROM styles FOR UPDATE",
+    "locking in a subquery": "SELECT id FROM (SELECT id FROM styles FOR SHARE) s",
+    "server file": "SELECT length(pg_read_file('/etc/passwd'))::int AS id",
+    "server binary file": "SELECT length(pg_read_binary_file('/etc/hostname'))::int AS id",
+    "server directory": "SELECT 1 AS id FROM pg_ls_dir('.')",
+    "server file status": "SELECT (pg_stat_file('/etc/passwd')).size::int AS id",
+    "large object import": "SELECT lo_import('/etc/passwd')::int AS id",
+    "large object create": "SELECT lo_create(0)::int AS id",
+    "settings changed": "SELECT id FROM styles WHERE set_config('statement_timeout', '0', false) IS NOT NULL",
+    "role changed": "SELECT id FROM styles WHERE set_config('role', 'postgres', true) IS NOT NULL",
+    "advisory lock held": "SELECT id FROM styles WHERE pg_advisory_lock(20904) IS NOT NULL",
+    "ledger: jobs": "SELECT 1 AS id FROM jobs",
+    "ledger: job_chunks": "SELECT chunk_index AS id FROM job_chunks",
+    "ledger: job_items": "SELECT image_id AS id FROM job_items",
+    "ledger through a CTE": "WITH j AS (SELECT * FROM dispatchers) SELECT 1 AS id FROM j",
+    "DDL": "CREATE TABLE stolen AS SELECT id FROM styles",
+    "COPY to a file": "COPY styles TO '/tmp/stolen.csv'",
+}
+SIGNALS = {  # the sentinel's pid is only known at run time
+    "terminate another session": "SELECT pg_terminate_backend({pid})::int AS id",
+    "cancel another session": "SELECT pg_cancel_backend({pid})::int AS id",
+}
+
+
+@pytest.mark.parametrize("query", [*ESCAPES.values(), *SIGNALS.values()], ids=[*ESCAPES, *SIGNALS])
+def test_every_way_out_is_refused_with_one_line(
+    guarded: psycopg.Connection, ingested: dict[str, str], db: psycopg.Connection, query: str
+) -> None:
+    query = query.format(pid=sentinel_pid(db)) if "{pid}" in query else query
+    result = run_cli("run", "--query", query, env=ingested, check=False)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    quarry = Quarry.from_env()
+    with pytest.raises(QuarryError):
+        quarry.run(query)
+    with pytest.raises(QuarryError):
+        quarry.sql(query)
+
+
+def test_refusals_name_the_reason(guarded: psycopg.Connection, ingested: dict[str, str]) -> None:
+    expected = {
+        "SELECT id FROM styles; DROP TABLE canary": "not a single SELECT: the text holds 2 statements",
+        "WITH g AS (DELETE FROM canary RETURNING id) SELECT id FROM g": "the query writes (DELETE)",
+        "SELECT id INTO stolen FROM styles": "the query writes (SELECT INTO)",
+        "SELECT length(pg_read_file('/etc/passwd'))::int AS id": "permission denied for function",
+        "SELECT 1 AS id FROM jobs": "permission denied for table jobs",
+        "SELECT id FROM styles WHERE set_config('work_mem', '1GB', false) > ''": "set_config() is not",
+    }
+    for query, reason in expected.items():
+        result = run_cli("run", "--query", query, env=ingested, check=False)
+        assert reason in result.stderr, (query, result.stderr)
+
+
+@pytest.fixture
+def earlier_job(db: psycopg.Connection) -> Iterator[str]:
+    """A finished job with predictions for the first five catalogued ids (ledger calls, no pools)."""
+    job_id = str(uuid.uuid4())
+    ids = [row[0] for row in db.execute("SELECT id FROM styles ORDER BY id LIMIT 5")]
+    record_job(db, job_id, "SELECT id FROM styles", {}, [(0, ids, len(ids))])
+    upsert_items(
+        db, job_id, [ItemResult(i, 0, n, "done", label="Tshirts", score=0.9) for n, i in enumerate(ids)]
+    )
+    yield job_id
+    db.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
+
+
+HONEST = {
+    "ILIKE with %": "SELECT id FROM styles WHERE product_display_name ILIKE '%shoe%'",
+    "LIKE with % and _": "SELECT id FROM styles WHERE article_type LIKE 'T_hirt%'",
+    "the % operator": "SELECT id FROM styles WHERE id % 10 = 3",
+    "dollar quoting": "SELECT id FROM styles WHERE gender = $$Men$$",
+    "escaped strings": "SELECT id FROM styles WHERE gender <> E'Wo\\'men' AND usage <> 'it''s'",
+    "join": "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'",
+    "CTE": "WITH shoes AS (SELECT id FROM styles WHERE master_category = 'Footwear') SELECT id FROM shoes",
+    "window function": "SELECT id FROM (SELECT id,"
+    " row_number() OVER (PARTITION BY article_type ORDER BY id) AS n FROM styles) r WHERE n <= 2",
+    "LATERAL": "SELECT s.id FROM (SELECT DISTINCT article_type FROM styles) t,"
+    " LATERAL (SELECT id FROM styles WHERE article_type = t.article_type ORDER BY id LIMIT 1) s",
+    "VALUES": "SELECT id FROM (VALUES (1), (2), (3)) AS v (id)",
+    "a trailing semicolon and comment": "SELECT id FROM styles WHERE year >= 2012; -- recent",
+    "predictions of an earlier job": "SELECT p.image_id AS id FROM predictions p"
+    " JOIN styles s ON s.id = p.image_id WHERE p.job_id = '{job}' AND p.label = 'Tshirts'",
+}
+
+
+@pytest.mark.parametrize("query", HONEST.values(), ids=HONEST.keys())
+def test_honest_queries_work_through_the_cli_and_the_api(
+    ingested: dict[str, str], db: psycopg.Connection, earlier_job: str, query: str
+) -> None:
+    query = query.replace("{job}", earlier_job)
+    expected = db.execute(f"SELECT count(DISTINCT id) FROM ({query.split(';')[0]}) q").fetchone()[0]  # type: ignore[index]
+    assert expected > 0
+    quarry = Quarry.from_env()
+    assert len(quarry.sql(query)) >= expected
+    job = quarry.run(query)
+    cancel_job(db, job.id)  # recorded is enough: the pools need not render it
+    assert job.status().total == expected
+    result = run_cli("run", "--query", query, env=ingested, check=False)
+    assert result.returncode == 0, result.stderr
+    cli_job = result.stdout.split()[-1]
+    cancel_job(db, cli_job)
+    assert db.execute("SELECT total FROM jobs WHERE id = %s", (cli_job,)).fetchone() == (expected,)
+
+
+def test_a_selection_runs_as_the_query_role(ingested: dict[str, str], db: psycopg.Connection) -> None:
+    catalogued = db.execute("SELECT count(*) FROM styles").fetchone()[0]  # type: ignore[index]
+    quarry = Quarry.from_env()
+    for user, expected in (("quarry_reader", catalogued), ("postgres", 0)):
+        job = quarry.run(f"SELECT id FROM styles WHERE current_user = '{user}'")
+        cancel_job(db, job.id)
+        assert job.status().total == expected, user
+
+
+def test_pools_and_dispatcher_do_not_connect_as_the_query_role(workers, ingested, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        users = {
+            row[0]
+            for row in conn.execute(
+                "SELECT usename FROM pg_stat_activity WHERE datname = current_database()"
+                " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            )
+        }
+    assert users and settings.query_role not in users, users
+    assert psycopg.conninfo.conninfo_to_dict(settings.database_url).get("user") != settings.query_role
