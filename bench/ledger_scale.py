@@ -33,7 +33,7 @@ ITEM_ROWS_SAMPLE = 100_000
 def measure(size: int, chunk_size: int) -> None:
     """Child process: record a job over `size` ids; print a JSON line of its figures."""
     from common.jobspec import JobSpec
-    from producer.submit import new_job_id, submit_job
+    from quarry.submit import new_job_id, submit_job
 
     settings = get_settings()
     started = time.perf_counter()

@@ -16,9 +16,9 @@ import click
 from common.config import get_settings
 from common.db import connect, ensure_schema
 from common.errors import ConfigError, QuarryError, UserError
-from producer.ingest import IngestSummary
-from producer.progress import TerminalBar
 from quarry.client import DEFAULT_SHARD_SIZE, Quarry
+from quarry.ingest import IngestSummary
+from quarry.progress import TerminalBar
 
 EXIT_FAILED_ITEMS = 1
 EXIT_REFUSED = 2

@@ -29,12 +29,12 @@ from common.model import Classifier, locate_model
 from common.paths import MODELS_DIR
 from common.query_role import ensure_query_role
 from common.storage import ObjectStore, parse_s3_uri
-from producer.ingest import IngestSummary
-from producer.ingest import ingest as run_ingest
-from producer.preview import contact_sheet, read_dataset_image
-from producer.progress import Display, follow
-from producer.query import check_query, run_user_query
-from producer.submit import new_job_id, submit_job
+from quarry.ingest import IngestSummary
+from quarry.ingest import ingest as run_ingest
+from quarry.preview import contact_sheet, read_dataset_image
+from quarry.progress import Display, follow
+from quarry.query import check_query, run_user_query
+from quarry.submit import new_job_id, submit_job
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -23,7 +23,7 @@ from common.ledger import (
     unclaim,
 )
 from producer.dispatch import RunningJob, allocate, claim
-from producer.submit import submit_job
+from quarry.submit import submit_job
 
 LEASE = 60
 

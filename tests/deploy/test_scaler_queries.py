@@ -10,7 +10,7 @@ from common.config import Settings, get_settings
 from common.jobs import cancel_job
 from common.jobspec import JobSpec
 from producer.dispatch import claim
-from producer.submit import submit_job
+from quarry.submit import submit_job
 from tests.deploy.render import find, kustomize
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from common.config import Settings
 from common.storage import ObjectStore
-from producer.ingest import ingest
+from quarry.ingest import ingest
 from tests.conftest import SAMPLE
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"

@@ -13,7 +13,7 @@ import psycopg
 from common.config import Settings
 from common.jobs import record_job
 from common.jobspec import JobSpec
-from producer.query import stream_chunks
+from quarry.query import stream_chunks
 
 
 def new_job_id() -> str:

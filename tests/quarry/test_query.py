@@ -5,8 +5,8 @@ import pytest
 
 from common.errors import QueryError
 from common.jobspec import JobSpec
-from producer.query import check_query, stream_chunks
-from producer.submit import submit_job
+from quarry.query import check_query, stream_chunks
+from quarry.submit import submit_job
 from tests.conftest import run_cli
 
 
