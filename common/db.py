@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 SCHEMA_LOCK_ID = 0x51A7  # advisory lock serialising concurrent schema creation
 SCHEMA_VERSION = 2  # 2: the job ledger (chunk states, leases, counters)
+MIN_POSTGRES = 14  # the oldest release PostgreSQL still supports (Nov 2026); 15 and 18 are tested
 CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError)
 # Two transactions that wanted each other's locks (one is rolled back), a serialization failure,
 # or a lock not granted within LOCK_TIMEOUT: the same transaction run again succeeds.
@@ -60,8 +61,23 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
     return conn
 
 
+def postgres_too_old(server_version: int) -> str | None:
+    """Why a server of libpq's `server_version` (e.g. 150020) is refused; None when it is not."""
+    if server_version >= MIN_POSTGRES * 10_000:
+        return None
+    shown = f"{server_version // 10_000}.{server_version % 10_000}"
+    return f"PostgreSQL {MIN_POSTGRES} or newer is needed; the server at DATABASE_URL is {shown}"
+
+
+def check_server_version(conn: psycopg.Connection) -> None:
+    """ConfigError, one line, for a PostgreSQL older than MIN_POSTGRES."""
+    if refusal := postgres_too_old(conn.info.server_version):
+        raise ConfigError(refusal)
+
+
 def ensure_schema(conn: psycopg.Connection) -> None:
-    """Create Quarry's tables when missing; safe to run concurrently."""
+    """Create Quarry's tables when missing (on a server new enough); safe to run concurrently."""
+    check_server_version(conn)
     ddl = resources.files("common").joinpath("schema.sql").read_text()
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))

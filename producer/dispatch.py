@@ -22,7 +22,7 @@ from celery import Celery
 
 from common.config import Settings
 from common.db import Database, first_line
-from common.errors import BrokerUnavailable, TransientError
+from common.errors import BrokerUnavailable, ConfigError, TransientError
 from common.ledger import Ticket, claim_chunks, fail_exhausted, return_expired, unclaim
 from producer.watchdog import Watchdog
 from workers.base import BROKER_ERRORS, PUBLISH_RETRY
@@ -126,14 +126,29 @@ def dispatcher_name() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
 
+MIN_REDIS = (6, 2)  # the oldest Redis tested (the embedded one); 7 is the machine's
+
+
 def check_broker(app: Celery) -> None:
-    """BrokerUnavailable (one line) when the broker does not answer at start-up."""
+    """BrokerUnavailable (one line) when the broker does not answer at start-up; ConfigError
+    when it is a Redis older than MIN_REDIS."""
     with app.connection_for_write() as connection:
         try:
             connection.ensure_connection(max_retries=2, interval_start=0.5, timeout=5)
+            version = str(connection.default_channel.client.info("server")["redis_version"])
         except BROKER_ERRORS as exc:
             where = connection.as_uri()  # the password masked
             raise BrokerUnavailable(f"cannot reach the broker at {where}: {first_line(exc)}") from exc
+    if refusal := redis_too_old(version):
+        raise ConfigError(refusal)
+
+
+def redis_too_old(version: str) -> str | None:
+    """Why a Redis of `version` ('7.4.2') is refused; None when it is not."""
+    if tuple(int(part) for part in version.split(".")[:2]) >= MIN_REDIS:
+        return None
+    needed = ".".join(map(str, MIN_REDIS))
+    return f"Redis {needed} or newer is needed; the broker at CELERY_BROKER_URL is {version}"
 
 
 def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = None) -> None:

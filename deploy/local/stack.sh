@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The stack as local processes, for machines without a Docker engine:
-# the machine's PostgreSQL and Redis, moto's S3 server, the dispatcher, the three pools and Flower.
+# The stack as local processes, for machines without a Docker engine: PostgreSQL and Redis (the
+# machine's where they answer, else embedded ones from pip wheels: producer/embedded.py), moto's
+# S3 server, the dispatcher, the three pools and Flower.
 # Usage: deploy/local/stack.sh up|down|status. Honours DATABASE_URL, CELERY_BROKER_URL,
 # S3_ENDPOINT_URL, RAW_BUCKET, OUTPUT_BUCKET; QUARRY_RUN_DIR (pids, logs), FLOWER_PORT,
 # TRANSFORM_CONCURRENCY, UPLOAD_CONCURRENCY, INFERENCE_CONCURRENCY.
@@ -36,8 +37,7 @@ wait_for_url() {
 }
 
 up() {
-  pg_isready -q -d "${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/postgres}" \
-    || { echo "PostgreSQL does not answer at DATABASE_URL" >&2; exit 1; }
+  QUARRY_RUN_DIR="$RUN_DIR" "$PY" -m producer.embedded up || exit 1
   if ! "$PY" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" \
       "$S3_ENDPOINT_URL" 2>/dev/null; then
     port=$(echo "$S3_ENDPOINT_URL" | sed -E 's#.*:([0-9]+)/?$#\1#')
@@ -71,6 +71,7 @@ down() {
     fi
     rm -f "$RUN_DIR/$name.pid"
   done
+  QUARRY_RUN_DIR="$RUN_DIR" "$PY" -m producer.embedded down
   echo "Quarry is down"
 }
 
@@ -78,6 +79,10 @@ status() {
   for name in s3 dispatcher worker-transform worker-upload worker-inference flower; do
     if running "$name"; then echo "$name: running (pid $(cat "$RUN_DIR/$name.pid"))"; else echo "$name: stopped"; fi
   done
+  for name in postgresql redis; do
+    [ -f "$RUN_DIR/embedded-$name" ] && echo "$name: embedded, data in $RUN_DIR"
+  done
+  return 0
 }
 
 "${1:-status}"

