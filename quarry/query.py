@@ -80,9 +80,10 @@ def check_query(text: str) -> str:
         )
     for reason in refusals(raw["stmt"]):
         raise QueryError(reason)
-    start = raw.get("stmt_location", 0)
+    start = raw.get("stmt_location", 0)  # byte offsets into the UTF-8 text, as PostgreSQL's
     length = raw.get("stmt_len")
-    return text[start : start + length if length else None].strip()
+    encoded = text.encode()
+    return encoded[start : start + length if length else None].decode().strip()
 
 
 def refusals(node: Any) -> Iterator[str]:

@@ -94,3 +94,15 @@ def test_cli_refuses_a_bad_spec_and_a_bad_model_with_exit_2(test_env, db) -> Non
     )
     assert bad_model.returncode == 2 and "no model '/nope.onnx'" in bad_model.stderr
     assert db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    ("text", "statement"),
+    [
+        ("SELECT 1 AS id;", "SELECT 1 AS id"),
+        ("-- é lead\nSELECT 'Café ☕' AS t, 1 AS id; -- trailing é", "SELECT 'Café ☕' AS t, 1 AS id"),
+        ("/* ☕ */ VALUES (1)", "VALUES (1)"),
+    ],
+)
+def test_check_query_returns_the_statement_whatever_the_characters(text: str, statement: str) -> None:
+    assert check_query(text) == statement

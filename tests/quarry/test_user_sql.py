@@ -129,6 +129,8 @@ HONEST = {
     " LATERAL (SELECT id FROM styles WHERE article_type = t.article_type ORDER BY id LIMIT 1) s",
     "VALUES": "SELECT id FROM (VALUES (1), (2), (3)) AS v (id)",
     "a trailing semicolon and comment": "SELECT id FROM styles WHERE year >= 2012; -- recent",
+    "non-ASCII text, comments around": "-- café ☕\nSELECT id FROM styles"
+    " WHERE product_display_name <> 'Café ☕'; -- é",
     "predictions of an earlier job": "SELECT p.image_id AS id FROM predictions p"
     " JOIN styles s ON s.id = p.image_id WHERE p.job_id = '{job}' AND p.label = 'Tshirts'",
 }
