@@ -190,6 +190,19 @@ class Stack:
         if wait:
             wait_until(lambda: log.read_text().count(" ready.") > ready_before, 60, f"the {queue} pool")
 
+    def restart_exited_pools(self) -> list[str]:
+        """Start again each pool whose process ended by itself, as a supervisor would (Compose's
+        `restart: unless-stopped`, a Kubernetes Deployment); the queues restarted. A Celery worker
+        can end on a lost broker: kombu 5.7 sometimes fails to close a channel whose transport is
+        already gone ("Unrecoverable error: AttributeError ... 'hostname'") and the worker exits."""
+        restarted = []
+        for name in [name for name, process in self.processes.items() if name.startswith("worker-")]:
+            if self.processes[name].poll() is not None:
+                del self.processes[name]
+                self.start_pool(name.removeprefix("worker-"))
+                restarted.append(name)
+        return restarted
+
     def start_pools(self) -> None:
         for queue in POOLS:
             self.start_pool(queue, wait=False)
