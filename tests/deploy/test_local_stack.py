@@ -34,8 +34,10 @@ def as_user(
     user: str | None, *command: str, env: dict[str, str], timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     prefix = ["runuser", "-u", user, "--"] if user else []
+    # an outer `make test` must not turn the stack's `make` into a sub-make that prints directories
+    unset = ["-u", "MAKELEVEL", "-u", "MAKEFLAGS", "-u", "MFLAGS"]
     return subprocess.run(
-        [*prefix, "env", *(f"{k}={v}" for k, v in env.items()), *command],
+        [*prefix, "env", *unset, *(f"{k}={v}" for k, v in env.items()), *command],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -150,7 +152,7 @@ def test_the_demo_runs_on_embedded_servers_as_a_user_and_its_job_survives_down_a
             line.startswith(f"Redis: nothing answered at 127.0.0.1:{redis_port}; started Redis 6.2")
             for line in said
         ), said
-        summary = json.loads(said[-1])
+        summary = json.loads([line for line in said if line.startswith("{")][-1])  # --json's line
         assert (summary["state"], summary["failed"]) == ("finished", 0) and summary["done"] == summary[
             "total"
         ] > 0
