@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 SCHEMA_LOCK_ID = 0x51A7  # advisory lock serialising concurrent schema creation
 SCHEMA_VERSION = 2  # 2: the job ledger (chunk states, leases, counters)
-MIN_POSTGRES = 14  # the oldest release PostgreSQL still supports (Nov 2026); 15 and 18 are tested
+MIN_POSTGRES = 14  # a floor chosen, not tested: 15 and 18 are the versions tested
 CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError)
 # Two transactions that wanted each other's locks (one is rolled back), a serialization failure,
 # or a lock not granted within LOCK_TIMEOUT: the same transaction run again succeeds.
