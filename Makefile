@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+TOOLS ?= .venv-tools
 SHELL := /bin/bash
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= quarry
@@ -44,8 +45,14 @@ notebook: up ## JupyterLab on examples/ against the running stack (quickstart.ip
 	$(BIN)/pip install -q -e '.[cpu,dev,notebook]'
 	$(BIN)/jupyter lab --notebook-dir=examples --ip=127.0.0.1
 
-test: install ## run the whole suite against real PostgreSQL, Redis, S3 and workers
+test: install $(TOOLS)/bin/img2dataset ## run the whole suite against real PostgreSQL, Redis, S3 and workers
 	$(BIN)/python -m pytest
+
+# tests make WebDataset shards with img2dataset itself, in a venv of its own (its dependencies,
+# albumentations and wandb among them, stay out of Quarry's)
+$(TOOLS)/bin/img2dataset:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q 'img2dataset>=1.47,<1.48'
 
 lint: install ## ruff and mypy
 	$(BIN)/ruff check .
@@ -69,4 +76,4 @@ k8s-render: ## print the Kubernetes manifests of deploy/k8s/overlays/$(OVERLAY) 
 	@kubectl kustomize deploy/k8s/overlays/$(OVERLAY)
 
 clean: down ## stop the stack and remove the virtualenv
-	rm -rf $(VENV) .run
+	rm -rf $(VENV) $(TOOLS) .run

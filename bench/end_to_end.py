@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,40 +28,20 @@ import numpy as np
 import psycopg
 
 from common.augment import parse_spec
+from common.datasets import FASHION, lookup_catalog, lookup_locations
 from common.db import connect, ensure_database
-from common.jobs import lookup_catalog, lookup_images
 from common.jobspec import JobSpec
 from common.model import Classifier
 from common.paths import MODELS_DIR, default_dataset_path
 from common.shards import shard_from_transform, write_tar
 from common.transform import transform_images
-from tests.stack import BIN, Stack, free_port, wait_until
+from tests.stack import BIN, RequestLog, Stack, start_moto, wait_until
 
 QUERY = (
     "SELECT s.id FROM styles s JOIN images i USING (id)"
     " WHERE s.master_category IN ('Footwear', 'Accessories') AND i.status = 'stored'"
 )
 OPS = "hflip(p=0.5) | rotate(limit=15) | resize(224, 224)"
-REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|HEAD|DELETE) ')
-
-
-class RequestLog:
-    """Counts the requests moto's server logged since the last `mark()`."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset = path, 0
-
-    def mark(self) -> None:
-        self.offset = self.path.stat().st_size
-
-    def since_mark(self) -> dict[str, int]:
-        with self.path.open("rb") as log:
-            log.seek(self.offset)
-            text = log.read().decode(errors="replace")
-        counts: dict[str, int] = {}
-        for method in REQUEST.findall(text):
-            counts[method] = counts.get(method, 0) + 1
-        return counts
 
 
 def s3_client(env: dict[str, str]) -> Any:
@@ -120,16 +99,17 @@ def opencv_limit(raws: list[bytes]) -> float:
     return len(raws) / (time.perf_counter() - started)
 
 
-def transform_stage_rate(database_url: str, ids: list[int], raws: dict[str, bytes], shard_size: int) -> float:
+def transform_stage_rate(database_url: str, ids: list[int], raws: dict[int, bytes], shard_size: int) -> float:
     """img/s on one core of Quarry's transform stage for webdataset output (render + shard tar),
     raw bytes from memory: the storage ceiling removed."""
     spec = JobSpec(job_id=str(uuid.uuid4()), augment=parse_spec(OPS).stages, output="webdataset")
     with psycopg.connect(database_url) as db:
-        index, catalog = lookup_images(db, ids), lookup_catalog(db, ids)
+        index, catalog = lookup_locations(db, FASHION, ids), lookup_catalog(db, FASHION, ids)
+    held = {index[i].source: (raws[i], "") for i in ids}
     started = time.perf_counter()
     for start in range(0, len(ids), shard_size):
         chunk = ids[start : start + shard_size]
-        result = transform_images(spec, chunk, index, lambda keys: {k: raws[k] for k in keys})
+        result = transform_images(spec, chunk, index, lambda sources: {s: held[s] for s in sources})
         write_tar(shard_from_transform(spec, result, catalog))
     return len(ids) / (time.perf_counter() - started)
 
@@ -167,16 +147,11 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="quarry-e2e-"))
     name = f"quarry_e2e_{uuid.uuid4().hex[:8]}"
-    port = free_port()
     moto_log = root / "moto.log"
-    s3 = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=moto_log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    s3, endpoint = start_moto(moto_log)
     env = {
         "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
-        "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "S3_ENDPOINT_URL": endpoint,
         "DATASET_PATH": str(args.dataset),
         "RAW_BUCKET": "bench-raw",
         "OUTPUT_BUCKET": "bench-out",
@@ -185,14 +160,17 @@ def main() -> None:
     }
     stack = Stack(env, root / "stack")
     try:
-        wait_until(lambda: "Running on" in moto_log.read_text(), 20, "moto")
         ensure_database(env["DATABASE_URL"])
         subprocess.run(
             [str(BIN / "producer"), "ingest"], env={**os.environ, **env}, check=True, capture_output=True
         )
         with psycopg.connect(env["DATABASE_URL"]) as db:
             ids = [row[0] for row in db.execute(QUERY + " ORDER BY 1")]
-            keys = dict(db.execute("SELECT id, raw_key FROM images WHERE id = ANY (%s)", (ids,)).fetchall())
+        client = s3_client(env)  # the plain loop's world: one object per image (set up, not timed)
+        keys = {image_id: f"objects/{image_id}.jpg" for image_id in ids}
+        for image_id, key in keys.items():
+            body = (args.dataset / "images" / f"{image_id}.jpg").read_bytes()
+            client.put_object(Bucket=env["RAW_BUCKET"], Key=key, Body=body)
         print(
             f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()};"
             f" dataset {args.dataset}; {len(ids)} images; ops {OPS}; model default;"
@@ -216,10 +194,13 @@ def main() -> None:
         print(f"webdataset vs files: {shards_rate / files_rate:.2f}x")
         stack.stop_all()
 
-        s3 = s3_client(env)
-        raws = {key: s3.get_object(Bucket=env["RAW_BUCKET"], Key=key)["Body"].read() for key in keys.values()}
+        raws = {
+            key: client.get_object(Bucket=env["RAW_BUCKET"], Key=key)["Body"].read() for key in keys.values()
+        }
         limit = opencv_limit(list(raws.values()))
-        stage = transform_stage_rate(env["DATABASE_URL"], ids, raws, args.shard_size)
+        stage = transform_stage_rate(
+            env["DATABASE_URL"], ids, {i: raws[keys[i]] for i in ids}, args.shard_size
+        )
         print(
             f"without the storage ceiling, one core: OpenCV limit {limit:7.1f} img/s;"
             f" Quarry transform stage (render + shard) {stage:7.1f} img/s = {stage / limit:.0%} of the limit"

@@ -20,7 +20,7 @@ from common.errors import ConfigError, DatabaseUnavailable, LockConflict
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 SCHEMA_LOCK_ID = 0x51A7  # advisory lock serialising concurrent schema creation
-SCHEMA_VERSION = 2  # 2: the job ledger (chunk states, leases, counters)
+SCHEMA_VERSION = 3  # 2: the job ledger (chunk states, leases, counters); 3: datasets, locations
 MIN_POSTGRES = 14  # a floor chosen, not tested: 15 and 18 are the versions tested
 CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError)
 # Two transactions that wanted each other's locks (one is rolled back), a serialization failure,
@@ -75,8 +75,10 @@ def check_server_version(conn: psycopg.Connection) -> None:
         raise ConfigError(refusal)
 
 
-def ensure_schema(conn: psycopg.Connection) -> None:
-    """Create Quarry's tables when missing (on a server new enough); safe to run concurrently."""
+def ensure_schema(conn: psycopg.Connection, raw_bucket: str = "quarry-raw") -> None:
+    """Create Quarry's tables when missing (on a server new enough); safe to run concurrently.
+    A schema-2 catalog (one `images` table of raw objects in `raw_bucket`) becomes locations of
+    the dataset `styles`."""
     check_server_version(conn)
     ddl = resources.files("common").joinpath("schema.sql").read_text()
     with conn.transaction():
@@ -89,11 +91,36 @@ def ensure_schema(conn: psycopg.Connection) -> None:
                 "this database holds job tables from before the job ledger: drop tables job_items,"
                 " job_chunks, jobs (job records only; the catalog stays) or use another DATABASE_URL"
             )
+        images_table = conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_class WHERE oid = to_regclass('images') AND relkind = 'r')"
+        ).fetchone()
+        if images_table and images_table[0]:
+            conn.execute("ALTER TABLE images RENAME TO images_v2")
         conn.execute(ddl)
+        if images_table and images_table[0]:
+            migrate_images(conn, raw_bucket)
         conn.execute(
             "INSERT INTO schema_version SELECT %s WHERE NOT EXISTS (SELECT FROM schema_version)",
             (SCHEMA_VERSION,),
         )
+        conn.execute("UPDATE schema_version SET version = %s WHERE version < %s", (SCHEMA_VERSION,) * 2)
+
+
+def migrate_images(conn: psycopg.Connection, raw_bucket: str) -> None:
+    """Schema 2 -> 3: each raw object of the fashion archive becomes a location of `styles`."""
+    conn.execute(
+        "INSERT INTO datasets (name, id_column, format) VALUES ('styles', 'id', 'kaggle')"
+        " ON CONFLICT DO NOTHING"
+    )
+    conn.execute(
+        """INSERT INTO locations (dataset, id, uri, byte_length, width, height, error)
+           SELECT d.id, i.id, CASE WHEN i.status = 'stored' THEN %s || i.raw_key END, i.size_bytes,
+                  i.width, i.height, CASE WHEN i.status = 'bad' THEN coalesce(i.error, 'bad image') END
+           FROM images_v2 i, datasets d WHERE d.name = 'styles'
+           ON CONFLICT DO NOTHING""",
+        (f"s3://{raw_bucket}/",),
+    )
+    conn.execute("DROP TABLE images_v2")
 
 
 class Database:

@@ -90,6 +90,10 @@ class ObjectMissing(PermanentError):
     """No object at that S3 key."""
 
 
+class SourceChanged(PermanentError):
+    """An image's source object has other bytes than when it was registered (another ETag)."""
+
+
 class StorageError(QuarryError):
     """S3 refused a request for a reason retrying will not fix (credentials, bucket name)."""
 

@@ -26,7 +26,7 @@ class ItemRef:
     image_id: int
     variant: int
     slot: int
-    image_uri: str  # what the model reads (raw or augmented)
+    image_uri: str  # the locator of what the model reads (raw or augmented; common.sources)
     output_uri: str  # the item's uploaded output
 
     def to_message(self) -> dict[str, Any]:
@@ -37,14 +37,12 @@ class ItemRef:
         return cls(**message)
 
 
-def refs_for(
-    spec: JobSpec, outputs: Sequence[Output], results: Sequence[ItemResult], raw_bucket: str
-) -> list[ItemRef]:
+def refs_for(spec: JobSpec, outputs: Sequence[Output], results: Sequence[ItemResult]) -> list[ItemRef]:
     """What the inference stage reads for each uploaded output: the output or its raw source."""
     refs = []
     for output, result in zip(outputs, results, strict=True):
         output_uri = result.output_uri or ""
-        source = f"s3://{raw_bucket}/{output.source_key}" if spec.infer_on == "raw" else output_uri
+        source = output.source if spec.infer_on == "raw" else output_uri
         refs.append(ItemRef(output.image_id, output.variant, output.slot, source, output_uri))
     return refs
 

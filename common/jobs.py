@@ -10,7 +10,6 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from common.catalog import COLUMNS
 from common.errors import UserError
 
 
@@ -219,24 +218,3 @@ def dispatcher_last_seen_s(conn: psycopg.Connection) -> float | None:
     """Seconds since any dispatcher last said it was alive; None if none ever did."""
     row = conn.execute("SELECT extract(epoch FROM now() - max(seen_at)) FROM dispatchers").fetchone()
     return None if row is None or row[0] is None else float(row[0])
-
-
-def lookup_images(
-    conn: psycopg.Connection, image_ids: list[int]
-) -> dict[int, tuple[str, str | None, str | None]]:
-    """id -> (status, raw_key, error) for the ids the images table knows."""
-    rows = conn.execute(
-        "SELECT id, status, raw_key, error FROM images WHERE id = ANY (%s)", (image_ids,)
-    ).fetchall()
-    return {row[0]: (row[1], row[2], row[3]) for row in rows}
-
-
-CATALOG_FIELDS = COLUMNS[1:]  # the styles columns after id
-
-
-def lookup_catalog(conn: psycopg.Connection, image_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """id -> the styles row's fields, for the ids the catalog knows (shard records carry them)."""
-    rows = conn.execute(
-        f"SELECT id, {', '.join(CATALOG_FIELDS)} FROM styles WHERE id = ANY (%s)", (image_ids,)
-    ).fetchall()
-    return {row[0]: dict(zip(CATALOG_FIELDS, row[1:], strict=True)) for row in rows}

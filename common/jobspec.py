@@ -18,6 +18,7 @@ class JobSpec:
     """A job's normalised options; `to_message()` is what travels through the broker."""
 
     job_id: str
+    dataset: str = "styles"  # the dataset whose ids the job selected (common.datasets)
     variants: int = 1
     seed: int = 0
     augment: list[dict[str, Any]] = field(default_factory=list)  # normalised ops, empty = none

@@ -21,7 +21,8 @@ from common.config import Settings
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
-READABLE = ("styles", "images", "predictions")  # what user SQL may read of Quarry's own tables
+# what user SQL may read of Quarry's own tables (and each dataset's catalog, granted at ingest)
+READABLE = ("styles", "images", "predictions", "datasets", "locations")
 LEDGER = ("jobs", "job_chunks", "job_items", "dispatchers", "schema_version")  # never readable
 # role attributes that would let a session escape: none of them may be set
 ROLE_ATTRIBUTES = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS"
@@ -105,6 +106,16 @@ def grant_reads(conn: psycopg.Connection, role: str) -> None:
     if held:
         tables = sql.SQL(", ").join(map(sql.Identifier, held))
         conn.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(tables, name))
+
+
+def grant_dataset(conn: psycopg.Connection, settings: Settings, table: str) -> None:
+    """SELECT on a dataset's catalog table for the query role (when it lacks it)."""
+    role = settings.query_role
+    if table and not has_privilege(conn, role, table, "SELECT"):
+        with conn.transaction():
+            conn.execute(
+                sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(table), sql.Identifier(role))
+            )
 
 
 def has_privilege(conn: psycopg.Connection, role: str, table: str, privileges: str) -> bool:

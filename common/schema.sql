@@ -12,17 +12,41 @@ CREATE TABLE IF NOT EXISTS styles (
     product_display_name text
 );
 
-CREATE TABLE IF NOT EXISTS images (
-    id         bigint PRIMARY KEY,
-    raw_key    text,
-    size_bytes bigint NOT NULL,
-    width      integer,
-    height     integer,
-    checksum   text NOT NULL,            -- sha256 of the file's bytes, hex
-    status     text NOT NULL CHECK (status IN ('stored', 'bad')),
-    error      text,
-    store_id   text,                     -- the raw bucket's marker when it was stored
-    updated_at timestamptz NOT NULL DEFAULT now()
+-- Datasets: each is a catalog table of the user's own columns (named like the dataset) whose
+-- integer id column names its images; `locations` says where each image's bytes are.
+CREATE TABLE IF NOT EXISTS datasets (
+    id           smallint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name         text NOT NULL UNIQUE,      -- also its catalog table's name
+    id_column    text NOT NULL,             -- the catalog's integer id column
+    key_column   text,                      -- string keys: the column keeping them (ids assigned)
+    image_column text,                      -- the manifest column that located each image
+    format       text NOT NULL,             -- kaggle, csv, jsonl, parquet, webdataset, folder
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+
+-- Tar shards holding images as members: packed by Quarry or registered where they are.
+CREATE TABLE IF NOT EXISTS shards (
+    id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    uri     text NOT NULL UNIQUE,          -- s3://bucket/key.tar
+    size    bigint NOT NULL,
+    etag    text NOT NULL                  -- a read finding another ETag fails its items
+);
+
+-- Where an image's bytes are: a member of a shard (offset and length of its data), or an
+-- object of its own (`uri`; its ETag is pinned at ingest when known, else at its first read).
+CREATE TABLE IF NOT EXISTS locations (
+    dataset     smallint NOT NULL REFERENCES datasets (id) ON DELETE CASCADE,
+    id          bigint NOT NULL,
+    shard       bigint REFERENCES shards (id),
+    byte_offset bigint,
+    byte_length bigint,
+    uri         text,
+    etag        text,
+    width       integer,
+    height      integer,
+    error       text,                      -- why it has no image (found unreadable at ingest)
+    PRIMARY KEY (dataset, id),
+    CHECK (error IS NOT NULL OR shard IS NOT NULL OR uri IS NOT NULL)
 );
 
 -- The job ledger. A job's chunks move pending -> dispatched (with a lease) -> finished; the
@@ -90,3 +114,10 @@ CREATE OR REPLACE VIEW predictions AS
     SELECT job_id, image_id, variant, label, score, top_k
     FROM job_items
     WHERE label IS NOT NULL;
+
+-- The fashion archive's images as the catalog's queries have always read them.
+CREATE OR REPLACE VIEW images AS
+    SELECT l.id, CASE WHEN l.error IS NULL THEN 'stored' ELSE 'bad' END AS status,
+           l.width, l.height, l.byte_length AS size_bytes, l.error
+    FROM locations l JOIN datasets d ON d.id = l.dataset
+    WHERE d.name = 'styles';

@@ -19,9 +19,9 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
+from common.images import ENCODINGS, sniff_format
 from common.jobspec import JobSpec
 from common.ledger import ItemResult
 from common.storage import ObjectStore
@@ -107,7 +107,7 @@ def shard_from_transform(spec: JobSpec, result: TransformResult, catalog: dict[i
         shard.samples.append(Sample(failure.image_id, failure.variant, failure.slot, record))
     if spec.model and spec.infer_on == "raw":
         shard.raws = {
-            image_id: (PurePosixPath(key).suffix, data) for image_id, (key, data) in result.raws.items()
+            image_id: (ENCODINGS[sniff_format(data)][0], data) for image_id, (_, data) in result.raws.items()
         }
     return shard
 
@@ -123,7 +123,8 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 
 
 def dump_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    """Compact, sorted JSON; values JSON has no type for (dates, decimals of a user's catalog) as text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
 def write_tar(shard: Shard, *, staging: bool = False) -> bytes:

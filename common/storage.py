@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
+from typing import Any
 
 import boto3
+import boto3.exceptions
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError
 
 from common.config import Settings
-from common.errors import ObjectMissing, QuarryError, StorageError, StorageUnavailable
+from common.errors import ObjectMissing, QuarryError, SourceChanged, StorageError, StorageUnavailable
+from common.sources import Source
 
 MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 TRANSIENT_CODES = frozenset(
@@ -99,6 +102,77 @@ class ObjectStore:
                 return exc
 
         return dict(zip(keys, self._pool.map(fetch, keys), strict=True))
+
+    def read(self, source: Source) -> tuple[bytes, str]:
+        """An image's bytes and the ETag of the object holding them: the whole object, or the
+        member's byte range. A pinned ETag is sent as If-Match: SourceChanged when the object
+        was rewritten since, ObjectMissing when it is gone."""
+        bucket, key = parse_s3_uri(source.uri)
+        request: dict[str, str] = {"Bucket": bucket, "Key": key}
+        if source.offset is not None and source.length is not None:
+            request["Range"] = f"bytes={source.offset}-{source.offset + source.length - 1}"
+        if source.etag:
+            request["IfMatch"] = source.etag
+        try:
+            response = self._client.get_object(**request)
+            return response["Body"].read(), str(response.get("ETag", ""))
+        except ClientError as exc:
+            if _code(exc) in {"PreconditionFailed", "412"}:
+                raise SourceChanged(f"source changed since it was registered: {source.uri}") from exc
+            if _code(exc) in MISSING_CODES:
+                raise ObjectMissing(f"source vanished: {source.uri}") from exc
+            raise self._translate(exc, source.uri) from exc
+        except (BotoCoreError, ConnectionError) as exc:
+            raise self._translate(exc, source.uri) from exc
+
+    def read_many(self, sources: Sequence[Source]) -> dict[Source, tuple[bytes, str] | QuarryError]:
+        """`read` for many sources concurrently; each maps to its (bytes, ETag) or its error."""
+
+        def fetch(source: Source) -> tuple[bytes, str] | QuarryError:
+            try:
+                return self.read(source)
+            except QuarryError as exc:
+                return exc
+
+        return dict(zip(sources, self._pool.map(fetch, sources), strict=True))
+
+    def head(self, bucket: str, key: str) -> tuple[int, str]:
+        """An object's size and ETag; ObjectMissing when there is none."""
+        try:
+            response = self._client.head_object(Bucket=bucket, Key=key)
+        except (ClientError, BotoCoreError, ConnectionError) as exc:
+            raise self._translate(exc, f"s3://{bucket}/{key}") from exc
+        return int(response["ContentLength"]), str(response["ETag"])
+
+    def upload_file(self, path: str, bucket: str, key: str, *, content_type: str) -> None:
+        """Store a local file, in parts when large (boto3's managed transfer)."""
+        try:
+            self._client.upload_file(path, bucket, key, ExtraArgs={"ContentType": content_type})
+        except (ClientError, BotoCoreError, ConnectionError) as exc:
+            raise self._translate(exc, f"s3://{bucket}/{key}") from exc
+        except boto3.exceptions.S3UploadFailedError as exc:
+            raise StorageUnavailable(f"s3://{bucket}/{key}: upload failed: {exc}") from exc
+
+    def open(self, uri: str) -> Any:
+        """A streaming body of a whole object (read it in order, once)."""
+        bucket, key = parse_s3_uri(uri)
+        try:
+            return self._client.get_object(Bucket=bucket, Key=key)["Body"]
+        except (ClientError, BotoCoreError, ConnectionError) as exc:
+            raise self._translate(exc, uri) from exc
+
+    def list_objects(self, uri_prefix: str) -> Iterator[tuple[str, int, str]]:
+        """(s3:// URI, size, ETag) of every object under `s3://bucket/prefix`, in key order."""
+        if not uri_prefix.startswith("s3://"):
+            raise StorageError(f"not an s3:// prefix: {uri_prefix!r}")
+        bucket, _, prefix = uri_prefix[5:].partition("/")
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield f"s3://{bucket}/{item['Key']}", int(item["Size"]), str(item["ETag"])
+        except (ClientError, BotoCoreError, ConnectionError) as exc:
+            raise self._translate(exc, uri_prefix) from exc
 
     @cached_property
     def _pool(self) -> ThreadPoolExecutor:

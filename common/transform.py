@@ -7,10 +7,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from common.augment import Pipeline
-from common.errors import ObjectMissing, PermanentError, QuarryError
+from common.datasets import Location
+from common.errors import PermanentError, QuarryError
 from common.images import ENCODINGS, decode, encode, sniff_format
 from common.jobspec import JobSpec
 from common.ledger import ItemResult
+from common.sources import Source
 
 NO_IMAGE = "no image"
 
@@ -24,7 +26,7 @@ class Output:
     slot: int  # the item's position in its chunk
     data: bytes
     image_format: str
-    source_key: str  # the raw object it was made from
+    source: str  # the locator of the raw bytes it was made from (common.sources)
 
     @property
     def extension(self) -> str:
@@ -45,10 +47,12 @@ class TransformResult:
 
     outputs: list[Output] = field(default_factory=list)
     failures: list[ItemResult] = field(default_factory=list)
-    raws: dict[int, tuple[str, bytes]] = field(default_factory=dict)  # id -> (raw key, bytes), if kept
+    raws: dict[int, tuple[str, bytes]] = field(default_factory=dict)  # id -> (locator, bytes), if kept
+    etags: dict[int, str] = field(default_factory=dict)  # ETags first read from unpinned sources
 
 
-ImageIndex = dict[int, tuple[str, str | None, str | None]]  # id -> (status, raw_key, error)
+ImageIndex = dict[int, Location]
+Fetched = dict[Source, tuple[bytes, str] | QuarryError]
 
 
 def wanted_variants(spec: JobSpec, position: int, done: int) -> list[int]:
@@ -60,7 +64,7 @@ def transform_images(
     spec: JobSpec,
     image_ids: Sequence[int],
     index: ImageIndex,
-    fetch_many: Callable[[list[str]], dict[str, bytes | QuarryError]],
+    fetch_many: Callable[[list[Source]], Fetched],
     done: int = 0,
     *,
     keep_raw: bool = False,
@@ -78,16 +82,20 @@ def transform_images(
         for position, image_id in enumerate(image_ids)
     ]
     todo = [entry for entry in todo if entry[2]]
-    keys = [entry[1] for entry in (index.get(i) for _, i, _ in todo) if entry and entry[1]]
-    fetched = fetch_many(keys)
+    sources = [entry.source for entry in (index.get(i) for _, i, _ in todo) if entry and entry.source]
+    fetched = fetch_many(list(dict.fromkeys(sources)))
     result = TransformResult()
     for position, image_id, variants in todo:
         try:
-            key, data = raw_bytes(image_id, index, fetched)
-            rendered = list(render_variants(spec, pipeline, position, image_id, variants, key, data))
+            source, data, etag = raw_bytes(image_id, index, fetched)
+            rendered = list(
+                render_variants(spec, pipeline, position, image_id, variants, source.locator, data)
+            )
             result.outputs.extend(rendered)  # all of an image's variants, or none
+            if source.etag is None and source.offset is None:
+                result.etags[image_id] = etag
             if keep_raw:
-                result.raws[image_id] = (key, data)
+                result.raws[image_id] = (source.locator, data)
         except PermanentError as exc:
             result.failures.extend(
                 ItemResult(image_id, v, spec.slot(position, v), "failed", error=f"transform: {exc}")
@@ -96,20 +104,18 @@ def transform_images(
     return result
 
 
-def raw_bytes(image_id: int, index: ImageIndex, fetched: dict[str, bytes | QuarryError]) -> tuple[str, bytes]:
-    """The raw key and bytes of an ingested image; PermanentError when there are none."""
+def raw_bytes(image_id: int, index: ImageIndex, fetched: Fetched) -> tuple[Source, bytes, str]:
+    """The source, bytes and ETag of an image; PermanentError when there are none."""
     entry = index.get(image_id)
     if entry is None:
         raise PermanentError(NO_IMAGE)
-    status, key, error = entry
-    if status != "stored" or key is None:
-        raise PermanentError(f"bad image: {error}")
-    data = fetched[key]
-    if isinstance(data, ObjectMissing):
-        raise PermanentError(NO_IMAGE) from data
-    if isinstance(data, QuarryError):
-        raise data  # transient or configuration: the task retries or fails the chunk
-    return key, data
+    if entry.source is None:
+        raise PermanentError(f"bad image: {entry.error}")
+    got = fetched[entry.source]
+    if isinstance(got, QuarryError):
+        raise got  # permanent: the item fails; transient or configuration: the task retries
+    data, etag = got
+    return entry.source, data, etag
 
 
 def render_variants(
@@ -118,7 +124,7 @@ def render_variants(
     position: int,
     image_id: int,
     variants: Sequence[int],
-    source_key: str,
+    source: str,
     data: bytes,
 ) -> Iterator[Output]:
     """Some variants of one image: the source bytes where untouched, else augmented and encoded."""
@@ -126,14 +132,14 @@ def render_variants(
     for variant in variants:
         slot = spec.slot(position, variant)
         if spec.is_passthrough(variant):
-            yield Output(image_id, variant, slot, data, sniff_format(data), source_key)
+            yield Output(image_id, variant, slot, data, sniff_format(data), source)
             continue
         if pixels is None:
             pixels = decode(data)
         augmented = pipeline.apply(pixels, seed=(spec.seed, image_id, variant))
         image_format = spec.image_format or "jpeg"
         encoded = encode(augmented, image_format, spec.quality)
-        yield Output(image_id, variant, slot, encoded, image_format, source_key)
+        yield Output(image_id, variant, slot, encoded, image_format, source)
 
 
 def batch_by_bytes(outputs: Sequence[Output], budget: int) -> Iterator[list[Output]]:

@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,8 +18,9 @@ from common.config import get_settings
 from common.db import connect, ensure_schema
 from common.errors import ConfigError, QuarryError, UserError
 from quarry.client import DEFAULT_SHARD_SIZE, Quarry
-from quarry.ingest import IngestSummary
+from quarry.ingest import FORMATS
 from quarry.progress import TerminalBar
+from quarry.summary import IngestSummary
 
 EXIT_FAILED_ITEMS = 1
 EXIT_REFUSED = 2
@@ -74,21 +76,44 @@ def init() -> None:
 
 
 @cli.command()
-@click.argument("dataset_path", required=False, type=click.Path(path_type=Path))
+@click.argument("source", required=False)
+@click.option("--dataset", help="Its name, and its catalog table's [styles for the fashion archive].")
+@click.option("--id-column", help="The column naming each image: integers, or string keys (ids assigned).")
+@click.option("--image-column", help="Manifests: the column of each image's s3://bucket/key.")
+@click.option("--format", "source_format", type=click.Choice(FORMATS), help="Default: told by SOURCE.")
+@click.option(
+    "--column-type", "column_types", multiple=True, metavar="COL=TYPE", help="A column's PostgreSQL type."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @one_line_errors
-def ingest(dataset_path: Path | None) -> None:
-    """Load styles.csv into PostgreSQL and images/ into the raw bucket (re-runnable)."""
+def ingest(source: str | None, column_types: tuple[str, ...], as_json: bool, **options: Any) -> None:
+    """Register a dataset: the fashion archive's folder [DATASET_PATH], a folder of {id}.jpg, a
+    CSV/JSONL/Parquet manifest (file, s3:// object or prefix) of s3:// image URIs, or an s3:// prefix
+    of WebDataset tars. Images in s3:// stay where they are; a local folder is packed into shards."""
     quarry = Quarry.from_env()
-    dataset = dataset_path or quarry.settings.dataset_path
-    s = quarry.ingest(dataset, show_ingest)
+    types = dict(parse_column_type(text) for text in column_types)
+    s = quarry.ingest(source, show_ingest, column_types=types, **options)
     if sys.stderr.isatty():
         click.echo("", err=True)  # end the progress line
+    for problem in s.problems:
+        click.echo(f"skipped: {problem}", err=True)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in asdict(s).items() if k != "started"}))
+        return
     click.echo(
-        f"ingested {dataset}: {s.rows} rows loaded ({s.repaired} malformed lines repaired, "
-        f"{s.rejected} rejected, {s.duplicate_ids} duplicate ids); images {s.uploaded} uploaded, "
-        f"{s.present} already present, {s.missing} missing, {s.bad} bad, "
-        f"{s.unrecognised_files} other files ignored; {s.seconds:.1f} s"
+        f"ingested {source or quarry.settings.dataset_path} as dataset {s.dataset}: {s.rows} rows"
+        f" ({s.repaired} repaired, {s.rejected} rejected, {s.duplicate_ids} duplicate ids); images"
+        f" {s.images} registered ({s.packed} packed into {s.shards} shards), {s.present} already"
+        f" registered, {s.missing} missing, {s.bad} bad, {s.unrecognised_files} other files ignored;"
+        f" {s.problem_count} problems; {s.seconds:.1f} s"
     )
+
+
+def parse_column_type(text: str) -> tuple[str, str]:
+    column, _, type_name = text.partition("=")
+    if not column or not type_name:
+        raise UserError(f"--column-type {text!r}: give COLUMN=TYPE, e.g. score=real")
+    return column.strip(), type_name.strip()
 
 
 def show_ingest(summary: IngestSummary) -> None:
@@ -96,7 +121,7 @@ def show_ingest(summary: IngestSummary) -> None:
     if sys.stderr.isatty():
         seconds = time.monotonic() - summary.started
         click.echo(
-            f"\r{summary.images_seen} images read · {summary.uploaded} uploaded · "
+            f"\r{summary.rows} rows · {summary.images} images registered · {summary.shards} shards · "
             f"{summary.bad} bad · {summary.images_seen / seconds:.0f} img/s",
             err=True,
             nl=False,
@@ -125,6 +150,7 @@ def augment_options(command: F) -> F:
 
 @cli.command()
 @click.option("--query", "sql", required=True, help="SELECT returning an `id` column.")
+@click.option("--dataset", help="The dataset the ids are of [the only one ingested].")
 @click.option("--chunk-size", type=click.IntRange(1, 10_000), help="Ids per task [CHUNK_SIZE].")
 @augment_options
 @click.option("--model", help="Classify outputs: `default`, a NAME in models/, a PATH or s3:// URI.")
@@ -235,7 +261,7 @@ def dispatch(ticks: int | None) -> None:
     logging.getLogger().setLevel(logging.INFO)
     settings = get_settings()
     with connect(settings.database_url, autocommit=True) as conn:
-        ensure_schema(conn)
+        ensure_schema(conn, settings.raw_bucket)
     check_broker(app)
     run_dispatcher(app, settings, max_ticks=ticks)
 

@@ -4,6 +4,7 @@ tree (`common.errors`) with one clear message; a refused job records nothing."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -11,30 +12,23 @@ import psycopg
 
 from common.augment import parse_spec
 from common.config import Settings, get_settings
+from common.datasets import FASHION, default_dataset, get_dataset, lookup_catalog
 from common.db import Database, connect, ensure_database, ensure_schema
 from common.errors import NoSuchJob, UserError
 from common.images import encode
-from common.jobs import (
-    CATALOG_FIELDS,
-    JobProgress,
-    cancel_job,
-    iter_results,
-    job_progress,
-    list_jobs,
-    lookup_catalog,
-    retry_job,
-)
+from common.jobs import JobProgress, cancel_job, iter_results, job_progress, job_spec, list_jobs, retry_job
 from common.jobspec import JobSpec
 from common.model import Classifier, locate_model
 from common.paths import MODELS_DIR
-from common.query_role import ensure_query_role
+from common.query_role import ensure_query_role, grant_dataset
 from common.storage import ObjectStore, parse_s3_uri
-from quarry.ingest import IngestSummary
+from quarry.ingest import IngestRequest
 from quarry.ingest import ingest as run_ingest
 from quarry.preview import contact_sheet, read_dataset_image
 from quarry.progress import Display, follow
 from quarry.query import check_query, run_user_query
 from quarry.submit import new_job_id, submit_job
+from quarry.summary import IngestSummary
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -95,7 +89,8 @@ class Job:
             yield from iter_results(conn, self.id)
 
     def results(self, catalog: bool = False) -> pd.DataFrame:
-        """The item rows as a DataFrame; `catalog=True` joins each row with its `styles` fields."""
+        """The item rows as a DataFrame; `catalog=True` joins each row with its dataset's catalog
+        row (the columns of `styles` for the fashion archive)."""
         import pandas as pd
 
         frame = pd.DataFrame(
@@ -103,12 +98,11 @@ class Job:
         )
         if catalog and not frame.empty:
             with self.quarry.connection() as conn:  # Quarry's own query: the owner's connection
-                found = lookup_catalog(conn, [int(i) for i in frame["image_id"].unique()])
-            styles = pd.DataFrame(
-                [{"image_id": i, **fields} for i, fields in found.items()],
-                columns=["image_id", *CATALOG_FIELDS],
-            )
-            frame = frame.merge(styles, on="image_id", how="left")
+                dataset = job_spec(conn, self.id).get("dataset", FASHION)
+                found = lookup_catalog(conn, dataset, [int(i) for i in frame["image_id"].unique()])
+            rows = pd.DataFrame([{"image_id": i, **fields} for i, fields in found.items()])
+            if not rows.empty:
+                frame = frame.merge(rows, on="image_id", how="left")
         return frame
 
     def failures(self) -> pd.DataFrame:
@@ -157,7 +151,7 @@ class Quarry:
         """Create the database if missing, its tables and both buckets; True if it was created."""
         created = ensure_database(self.settings.database_url)
         with self.connection() as conn:
-            ensure_schema(conn)
+            ensure_schema(conn, self.settings.raw_bucket)
             ensure_query_role(conn, self.settings, maintain=True)
         store = self.store()
         for bucket in (self.settings.raw_bucket, self.settings.output_bucket):
@@ -165,17 +159,36 @@ class Quarry:
         return created
 
     def ingest(
-        self, path: str | Path | None = None, on_progress: Callable[[IngestSummary], None] = lambda s: None
+        self,
+        source: str | Path | None = None,
+        on_progress: Callable[[IngestSummary], None] = lambda s: None,
+        *,
+        dataset: str | None = None,
+        id_column: str | None = None,
+        image_column: str | None = None,
+        source_format: str | None = None,
+        column_types: dict[str, str] | None = None,
     ) -> IngestSummary:
-        """Load `styles.csv` into PostgreSQL and `images/` into the raw bucket (re-runnable)."""
-        dataset = Path(path) if path is not None else self.settings.dataset_path
+        """Register a dataset (default: DATASET_PATH, the fashion archive): a Kaggle-layout folder,
+        a folder of images, a CSV/JSON Lines/Parquet manifest of s3:// image URIs, or an s3://
+        prefix of WebDataset shards. Re-runnable; see docs/datasets.md."""
+        request = IngestRequest(
+            str(source if source is not None else self.settings.dataset_path),
+            dataset,
+            id_column,
+            image_column,
+            source_format,
+            dict(column_types or {}),
+        )
         store = self.store(max_connections=self.settings.ingest_concurrency)
         store.ensure_bucket(self.settings.output_bucket)
         with self.connection() as conn:
             self.ensure_ready(conn)
-            return run_ingest(
-                conn, store, dataset, self.settings.raw_bucket, self.settings.ingest_concurrency, on_progress
+            summary = run_ingest(
+                conn, store, request, self.settings.raw_bucket, self.settings.ingest_concurrency, on_progress
             )
+            grant_dataset(conn, self.settings, summary.dataset)
+            return summary
 
     def run(
         self,
@@ -195,9 +208,11 @@ class Quarry:
         shard_size: int | None = None,
         chunk_size: int | None = None,
         key_layout: Literal["flat", "hashed"] = "flat",
+        dataset: str | None = None,
     ) -> Job:
-        """Select images with SQL and record the job; the dispatcher sends it through the pools.
-        Every option is checked before anything is recorded."""
+        """Select images of `dataset` (default: the only one ingested) with SQL and record the
+        job; the dispatcher sends it through the pools. Every option is checked before anything is
+        recorded."""
         spec = self.job_spec(
             augment=augment,
             variants=variants,
@@ -215,6 +230,8 @@ class Quarry:
         size = job_chunk_size(spec, chunk_size, shard_size, self.settings)
         with self.connection() as conn:
             self.ensure_ready(conn)
+            check_query(query)  # a refused query is said before anything else
+            spec = replace(spec, dataset=get_dataset(conn, dataset or default_dataset(conn)).name)
             submit_job(conn, self.settings, query, spec, size)
         return Job(self, spec.job_id)
 
@@ -267,7 +284,7 @@ class Quarry:
 
     def list_jobs(self, limit: int = 20) -> list[JobProgress]:
         with self.connection() as conn:
-            ensure_schema(conn)
+            ensure_schema(conn, self.settings.raw_bucket)
             return list_jobs(conn, limit)
 
     def jobs(self, limit: int = 20) -> pd.DataFrame:
@@ -322,7 +339,7 @@ class Quarry:
     def ensure_ready(self, conn: psycopg.Connection) -> None:
         """Quarry's tables and the query role, once per Quarry object."""
         if not self._ready:
-            ensure_schema(conn)
+            ensure_schema(conn, self.settings.raw_bucket)
             ensure_query_role(conn, self.settings)
             self._ready = True
 

@@ -1,97 +1,256 @@
-"""`producer ingest`: load styles.csv into PostgreSQL and the images into the raw bucket."""
+"""`producer ingest`: register a dataset where its images are, or pack a local folder once.
+
+SOURCE is the fashion archive's folder (`styles.csv` + `images/`, its quirks repaired), a folder
+of `{id}.jpg` images, a manifest (CSV, JSON Lines, Parquet: a local file or an s3:// object or
+prefix) whose rows locate their images by s3:// URI, or an s3:// prefix of WebDataset tar
+shards. The catalog becomes a table named like the dataset; see docs/datasets.md.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
-import time
-import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
 
 import psycopg
+import pyarrow as pa
+from psycopg import sql
 
-from common.batching import batched
 from common.catalog import COLUMNS, CatalogStats, RejectedLine, read_styles
-from common.errors import ObjectMissing, PermanentError, UserError
-from common.images import ENCODINGS, checksum, decode, sniff_format
+from common.datasets import FASHION, Dataset, check_name, register_dataset
+from common.errors import UserError
 from common.storage import ObjectStore
+from quarry.manifest import BadLines, format_of, local_copy, manifest_sources, read_batches
+from quarry.packing import forget_lost_shards, pack_images
+from quarry.register import add_catalog_rows, add_object_locations, load_rows
+from quarry.summary import IngestSummary
+from quarry.tables import check_column_types, create_catalog, table_columns
+from quarry.webdataset import KEY_COLUMN, ingest_webdataset
 
 log = logging.getLogger(__name__)
 
 IMAGE_NAME = re.compile(r"^(\d+)\.(jpe?g|png|webp)$", re.IGNORECASE)
-FILES_PER_BATCH = 256  # images read, checked and recorded together; bounds memory
-STORE_MARKER = "_quarry/store-id"  # identifies a raw bucket's contents across restarts
 REJECTED_SHOWN = 20  # malformed CSV lines printed one by one before only counting
-
-
-@dataclass
-class IngestSummary:
-    """What one ingest did; printed by the CLI."""
-
-    rows: int = 0
-    repaired: int = 0
-    rejected: int = 0
-    duplicate_ids: int = 0
-    uploaded: int = 0
-    present: int = 0
-    missing: int = 0
-    bad: int = 0
-    unrecognised_files: int = 0
-    seconds: float = 0.0
-    started: float = field(default_factory=time.monotonic, repr=False)
-
-    @property
-    def images_seen(self) -> int:
-        return self.uploaded + self.present + self.bad
+FORMATS = ("kaggle", "folder", "csv", "jsonl", "parquet", "webdataset")
+LISTED_TO_INFER = 1000  # objects of an s3:// prefix looked at to tell its format (one LIST page)
+ASSIGNED_ID = "id"  # the column of the ids Quarry assigns to string keys
 
 
 @dataclass(frozen=True)
-class ImageFile:
-    """The outcome of reading one image file."""
+class IngestRequest:
+    """What to ingest and how its rows name and locate their images."""
 
-    image_id: int
-    key: str
-    size: int
-    sha256: str
-    width: int | None
-    height: int | None
-    error: str | None
-    data: bytes = field(repr=False, default=b"")
+    source: str
+    dataset: str | None = None  # default: `styles` for the fashion archive, else required
+    id_column: str | None = None  # integers, or string keys (Quarry assigns integer ids)
+    image_column: str | None = None  # manifests: the column of each image's s3:// URI
+    source_format: str | None = None  # one of FORMATS; inferred from SOURCE when None
+    column_types: dict[str, str] = field(default_factory=dict)  # column -> PostgreSQL type
 
 
 def ingest(
     conn: psycopg.Connection,
     store: ObjectStore,
-    dataset: Path,
+    request: IngestRequest,
     raw_bucket: str,
     concurrency: int,
     on_progress: Callable[[IngestSummary], None] = lambda summary: None,
 ) -> IngestSummary:
-    """Load a Kaggle-layout dataset (`styles.csv` + `images/`); re-runnable and resumable.
-
-    Images recorded as stored with the same checksum in this same bucket are skipped. The bucket
-    is recognised by a marker object (STORE_MARKER); a new or wiped bucket gets a new marker, so
-    every image is uploaded to it again.
-    """
-    csv_path, images_dir = dataset / "styles.csv", dataset / "images"
-    if not csv_path.is_file():
-        raise UserError(f"dataset {dataset}: no styles.csv")
-    if not images_dir.is_dir():
-        raise UserError(f"dataset {dataset}: no images/ folder")
+    """Ingest one SOURCE (re-runnable: what was registered before is skipped)."""
+    source_format = request.source_format or infer_format(store, request.source)
+    if source_format not in FORMATS:
+        raise UserError(f"--format {source_format!r}: one of {', '.join(FORMATS)}")
     summary = IngestSummary()
-    store.ensure_bucket(raw_bucket)
-    store_id = store_marker(store, raw_bucket)
+    if source_format == "kaggle":
+        ingest_fashion(conn, store, Path(request.source), raw_bucket, concurrency, summary, on_progress)
+    elif source_format == "folder":
+        ingest_folder(conn, store, request, raw_bucket, concurrency, summary, on_progress)
+    elif source_format == "webdataset":
+        name = dataset_name(request)
+        if request.id_column not in (None, KEY_COLUMN):
+            raise UserError(f"a WebDataset's samples are named by their {KEY_COLUMN!r}: drop --id-column")
+        overrides = check_column_types(request.column_types)
+        ingest_webdataset(conn, store, request.source, name, overrides, summary, on_progress)
+    else:
+        ingest_manifest(conn, store, request, source_format, summary)
+    summary.dataset = summary.dataset or dataset_name(request)
+    summary.missing = count_missing(conn, summary.dataset)
+    return summary.finish()
+
+
+def infer_format(store: ObjectStore, source: str) -> str:
+    """The format SOURCE looks like; UserError when it says nothing."""
+    if source.startswith("s3://"):
+        if format_of(source):
+            return str(format_of(source))
+        first = [uri for uri, _, _ in islice(store.list_objects(source), LISTED_TO_INFER)]
+        if any(uri.endswith(".tar") for uri in first):
+            return "webdataset"  # tars, maybe with their parquet tables beside them
+        for uri in first:
+            if format_of(uri):
+                return str(format_of(uri))
+        raise UserError(f"{source}: no .tar shards or manifest files (.csv, .jsonl, .parquet) there")
+    path = Path(source)
+    if path.is_dir():
+        return "kaggle" if (path / "styles.csv").is_file() else "folder"
+    if path.is_file() and format_of(path.name):
+        return str(format_of(path.name))
+    if not path.exists():
+        raise UserError(f"{source}: no such file or folder")
+    raise UserError(f"{source}: cannot tell its format from its name; give --format")
+
+
+def dataset_name(request: IngestRequest) -> str:
+    if request.dataset:
+        return check_name(request.dataset)
+    raise UserError(
+        f"{request.source}: name the dataset with --dataset (it becomes the catalog table's name)"
+    )
+
+
+def ingest_fashion(
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    folder: Path,
+    raw_bucket: str,
+    concurrency: int,
+    summary: IngestSummary,
+    on_progress: Callable[[IngestSummary], None],
+) -> None:
+    """The Kaggle archive: styles.csv into `styles` (quirks repaired), images/ packed into shards."""
+    csv_path, images_dir = folder / "styles.csv", folder / "images"
+    if not csv_path.is_file():
+        raise UserError(f"dataset {folder}: no styles.csv")
+    if not images_dir.is_dir():
+        raise UserError(f"dataset {folder}: no images/ folder")
+    summary.dataset = FASHION
+    with conn.transaction():
+        dataset = register_dataset(conn, FASHION, "id", None, None, "kaggle")
     load_styles(conn, csv_path, summary)
-    upload_images(conn, store, images_dir, raw_bucket, concurrency, summary, store_id, on_progress)
-    summary.missing = conn.execute(
-        "SELECT count(*) FROM styles s WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.id = s.id)"
-    ).fetchone()[0]  # type: ignore[index]
-    summary.seconds = time.monotonic() - summary.started
-    return summary
+    store.ensure_bucket(raw_bucket)
+    forget_lost_shards(conn, store, dataset)
+    pack_images(
+        conn, store, dataset, scan_images(images_dir, summary), raw_bucket, concurrency, summary, on_progress
+    )
+
+
+def ingest_folder(
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    request: IngestRequest,
+    raw_bucket: str,
+    concurrency: int,
+    summary: IngestSummary,
+    on_progress: Callable[[IngestSummary], None],
+) -> None:
+    """A folder of `{id}.jpg` images without a table: the catalog is (id, file)."""
+    name = dataset_name(request)
+    summary.dataset = name
+    columns = {"id": "bigint", "file": "text"}
+    with conn.transaction():
+        create_catalog(conn, name, columns, "id", None)
+        dataset = register_dataset(conn, name, "id", None, None, "folder")
+        files = list(scan_images(Path(request.source), summary))
+        table = pa.table(
+            {"id": pa.array([i for i, _ in files], pa.int64()), "file": [p.name for _, p in files]}
+        )
+        summary.rows = load_rows(conn, dataset, list(columns), table.to_batches())
+        add_catalog_rows(conn, dataset, list(columns))
+    store.ensure_bucket(raw_bucket)
+    forget_lost_shards(conn, store, dataset)
+    pack_images(conn, store, dataset, iter(files), raw_bucket, concurrency, summary, on_progress)
+
+
+def ingest_manifest(
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    request: IngestRequest,
+    source_format: str,
+    summary: IngestSummary,
+) -> None:
+    """Rows of one or more manifest files, each image an object where it is (nothing copied);
+    each file registers whole, in one transaction, or not at all."""
+    name = dataset_name(request)
+    if not request.id_column:
+        raise UserError("name the manifest's id column with --id-column")
+    if not request.image_column:
+        raise UserError("name the column of each image's s3:// URI with --image-column")
+    overrides = check_column_types(request.column_types)
+    sources = manifest_sources(store, request.source)
+    if not sources:
+        raise UserError(f"{request.source}: no manifest files (.csv, .jsonl, .parquet) there")
+    summary.dataset = name
+    dataset: Dataset | None = None
+    for source in sources:
+        bad = BadLines()
+        with local_copy(store, source) as path:
+            batches = read_batches(path, source, format_of(source) or source_format, set(overrides), bad)
+            first = next(batches, None)
+            if first is None:
+                summary.report(f"{source}: no rows")
+                continue
+            with conn.transaction():
+                dataset = dataset or manifest_dataset(conn, name, request, first.schema, overrides, source)
+                rows = load_rows(conn, dataset, first.schema.names, chain([first], batches))
+                added = add_catalog_rows(conn, dataset, first.schema.names)
+                add_object_locations(conn, dataset, request.image_column)
+        summary.rows += rows
+        summary.images += added
+        summary.present += rows - added
+        summary.rejected += bad.count
+        summary.problems.extend(bad.shown)
+
+
+def manifest_dataset(
+    conn: psycopg.Connection,
+    name: str,
+    request: IngestRequest,
+    schema: pa.Schema,
+    overrides: dict[str, str],
+    source: str,
+) -> Dataset:
+    """The dataset's table from the first manifest's columns; string keys get assigned ids."""
+    assert request.id_column and request.image_column
+    for column in (request.id_column, request.image_column):
+        if column not in schema.names:
+            raise UserError(f"manifest {source}: no column {column!r} (columns: {', '.join(schema.names)})")
+    id_type = schema.field(request.id_column).type
+    keyed = request.id_column not in overrides and not pa.types.is_integer(id_type)
+    if keyed and not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+        raise UserError(
+            f"manifest {source}: id column {request.id_column!r} is {id_type}, not integers or strings"
+        )
+    if keyed and ASSIGNED_ID in schema.names:
+        raise UserError(
+            f"manifest {source}: string keys get Quarry-assigned ids in a column {ASSIGNED_ID!r},"
+            " and the manifest has one: rename it"
+        )
+    columns = table_columns(schema, overrides)
+    id_column = ASSIGNED_ID if keyed else request.id_column
+    key_column = request.id_column if keyed else None
+    create_catalog(conn, name, columns, id_column, key_column)
+    return register_dataset(
+        conn, name, id_column, key_column, request.image_column, format_of(source) or "manifest"
+    )
+
+
+def count_missing(conn: psycopg.Connection, name: str) -> int:
+    """Catalog rows of the dataset with no location at all."""
+    row = conn.execute("SELECT id, id_column FROM datasets WHERE name = %s", (name,)).fetchone()
+    if row is None:
+        return 0
+    found = conn.execute(
+        sql.SQL(
+            "SELECT count(*) FROM {} c WHERE NOT EXISTS"
+            " (SELECT FROM locations l WHERE l.dataset = %s AND l.id = c.{})"
+        ).format(sql.Identifier(name), sql.Identifier(row[1])),
+        (row[0],),
+    ).fetchone()
+    return int(found[0]) if found else 0
 
 
 def load_styles(conn: psycopg.Connection, csv_path: Path, summary: IngestSummary) -> None:
@@ -128,99 +287,3 @@ def scan_images(images_dir: Path, summary: IngestSummary) -> Iterator[tuple[int,
             else:
                 summary.unrecognised_files += 1
                 log.warning("ignoring %s: not named {id}.jpg", entry.path)
-
-
-def read_image(image_id: int, path: Path) -> ImageFile:
-    """Read, hash and decode one file; an unreadable image is recorded, not raised."""
-    data = path.read_bytes()
-    key = f"images/{image_id}{path.suffix.lower()}"
-    try:
-        height, width = decode(data).shape[:2]
-    except PermanentError as exc:
-        return ImageFile(image_id, key, len(data), checksum(data), None, None, str(exc))
-    return ImageFile(image_id, key, len(data), checksum(data), width, height, None, data)
-
-
-def upload_images(
-    conn: psycopg.Connection,
-    store: ObjectStore,
-    images_dir: Path,
-    bucket: str,
-    concurrency: int,
-    summary: IngestSummary,
-    store_id: str,
-    on_progress: Callable[[IngestSummary], None],
-) -> None:
-    """Upload new or changed images in parallel, a bounded batch at a time, recording each batch
-    once stored, so an interrupted ingest resumes where it stopped."""
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ingest") as pool:
-        for batch in batched(scan_images(images_dir, summary), FILES_PER_BATCH):
-            known = stored_checksums(conn, [i for i, _ in batch], store_id)
-            files = list(pool.map(lambda item: read_image(*item), batch))
-            to_upload = []
-            for image in files:
-                if image.error is not None:
-                    summary.bad += 1
-                    log.warning("bad image %d: %s", image.image_id, image.error)
-                elif known.get(image.image_id) == image.sha256:
-                    summary.present += 1
-                else:
-                    to_upload.append(image)
-            list(pool.map(lambda image: put_image(store, bucket, image), to_upload))
-            summary.uploaded += len(to_upload)
-            record_images(conn, files, store_id)
-            on_progress(summary)
-
-
-def put_image(store: ObjectStore, bucket: str, image: ImageFile) -> None:
-    """Upload one raw image with its checksum as metadata."""
-    content_type = ENCODINGS[sniff_format(image.data)][1]
-    store.put(bucket, image.key, image.data, content_type=content_type, metadata={"sha256": image.sha256})
-
-
-def store_marker(store: ObjectStore, bucket: str) -> str:
-    """The id written in the bucket's marker object, written now if the bucket has none."""
-    try:
-        return store.get(bucket, STORE_MARKER).decode()
-    except ObjectMissing:
-        marker = str(uuid.uuid4())
-        store.put(bucket, STORE_MARKER, marker.encode(), content_type="text/plain", metadata={})
-        return marker
-
-
-def stored_checksums(conn: psycopg.Connection, image_ids: list[int], store_id: str) -> dict[int, str]:
-    """Checksums of the ids already recorded as stored in this bucket."""
-    rows = conn.execute(
-        "SELECT id, checksum FROM images WHERE id = ANY (%s) AND status = 'stored' AND store_id = %s",
-        (image_ids, store_id),
-    ).fetchall()
-    return dict(rows)
-
-
-def record_images(conn: psycopg.Connection, files: list[ImageFile], store_id: str) -> None:
-    """Upsert one batch of image rows."""
-    with conn.transaction(), conn.cursor() as cursor:
-        cursor.executemany(
-            """
-            INSERT INTO images (id, raw_key, size_bytes, width, height, checksum, status, error, store_id)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
-            ON CONFLICT (id) DO UPDATE SET raw_key = EXCLUDED.raw_key,
-                size_bytes = EXCLUDED.size_bytes, width = EXCLUDED.width,
-                height = EXCLUDED.height, checksum = EXCLUDED.checksum, status = EXCLUDED.status,
-                error = EXCLUDED.error, store_id = EXCLUDED.store_id, updated_at = now()
-            """,
-            [
-                (
-                    f.image_id,
-                    None if f.error else f.key,
-                    f.size,
-                    f.width,
-                    f.height,
-                    f.sha256,
-                    "bad" if f.error else "stored",
-                    f.error,
-                    store_id,
-                )
-                for f in files
-            ],
-        )

@@ -189,7 +189,9 @@ def check_id_type(cursor: psycopg.Cursor) -> None:
     """Refuse an id column that is not an integer."""
     description = cursor.description
     if description and description[0].type_code not in INTEGER_TYPE_OIDS:
-        raise QueryError("the query's id column must be an integer (the styles.id of an image)")
+        raise QueryError(
+            "the query's id column must be an integer (the image ids of a dataset, e.g. styles.id)"
+        )
 
 
 def translate(exc: psycopg.Error, timeout_s: int) -> QueryError:
@@ -200,7 +202,7 @@ def translate(exc: psycopg.Error, timeout_s: int) -> QueryError:
     if isinstance(exc, pg_errors.InsufficientPrivilege):
         return QueryError(f"query refused: {message}")
     if isinstance(exc, pg_errors.UndefinedColumn) and "q.id" in message:
-        return QueryError("the query has no id column; select styles.id AS id")
+        return QueryError("the query has no id column; select the dataset's ids AS id (e.g. styles.id AS id)")
     if isinstance(exc, pg_errors.QueryCanceled):
         return QueryError(f"query exceeded the statement timeout of {timeout_s} s")
     return QueryError(f"query failed: {message}")

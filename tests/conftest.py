@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psycopg
@@ -17,35 +19,39 @@ import pytest
 import redis
 
 from common.config import Settings, get_settings
+from common.datasets import lookup_locations
 from common.db import connect, ensure_database, ensure_schema
 from common.query_role import ensure_query_role
 from common.storage import ObjectStore
-from tests.stack import Stack, free_port, wait_until
+from tests.stack import RequestLog, Stack, start_moto
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 BIN = Path(sys.executable).parent
-TEST_REDIS_DB = 13
+IMG2DATASET = Path(__file__).resolve().parent.parent / ".venv-tools" / "bin" / "img2dataset"  # `make test`
+TEST_REDIS_DB = int(os.environ.get("QUARRY_TEST_REDIS_DB", "13"))  # another db: a second suite at once
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """moto's S3 server, a real HTTP endpoint on loopback (the process, for tests that freeze it)."""
-    port = free_port()
-    process = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+def s3_log_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("moto") / "requests.log"
 
-    def answers() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
 
-    wait_until(answers, 20, "moto_server")
+@pytest.fixture(scope="session")
+def s3_server(s3_log_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """moto's S3 server, a real HTTP endpoint on loopback (the process, for tests that freeze it);
+    its request log is kept (`s3_requests`)."""
+    process, url = start_moto(s3_log_path)
     yield url, process
     process.terminate()
     process.wait(10)
+
+
+@pytest.fixture
+def s3_requests(s3_server: tuple[str, subprocess.Popen[bytes]], s3_log_path: Path) -> RequestLog:
+    """The S3 server's request log, marked now: what this test made the server do."""
+    log = RequestLog(s3_log_path)
+    log.mark()
+    return log
 
 
 @pytest.fixture(scope="session")
@@ -139,3 +145,108 @@ def run_cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.C
     if check and result.returncode != 0:
         raise AssertionError(f"producer {' '.join(args)} exited {result.returncode}: {result.stderr}")
     return result
+
+
+def raw_image(db: psycopg.Connection, store: ObjectStore, image_id: int, dataset: str = "styles") -> bytes:
+    """An ingested image's bytes, read where its location says (a shard's byte range)."""
+    location = lookup_locations(db, dataset, [image_id])[image_id]
+    assert location.source is not None, location.error
+    return store.read(location.source)[0]
+
+
+def relocate(db: psycopg.Connection, image_id: int, uri: str, dataset: str = "styles") -> Callable[[], None]:
+    """Point an image's location at an object of its own (not pinned); returns the undo."""
+    before = db.execute(
+        "SELECT l.* FROM locations l JOIN datasets d ON d.id = l.dataset WHERE d.name = %s AND l.id = %s",
+        (dataset, image_id),
+    ).fetchone()
+    db.execute(
+        "UPDATE locations l SET shard = NULL, byte_offset = NULL, byte_length = NULL, uri = %s, etag = NULL"
+        " FROM datasets d WHERE d.id = l.dataset AND d.name = %s AND l.id = %s",
+        (uri, dataset, image_id),
+    )
+
+    def undo() -> None:
+        assert before is not None
+        db.execute("DELETE FROM locations WHERE dataset = %s AND id = %s", (before[0], before[1]))
+        db.execute(f"INSERT INTO locations VALUES ({', '.join(['%s'] * len(before))})", before)
+
+    return undo
+
+
+@pytest.fixture(scope="session")
+def img2dataset_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """WebDataset shards written by img2dataset itself, fetching sample images from a loopback
+    HTTP server: 25 images and one URL that is not there, 10 samples per shard."""
+    if not IMG2DATASET.exists():
+        pytest.fail(f"{IMG2DATASET} is missing: `make test` installs it")
+    root = tmp_path_factory.mktemp("img2dataset")
+    www = root / "www"
+    www.mkdir()
+    for path in sorted(SAMPLE.glob("images/*.jpg"))[:25]:
+        (www / path.name).write_bytes(path.read_bytes())
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(www)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    lines = ["url,caption,score"]
+    lines += [
+        f"http://127.0.0.1:{port}/{p.name},caption of {p.stem},{i / 25:.3f}"
+        for i, p in enumerate(sorted(www.iterdir()))
+    ]
+    lines.append(f"http://127.0.0.1:{port}/not-there.jpg,missing,0.5")
+    (root / "urls.csv").write_text("\n".join(lines) + "\n")
+    try:
+        subprocess.run(
+            [
+                str(IMG2DATASET),
+                "--url_list",
+                str(root / "urls.csv"),
+                "--input_format",
+                "csv",
+                "--url_col",
+                "url",
+                "--caption_col",
+                "caption",
+                "--save_additional_columns",
+                '["score"]',
+                "--output_format",
+                "webdataset",
+                "--output_folder",
+                str(root / "out"),
+                "--processes_count",
+                "1",
+                "--thread_count",
+                "4",
+                "--resize_mode",
+                "no",
+                "--number_sample_per_shard",
+                "10",
+                "--enable_wandb",
+                "False",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
+            env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    return root / "out"
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def upload_folder(store: ObjectStore, folder: Path, bucket: str, prefix: str) -> None:
+    store.ensure_bucket(bucket)
+    for path in sorted(folder.iterdir()):
+        store.put(
+            bucket,
+            f"{prefix}/{path.name}",
+            path.read_bytes(),
+            content_type="application/octet-stream",
+            metadata={},
+        )

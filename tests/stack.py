@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,10 @@ from common.jobs import JobProgress, job_progress
 
 BIN = Path(sys.executable).parent
 POOLS = {"transform": ("prefork", 2), "upload": ("threads", 8), "inference": ("prefork", 1)}
+
+
+# one line of moto's (werkzeug's) request log: `"GET /bucket/key HTTP/1.1" 200 -`, maybe coloured
+REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|HEAD|DELETE) ([^ ]*)')
 
 
 def free_port() -> int:
@@ -39,6 +44,44 @@ def wait_until(check: Callable[[], object], timeout: float, what: str, interval:
             pass
         time.sleep(interval)
     raise TimeoutError(f"{what} did not happen in {timeout} s")
+
+
+class RequestLog:
+    """The requests moto's server logged (to `path`) since the last `mark()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def mark(self) -> None:
+        self.offset = self.path.stat().st_size
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path) of each request since the mark, in order."""
+        with self.path.open("rb") as log:
+            log.seek(self.offset)
+            text = log.read().decode(errors="replace")
+        return REQUEST.findall(text)
+
+    def since_mark(self) -> dict[str, int]:
+        """Requests since the mark, counted by method."""
+        counts: dict[str, int] = {}
+        for method, _ in self.requests():
+            counts[method] = counts.get(method, 0) + 1
+        return counts
+
+
+def start_moto(log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """moto's S3 server on a free loopback port, its request log in `log`; (process, endpoint)
+    once it answers."""
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    wait_until(lambda: "Running on" in log.read_text(), 20, "moto")
+    return process, f"http://127.0.0.1:{port}"
 
 
 class Stack:

@@ -20,6 +20,7 @@ from common.ledger import Ticket
 from common.model import Classifier, locate_model, require_cuda
 from common.paths import MODELS_DIR
 from common.shards import read_tar, store_shard
+from common.sources import Source
 from common.storage import ObjectStore, parse_s3_uri
 from workers.base import StageTask
 from workers.celery_app import app
@@ -32,14 +33,14 @@ class InferenceTask(StageTask):
     def fetch(self, uri: str) -> bytes:
         return self.store.get(*parse_s3_uri(uri))
 
-    def fetch_many(self, uris: list[str]) -> dict[str, bytes | QuarryError]:
-        """Objects by s3:// URI, fetched concurrently (one batch rarely spans buckets)."""
+    def fetch_many(self, locators: list[str]) -> dict[str, bytes | QuarryError]:
+        """Images by locator (an object, or a shard member's range), fetched concurrently."""
+        sources = {locator: Source.from_locator(locator) for locator in dict.fromkeys(locators)}
+        read = self.store.read_many(list(sources.values()))
         fetched: dict[str, bytes | QuarryError] = {}
-        for bucket in {parse_s3_uri(uri)[0] for uri in uris}:
-            keys = [parse_s3_uri(uri)[1] for uri in uris if parse_s3_uri(uri)[0] == bucket]
-            fetched.update(
-                (f"s3://{bucket}/{key}", data) for key, data in self.store.get_many(bucket, keys).items()
-            )
+        for locator, source in sources.items():
+            got = read[source]
+            fetched[locator] = got if isinstance(got, QuarryError) else got[0]
         return fetched
 
     @lru_cache(maxsize=2)  # noqa: B019 - one task instance per process; models are few

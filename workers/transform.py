@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from common.jobs import lookup_catalog, lookup_images
+from common.datasets import lookup_catalog, lookup_locations, pin_etags
 from common.jobspec import JobSpec
 from common.ledger import OpenChunk, Ticket, open_chunk
 from common.shards import shard_from_transform, shard_key, store_shard, write_tar
-from common.transform import batch_by_bytes, transform_images
+from common.transform import TransformResult, batch_by_bytes, transform_images
 from workers.base import StageTask
 from workers.celery_app import app
 from workers.routes import INFERENCE_SHARD, TRANSFORM, UPLOAD, queue_of
@@ -31,14 +31,7 @@ def transform_chunk(self: StageTask, spec_message: dict[str, Any], ticket_messag
         return 0  # finished, dispatched again since, or its job stopped
     if spec.output == "webdataset":
         return write_shard(self, spec, ticket, chunk)
-    raw_bucket = self.settings.raw_bucket
-    result = transform_images(
-        spec,
-        chunk.image_ids,
-        self.ledger(lookup_images, chunk.image_ids),
-        lambda keys: self.store.get_many(raw_bucket, keys),
-        chunk.done,
-    )
+    result = render(self, spec, chunk, done=chunk.done)
     if result.failures:
         self.record(spec, ticket, result.failures)
     for batch in batch_by_bytes(result.outputs, self.settings.message_byte_budget):
@@ -48,19 +41,31 @@ def transform_chunk(self: StageTask, spec_message: dict[str, Any], ticket_messag
     return len(result.outputs)
 
 
+def render(
+    self: StageTask, spec: JobSpec, chunk: OpenChunk, *, done: int = 0, keep_raw: bool = False
+) -> TransformResult:
+    """Fetch the chunk's images where they are and render the items not in `done`; ETags read
+    from sources registered without one are pinned, so that a later read notices a rewrite."""
+    result = transform_images(
+        spec,
+        chunk.image_ids,
+        self.ledger(lookup_locations, spec.dataset, chunk.image_ids),
+        self.store.read_many,
+        done,
+        keep_raw=keep_raw,
+    )
+    if result.etags:
+        self.ledger(pin_etags, spec.dataset, result.etags)
+    return result
+
+
 def write_shard(self: StageTask, spec: JobSpec, ticket: Ticket, chunk: OpenChunk) -> int:
     """Render every item of the chunk (a shard is rewritten whole, so a rerun writes the same
     bytes) and store it: finished here, or staged for the inference pool."""
     started = time.monotonic()
-    raw_bucket, bucket = self.settings.raw_bucket, self.settings.output_bucket
-    result = transform_images(
-        spec,
-        chunk.image_ids,
-        self.ledger(lookup_images, chunk.image_ids),
-        lambda keys: self.store.get_many(raw_bucket, keys),
-        keep_raw=bool(spec.model) and spec.infer_on == "raw",
-    )
-    shard = shard_from_transform(spec, result, self.ledger(lookup_catalog, chunk.image_ids))
+    bucket = self.settings.output_bucket
+    result = render(self, spec, chunk, keep_raw=bool(spec.model) and spec.infer_on == "raw")
+    shard = shard_from_transform(spec, result, self.ledger(lookup_catalog, spec.dataset, chunk.image_ids))
     if not spec.model:
         self.record(
             spec,

@@ -29,7 +29,7 @@ def upload_batch(
     outputs = [Output.from_message(message) for message in messages]
     results = upload_outputs(self.store, self.settings.output_bucket, spec, outputs)
     if spec.model:  # the item is done when inference has classified it
-        refs = refs_for(spec, outputs, results, self.settings.raw_bucket)
+        refs = refs_for(spec, outputs, results)
         self.hand_off(INFERENCE, [spec_message, ticket_message, [ref.to_message() for ref in refs]])
     else:
         self.record(spec, ticket, results)

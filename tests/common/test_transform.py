@@ -2,21 +2,24 @@ import cv2
 import numpy as np
 import pytest
 
-from common.errors import ObjectMissing, QuarryError, StorageUnavailable
+from common.datasets import Location
+from common.errors import ObjectMissing, StorageUnavailable
 from common.jobspec import JobSpec
-from common.transform import Output, batch_by_bytes, transform_images
+from common.sources import Source
+from common.transform import Fetched, Output, batch_by_bytes, transform_images
 
 _, JPEG = cv2.imencode(".jpg", np.full((8, 6, 3), 100, dtype=np.uint8))
 RAW = JPEG.tobytes()
+ONE = Source("s3://raw/shard.tar", 512, len(RAW), '"etag"')
 INDEX = {
-    1: ("stored", "images/1.jpg", None),
-    2: ("bad", None, "empty file (0 bytes)"),
-    3: ("stored", "images/3.jpg", None),  # deleted from the bucket
+    1: Location(ONE),
+    2: Location(None, "empty file (0 bytes)"),
+    3: Location(Source("s3://elsewhere/3.jpg")),  # deleted from its bucket
 }
 
 
-def fetch_many(keys: list[str]) -> dict[str, bytes | QuarryError]:
-    return {key: RAW if key == "images/1.jpg" else ObjectMissing(f"no object at {key}") for key in keys}
+def fetch_many(sources: list[Source]) -> Fetched:
+    return {s: (RAW, '"etag"') if s == ONE else ObjectMissing(f"source vanished: {s.uri}") for s in sources}
 
 
 def test_each_bad_id_fails_alone_and_good_ones_pass_through() -> None:
@@ -28,8 +31,8 @@ def test_each_bad_id_fails_alone_and_good_ones_pass_through() -> None:
     assert errors == {
         (2, 0): "transform: bad image: empty file (0 bytes)",
         (2, 1): "transform: bad image: empty file (0 bytes)",
-        (3, 0): "transform: no image",
-        (3, 1): "transform: no image",
+        (3, 0): "transform: source vanished: s3://elsewhere/3.jpg",
+        (3, 1): "transform: source vanished: s3://elsewhere/3.jpg",
         (4, 0): "transform: no image",
         (4, 1): "transform: no image",
     }
@@ -46,8 +49,8 @@ def test_an_image_fails_whole_even_when_one_variant_could_pass_through() -> None
         job_id="j", variants=2, keep_original=True, augment=[{"op": "hflip", "p": 1.0, "args": {}}]
     )
 
-    def corrupt(keys: list[str]) -> dict[str, bytes | QuarryError]:
-        return dict.fromkeys(keys, b"\xff\xd8 not a jpeg")
+    def corrupt(sources: list[Source]) -> Fetched:
+        return dict.fromkeys(sources, (b"\xff\xd8 not a jpeg", '"etag"'))
 
     result = transform_images(spec, [1], INDEX, corrupt)
     assert result.outputs == []
@@ -58,8 +61,8 @@ def test_an_image_fails_whole_even_when_one_variant_could_pass_through() -> None
 
 
 def test_a_transient_storage_error_fails_the_chunk_for_a_retry() -> None:
-    def unavailable(keys: list[str]) -> dict[str, bytes | QuarryError]:
-        return {key: StorageUnavailable("S3 did not answer") for key in keys}
+    def unavailable(sources: list[Source]) -> Fetched:
+        return {source: StorageUnavailable("S3 did not answer") for source in sources}
 
     with pytest.raises(StorageUnavailable):
         transform_images(JobSpec(job_id="j"), [1], INDEX, unavailable)
@@ -88,3 +91,18 @@ def test_items_already_done_are_not_rendered_again() -> None:
     assert [(o.image_id, o.variant, o.slot) for o in result.outputs] == [(1, 0, 0)]
     assert [(f.image_id, f.variant, f.slot) for f in result.failures] == [(3, 0, 2), (3, 1, 3)]
     assert transform_images(spec, [1], INDEX, fetch_many, done=0b11).outputs == []
+
+
+def test_an_object_read_without_a_pinned_etag_reports_the_one_it_read() -> None:
+    unpinned = Source("s3://elsewhere/1.jpg")
+    index = {1: Location(unpinned), 2: Location(ONE)}
+    result = transform_images(
+        JobSpec(job_id="j"), [1, 2], index, lambda sources: dict.fromkeys(sources, (RAW, '"abc"'))
+    )
+    assert result.etags == {1: '"abc"'}  # pinned from now on; a shard member's ETag is its shard's
+
+
+def test_a_locator_names_an_object_or_a_byte_range_and_reads_back() -> None:
+    assert ONE.locator == f"s3://raw/shard.tar#bytes=512-{512 + len(RAW) - 1}"
+    assert Source.from_locator(ONE.locator) == Source("s3://raw/shard.tar", 512, len(RAW))
+    assert Source.from_locator("s3://b/k.jpg") == Source("s3://b/k.jpg")

@@ -7,7 +7,8 @@ import pytest
 
 from common.config import Settings
 from common.storage import ObjectStore
-from quarry.ingest import ingest
+from quarry.ingest import IngestRequest, ingest
+from quarry.summary import IngestSummary
 from tests.conftest import SAMPLE
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
@@ -15,9 +16,9 @@ HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,yea
 
 @pytest.fixture
 def empty_catalog(db: psycopg.Connection) -> Iterator[None]:
-    db.execute("TRUNCATE styles, images")
+    db.execute("TRUNCATE styles, datasets, shards, locations")
     yield
-    db.execute("TRUNCATE styles, images")
+    db.execute("TRUNCATE styles, datasets, shards, locations")
 
 
 @pytest.fixture
@@ -51,9 +52,9 @@ def quirky_dataset(tmp_path: Path) -> Path:
 def test_ingest_handles_every_quirk_and_reruns_cheaply(
     db: psycopg.Connection, store: ObjectStore, settings: Settings, quirky_dataset: Path
 ) -> None:
-    first = ingest(db, store, quirky_dataset, settings.raw_bucket, concurrency=4)
+    first = fashion(db, store, settings, quirky_dataset)
     assert (first.rows, first.repaired, first.rejected, first.duplicate_ids) == (7, 1, 1, 1)
-    assert (first.uploaded, first.present, first.bad, first.unrecognised_files) == (3, 0, 2, 1)
+    assert (first.packed, first.shards, first.present, first.bad, first.unrecognised_files) == (3, 1, 0, 2, 1)
     assert first.missing == 1  # 900003 has a row but no file
 
     names = dict(db.execute("SELECT id, product_display_name FROM styles").fetchall())
@@ -63,16 +64,26 @@ def test_ingest_handles_every_quirk_and_reruns_cheaply(
     assert db.execute("SELECT count(*) FROM styles WHERE year IS NULL").fetchone() == (1,)
     bad = dict(db.execute("SELECT id, error FROM images WHERE status = 'bad'").fetchall())
     assert "empty" in bad[900001] and "not a decodable image" in bad[900002]
-    stored = db.execute("SELECT raw_key, width, height FROM images WHERE status = 'stored'").fetchall()
-    for key, width, height in stored:
-        assert store.get(settings.raw_bucket, key)[:2] == b"\xff\xd8"
+    stored = db.execute(
+        "SELECT s.uri, l.byte_offset, l.byte_length, l.width, l.height FROM locations l"
+        " JOIN shards s ON s.id = l.shard"
+    ).fetchall()
+    assert len(stored) == 3 and len({uri for uri, *_ in stored}) == 1  # one packed shard
+    for uri, offset, length, width, height in stored:
+        assert uri.startswith(f"s3://{settings.raw_bucket}/packed/styles/")
+        shard = store.get(settings.raw_bucket, uri.split("/", 3)[3])
+        assert shard[offset : offset + 2] == b"\xff\xd8" and length > 0  # a JPEG starts there
         assert width > 0 and height > 0
 
-    again = ingest(db, store, quirky_dataset, settings.raw_bucket, concurrency=4)
-    assert (again.uploaded, again.present, again.bad) == (0, 3, 2)
+    again = fashion(db, store, settings, quirky_dataset)
+    assert (again.packed, again.shards, again.present, again.bad) == (0, 0, 3, 2)  # bad files read again
 
-    other_bucket = ingest(db, store, quirky_dataset, f"{settings.raw_bucket}-new", concurrency=4)
-    assert (other_bucket.uploaded, other_bucket.present) == (3, 0)  # records of another bucket
-    back = ingest(db, store, quirky_dataset, settings.raw_bucket, concurrency=4)
-    assert (back.uploaded, back.present) == (3, 0)  # rows now name the other bucket's marker
+    for key in store.list_keys(settings.raw_bucket, "packed/"):
+        store.delete(settings.raw_bucket, key)  # the raw bucket wiped
+    back = fashion(db, store, settings, quirky_dataset)
+    assert (back.packed, back.shards, back.present) == (3, 1, 0)  # lost shards noticed, packed again
     assert db.execute("SELECT count(*) FROM styles").fetchone() == (6,)  # 7 rows, one id twice
+
+
+def fashion(db: psycopg.Connection, store: ObjectStore, settings: Settings, folder: Path) -> IngestSummary:
+    return ingest(db, store, IngestRequest(str(folder)), settings.raw_bucket, concurrency=4)

@@ -8,7 +8,7 @@ import pytest
 
 from common.config import Settings
 from common.storage import ObjectStore
-from tests.conftest import run_cli
+from tests.conftest import raw_image, relocate, run_cli
 from tests.stack import free_port, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("workers")]
@@ -26,14 +26,12 @@ def submit(env: dict[str, str], query: str, *args: str) -> str:
 def test_retry_after_a_fix_reruns_exactly_the_failed_items(
     ingested, store: ObjectStore, settings: Settings, db: psycopg.Connection
 ) -> None:
-    victims = db.execute(
-        "SELECT id, raw_key FROM images WHERE status = 'stored' ORDER BY id LIMIT 3"
-    ).fetchall()
-    originals = {key: store.get(settings.raw_bucket, key) for _, key in victims}
-    moved = {key: f"moved/{key}" for key in originals}
-    for key, data in originals.items():  # the cause: raw objects missing from S3
-        store.put(settings.raw_bucket, moved[key], data, content_type="image/jpeg", metadata={})
-        store._client.delete_object(Bucket=settings.raw_bucket, Key=key)
+    victims = db.execute("SELECT id FROM images WHERE status = 'stored' ORDER BY id LIMIT 3").fetchall()
+    originals = {f"moved/{image_id}.jpg": raw_image(db, store, image_id) for (image_id,) in victims}
+    undo = [  # the cause: the images' sources are objects missing from S3
+        relocate(db, image_id, f"s3://{settings.raw_bucket}/{key}")
+        for (image_id,), key in zip(victims, originals, strict=True)
+    ]
     try:
         job_id = submit(ingested, WITH_IMAGES + " ORDER BY s.id LIMIT 40", "--chunk-size", "10", "--wait")
     except AssertionError:  # exit 1: items failed, as intended
@@ -55,8 +53,10 @@ def test_retry_after_a_fix_reruns_exactly_the_failed_items(
     assert (final["done"], final["failed"]) == (40, 0)
     after = dict(db.execute("SELECT image_id, updated_at FROM job_items WHERE job_id = %s", (job_id,)))
     assert {i: after[i] for i in kept} == kept  # the 37 done items were not redone
-    assert set(after) - set(kept) == {image_id for image_id, _ in victims}
+    assert set(after) - set(kept) == {image_id for (image_id,) in victims}
     assert len(store.list_keys(settings.output_bucket, f"{job_id}/")) == 40
+    for put_back in undo:
+        put_back()
 
 
 def test_cancel_stops_a_running_job_and_jobs_lists_it(ingested, db: psycopg.Connection) -> None:

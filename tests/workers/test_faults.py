@@ -374,7 +374,7 @@ def test_a_dispatcher_cut_off_mid_claim_exits_and_its_successor_finishes_the_job
     ("variable", "marker"),
     [
         # the transform's catalog look-up, after it opened the chunk (its attempt is counted)
-        pytest.param("DATABASE_URL", b"FROM images", id="postgresql"),
+        pytest.param("DATABASE_URL", b"FROM locations", id="postgresql"),
         # the transform's hand-off of rendered images to the upload queue
         pytest.param("CELERY_BROKER_URL", b"LPUSH", id="redis"),
     ],

@@ -9,7 +9,7 @@ from celery import Celery
 
 from common.config import Settings
 from common.storage import ObjectStore
-from tests.conftest import run_cli
+from tests.conftest import raw_image, relocate, run_cli
 from workers.routes import TRANSFORM
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("workers")]
@@ -43,8 +43,7 @@ def test_job_uploads_exactly_the_selected_images(
     stored = objects(store, settings.output_bucket, str(summary["job_id"]))
     assert set(stored) == {f"{image_id}-0.jpg" for image_id in selected}
     some_id = next(iter(selected))
-    raw_key = db.execute("SELECT raw_key FROM images WHERE id = %s", (some_id,)).fetchone()[0]
-    assert stored[f"{some_id}-0.jpg"] == store.get(settings.raw_bucket, raw_key)  # identity: same bytes
+    assert stored[f"{some_id}-0.jpg"] == raw_image(db, store, some_id)  # identity: same bytes
     status = json.loads(run_cli("status", str(summary["job_id"]), "--json", env=ingested).stdout)
     assert status["done"] == status["total"] == len(selected)
     chunks = db.execute(
@@ -70,11 +69,9 @@ def test_missing_images_fail_alone_with_no_image(ingested, settings: Settings) -
 def test_a_corrupt_object_fails_its_item_and_the_chunk_goes_on(
     ingested, store: ObjectStore, settings: Settings, db: psycopg.Connection
 ) -> None:
-    victim, key = db.execute(
-        "SELECT id, raw_key FROM images WHERE status = 'stored' ORDER BY id LIMIT 1"
-    ).fetchone()
-    original = store.get(settings.raw_bucket, key)
-    store.put(settings.raw_bucket, key, b"\xff\xd8garbage", content_type="image/jpeg", metadata={})
+    victim = db.execute("SELECT id FROM images WHERE status = 'stored' ORDER BY id LIMIT 1").fetchone()[0]
+    store.put(settings.raw_bucket, "corrupt.jpg", b"\xff\xd8garbage", content_type="image/jpeg", metadata={})
+    undo = relocate(db, victim, f"s3://{settings.raw_bucket}/corrupt.jpg")
     try:
         code, summary = run_job(
             ingested,
@@ -86,7 +83,7 @@ def test_a_corrupt_object_fails_its_item_and_the_chunk_goes_on(
             "20",
         )
     finally:
-        store.put(settings.raw_bucket, key, original, content_type="image/jpeg", metadata={})
+        undo()
     assert code == 1 and (summary["done"], summary["failed"]) == (19, 1)
     (failure,) = [row for row in results(ingested, str(summary["job_id"])) if row["status"] == "failed"]
     assert failure["image_id"] == victim and "not a decodable image" in failure["error"]

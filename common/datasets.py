@@ -1,0 +1,147 @@
+"""Datasets: each a catalog table of the user's own columns, and where each image's bytes are."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from common.errors import UserError
+from common.sources import Source
+
+NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+RESERVED = frozenset(
+    {"datasets", "shards", "locations", "images", "jobs", "job_chunks", "job_items", "dispatchers"}
+    | {"schema_version", "predictions"}
+)
+FASHION = "styles"  # the Kaggle archive's dataset (and table) name
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One registered dataset; its catalog table is named `name`."""
+
+    id: int
+    name: str
+    id_column: str
+    key_column: str | None
+    image_column: str | None
+    format: str
+
+    @property
+    def table(self) -> sql.Identifier:
+        return sql.Identifier(self.name)
+
+
+@dataclass(frozen=True)
+class Location:
+    """An image's bytes (`source`), or why there are none (`error`)."""
+
+    source: Source | None
+    error: str | None = None
+
+
+def check_name(name: str, what: str = "dataset name") -> str:
+    """A name usable as an unquoted SQL identifier and not one of Quarry's tables."""
+    if not NAME.match(name):
+        raise UserError(
+            f"{what} {name!r}: use lower-case letters, digits and _ (at most 63, not a digit first)"
+        )
+    if name in RESERVED:
+        raise UserError(f"{what} {name!r} is one of Quarry's own tables; choose another")
+    return name
+
+
+def get_dataset(conn: psycopg.Connection, name: str) -> Dataset:
+    """The dataset called `name`; UserError naming the ones there are when there is none."""
+    row = conn.execute(
+        "SELECT id, name, id_column, key_column, image_column, format FROM datasets WHERE name = %s", (name,)
+    ).fetchone()
+    if row is None:
+        known = ", ".join(dataset_names(conn)) or "none yet: run `producer ingest`"
+        raise UserError(f"no dataset {name!r} (datasets: {known})")
+    return Dataset(*row)
+
+
+def dataset_names(conn: psycopg.Connection) -> list[str]:
+    return [row[0] for row in conn.execute("SELECT name FROM datasets ORDER BY name").fetchall()]
+
+
+def default_dataset(conn: psycopg.Connection) -> str:
+    """The dataset a job belongs to when none is named: the only one there is."""
+    names = dataset_names(conn)
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise UserError("no dataset ingested yet: run `producer ingest` first")
+    raise UserError(f"{len(names)} datasets ({', '.join(names)}): name one with --dataset")
+
+
+def register_dataset(
+    conn: psycopg.Connection,
+    name: str,
+    id_column: str,
+    key_column: str | None,
+    image_column: str | None,
+    source_format: str,
+) -> Dataset:
+    """Record a dataset (an ingest of the same dataset again keeps the record); UserError when the
+    name is taken with another id column."""
+    conn.execute(
+        "INSERT INTO datasets (name, id_column, key_column, image_column, format)"
+        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
+        (name, id_column, key_column, image_column, source_format),
+    )
+    dataset = get_dataset(conn, name)
+    if (dataset.id_column, dataset.key_column) != (id_column, key_column):
+        raise UserError(
+            f"dataset {name!r} exists with id column {dataset.key_column or dataset.id_column!r};"
+            f" this ingest names {key_column or id_column!r}"
+        )
+    return dataset
+
+
+LOCATIONS = """
+SELECT l.id, coalesce(s.uri, l.uri), l.byte_offset, l.byte_length, coalesce(s.etag, l.etag), l.error
+FROM locations l JOIN datasets d ON d.id = l.dataset LEFT JOIN shards s ON s.id = l.shard
+WHERE d.name = %s AND l.id = ANY (%s)
+"""
+
+
+def lookup_locations(conn: psycopg.Connection, dataset: str, image_ids: list[int]) -> dict[int, Location]:
+    """id -> where its bytes are, for the ids of `dataset` that have a location."""
+    found = {}
+    for image_id, uri, offset, length, etag, error in conn.execute(LOCATIONS, (dataset, image_ids)):
+        source = None if uri is None else Source(uri, offset, length, etag)
+        found[image_id] = Location(source, error)
+    return found
+
+
+def pin_etags(conn: psycopg.Connection, dataset: str, etags: dict[int, str]) -> None:
+    """Record the ETag first read from objects registered without one: later reads must match."""
+    if not etags:
+        return
+    conn.execute(
+        """UPDATE locations l SET etag = p.etag
+           FROM unnest(%s::bigint[], %s::text[]) AS p (id, etag), datasets d
+           WHERE d.name = %s AND l.dataset = d.id AND l.id = p.id AND l.etag IS NULL AND l.shard IS NULL""",
+        (list(etags), list(etags.values()), dataset),
+    )
+
+
+def lookup_catalog(conn: psycopg.Connection, dataset: str, image_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """id -> the dataset's catalog row (every column but the id), for the ids it knows."""
+    table = get_dataset(conn, dataset)
+    cursor = conn.execute(
+        sql.SQL("SELECT * FROM {} WHERE {} = ANY (%s)").format(table.table, sql.Identifier(table.id_column)),
+        (image_ids,),
+    )
+    names = [column.name for column in cursor.description or []]
+    position = names.index(table.id_column)
+    rows = {}
+    for row in cursor:
+        rows[row[position]] = {n: v for i, (n, v) in enumerate(zip(names, row, strict=True)) if i != position}
+    return rows

@@ -1,0 +1,184 @@
+"""Packing a local folder of images into Quarry-owned tar shards in the raw bucket: one upload per
+shard instead of one PUT per image, each image then read by its byte range."""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from common.batching import batched
+from common.datasets import Dataset
+from common.errors import PermanentError
+from common.images import decode
+from common.storage import ObjectStore, parse_s3_uri
+from quarry.register import Member, add_bad_images, add_member_locations, add_shard, load_members
+from quarry.summary import IngestSummary
+
+log = logging.getLogger(__name__)
+
+SHARD_MAX_IMAGES = 10_000  # img2dataset's samples per shard
+SHARD_MAX_BYTES = 256 * 1024 * 1024  # within WebDataset's advice of 100 MB to 1 GB shards
+FILES_PER_BATCH = 256  # files read and checked together; bounds memory
+BLOCK = 512  # tar's block size: a member's data is padded to it
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One file read: its bytes and size, or why it is not an image."""
+
+    image_id: int
+    path: Path
+    data: bytes
+    width: int | None
+    height: int | None
+    error: str | None
+
+
+def read_image(image_id: int, path: Path) -> ImageFile:
+    """Read and decode one file (decoding checks it and gives its size); never raises for a
+    bad image."""
+    data = path.read_bytes()
+    try:
+        height, width = decode(data).shape[:2]
+    except PermanentError as exc:
+        return ImageFile(image_id, path, b"", None, None, str(exc))
+    return ImageFile(image_id, path, data, width, height, None)
+
+
+class ShardWriter:
+    """A tar being written to a temporary file, with where each member's data landed."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.NamedTemporaryFile(prefix="quarry-pack-", suffix=".tar")  # noqa: SIM115
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self.members: list[Member] = []
+
+    def add(self, image: ImageFile) -> None:
+        info = tarfile.TarInfo(f"{image.image_id}{image.path.suffix.lower()}")
+        info.size, info.mode, info.mtime = len(image.data), 0o644, 0
+        self.tar.addfile(info, io.BytesIO(image.data))
+        padded = -(-len(image.data) // BLOCK) * BLOCK
+        offset = self.file.tell() - padded  # the data sits just before its padding
+        self.members.append(Member(image.image_id, offset, len(image.data), image.width, image.height))
+
+    @property
+    def full(self) -> bool:
+        return len(self.members) >= SHARD_MAX_IMAGES or self.file.tell() >= SHARD_MAX_BYTES
+
+    def close(self) -> str:
+        """End the archive; the temporary file's path (removed by `discard`)."""
+        self.tar.close()
+        self.file.flush()
+        return self.file.name
+
+    def discard(self) -> None:
+        self.file.close()
+
+
+def pack_images(
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    dataset: Dataset,
+    files: Iterable[tuple[int, Path]],
+    bucket: str,
+    concurrency: int,
+    summary: IngestSummary,
+    on_progress: Callable[[IngestSummary], None],
+) -> None:
+    """Pack the images not registered yet into shards under `s3://bucket/packed/{dataset}/`;
+    each shard's images are registered in one transaction once it is stored, so an interrupted
+    run resumes with the images of its unfinished shard. Unreadable files are recorded (their
+    items fail) and read again by the next run."""
+    prefix = f"packed/{dataset.name}/{uuid.uuid4().hex[:12]}"  # this run's shards
+    writer: ShardWriter | None = None
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="pack") as pool:
+        for batch in batched(files, FILES_PER_BATCH):
+            known = registered_ids(conn, dataset, [image_id for image_id, _ in batch])
+            todo = [(image_id, path) for image_id, path in batch if image_id not in known]
+            summary.present += len(batch) - len(todo)
+            bad = {}
+            for image in pool.map(lambda item: read_image(*item), todo):
+                if image.error is not None:
+                    bad[image.image_id] = image.error
+                    log.warning("bad image %s: %s", image.path, image.error)
+                    continue
+                writer = writer or ShardWriter()
+                writer.add(image)
+                if writer.full:
+                    store_shard(conn, store, dataset, writer, f"s3://{bucket}/{prefix}", summary)
+                    writer = None
+            if bad:
+                with conn.transaction():
+                    add_bad_images(conn, dataset, bad)
+                summary.bad += len(bad)
+            on_progress(summary)
+    if writer is not None:
+        store_shard(conn, store, dataset, writer, f"s3://{bucket}/{prefix}", summary)
+        on_progress(summary)
+
+
+def store_shard(
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    dataset: Dataset,
+    writer: ShardWriter,
+    prefix: str,
+    summary: IngestSummary,
+) -> None:
+    """Upload a finished shard as `{prefix}/{NNNNN}.tar`, then register it and its images together."""
+    uri = f"{prefix}/{summary.shards:05d}.tar"
+    bucket, key = parse_s3_uri(uri)
+    try:
+        store.upload_file(writer.close(), bucket, key, content_type="application/x-tar")
+    finally:
+        writer.discard()
+    size, etag = store.head(bucket, key)
+    with conn.transaction():
+        shard = add_shard(conn, uri, size, etag)
+        load_members(conn, dataset, writer.members)
+        added = add_member_locations(conn, dataset, shard)
+    summary.images += added
+    summary.packed += added
+    summary.shards += 1
+
+
+def registered_ids(conn: psycopg.Connection, dataset: Dataset, image_ids: list[int]) -> set[int]:
+    """The ids that already have an image (not a recorded failure)."""
+    rows = conn.execute(
+        "SELECT id FROM locations WHERE dataset = %s AND id = ANY (%s) AND error IS NULL",
+        (dataset.id, image_ids),
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def forget_lost_shards(conn: psycopg.Connection, store: ObjectStore, dataset: Dataset) -> int:
+    """Drop the locations in shards that are gone or were rewritten (a wiped or replaced raw
+    bucket), so that packing them again is what a re-run does; how many shards were lost. One
+    HEAD per shard."""
+    shards = conn.execute(
+        "SELECT s.id, s.uri, s.etag FROM shards s WHERE EXISTS"
+        " (SELECT FROM locations l WHERE l.dataset = %s AND l.shard = s.id)",
+        (dataset.id,),
+    ).fetchall()
+    lost = []
+    for shard, uri, etag in shards:
+        try:
+            _, now = store.head(*parse_s3_uri(uri))
+        except PermanentError:
+            now = None
+        if now != etag:
+            lost.append(shard)
+            log.warning("shard %s is gone or was rewritten: its images are packed again", uri)
+    if lost:
+        with conn.transaction():
+            conn.execute("DELETE FROM locations WHERE dataset = %s AND shard = ANY (%s)", (dataset.id, lost))
+    return len(lost)

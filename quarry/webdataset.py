@@ -1,0 +1,141 @@
+"""Registering WebDataset shards where they are (img2dataset's layout: `NNNNN.tar` with
+`NNNNN.parquet` beside it): each tar's members indexed from its headers in one sequential read,
+its images located by byte range, its parquet rows joined by key. Nothing is copied."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from common.datasets import Dataset, register_dataset
+from common.errors import UserError
+from common.storage import ObjectStore
+from quarry.manifest import local_copy
+from quarry.register import Member, add_catalog_rows, add_member_locations, add_shard, load_members, load_rows
+from quarry.summary import IngestSummary
+from quarry.tables import create_catalog, table_columns
+from quarry.tar_index import IMAGE_EXTENSIONS, ShardUnreadable, TarMember, index_tar
+
+log = logging.getLogger(__name__)
+
+KEY_COLUMN = "key"  # img2dataset's (and WebDataset's) name for a sample's key
+COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+
+
+def ingest_webdataset(
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    prefix: str,
+    name: str,
+    overrides: dict[str, str],
+    summary: IngestSummary,
+    on_progress: Callable[[IngestSummary], None],
+) -> None:
+    """Register every tar under an s3:// prefix; a shard registered before is skipped, one that
+    cannot be read is reported (with why) and the rest go on. Each shard registers whole, in one
+    transaction, or not at all."""
+    if not prefix.startswith("s3://"):
+        raise UserError(f"{prefix}: a WebDataset is registered where it is: give its s3:// prefix")
+    listed = list(store.list_objects(prefix))
+    tars = [(uri, size, etag) for uri, size, etag in listed if uri.endswith(".tar")]
+    for uri, _, _ in listed:
+        if uri.endswith(COMPRESSED_SUFFIXES):
+            summary.report(f"{uri}: compressed tar; members can only be read from an uncompressed tar")
+    if not tars:
+        raise UserError(f"{prefix}: no .tar shards there")
+    parquets = {uri[: -len(".parquet")]: uri for uri, _, _ in listed if uri.endswith(".parquet")}
+    known = {
+        row[0]
+        for row in conn.execute("SELECT uri FROM shards WHERE uri = ANY (%s)", ([u for u, _, _ in tars],))
+    }
+    dataset: Dataset | None = None
+    for uri, size, etag in tars:
+        if uri in known:
+            summary.shards_present += 1
+            continue
+        try:
+            members = list(index_tar(store.open(uri), size, uri))
+        except ShardUnreadable as exc:
+            summary.report(str(exc))
+            continue
+        images = image_members(members, uri, summary)
+        try:
+            metadata = read_metadata(store, parquets.get(uri[: -len(".tar")]))
+            with conn.transaction():
+                if dataset is None:
+                    dataset = catalog_for(conn, name, metadata, overrides, prefix)
+                register_shard(conn, dataset, uri, size, etag, images, metadata, summary)
+        except (UserError, psycopg.errors.UndefinedColumn) as exc:
+            summary.report(f"{uri}: {exc}")  # nothing of this shard was registered
+            continue
+        summary.shards += 1
+        on_progress(summary)
+
+
+def image_members(members: list[TarMember], uri: str, summary: IngestSummary) -> list[Member]:
+    """The first image member of each key; keys with none are counted."""
+    images: dict[str, Member] = {}
+    keys = set()
+    for member in members:
+        keys.add(member.key)
+        if member.extension in IMAGE_EXTENSIONS and member.key not in images:
+            images[member.key] = Member(member.key, member.offset, member.length)
+    without = len(keys) - len(images)
+    if without:
+        summary.members_without_image += without
+        log.warning("%s: %d keys without an image member", uri, without)
+    return list(images.values())
+
+
+def read_metadata(store: ObjectStore, uri: str | None) -> pa.Table | None:
+    """The shard's parquet table (a shard's is small: its rows only), or None when there is none."""
+    if uri is None:
+        return None
+    with local_copy(store, uri) as path:
+        table = pq.read_table(path)
+    if KEY_COLUMN not in table.column_names:
+        raise UserError(f"{uri}: no {KEY_COLUMN!r} column to join the shard's members by")
+    return table.set_column(
+        table.column_names.index(KEY_COLUMN), KEY_COLUMN, table[KEY_COLUMN].cast(pa.string())
+    )
+
+
+def catalog_for(
+    conn: psycopg.Connection, name: str, metadata: pa.Table | None, overrides: dict[str, str], prefix: str
+) -> Dataset:
+    """The dataset's table: `id` (assigned), `key`, and the parquet's columns."""
+    schema = metadata.schema if metadata is not None else pa.schema([(KEY_COLUMN, pa.string())])
+    columns = table_columns(schema, overrides)
+    create_catalog(conn, name, columns, "id", KEY_COLUMN)
+    dataset = register_dataset(conn, name, "id", KEY_COLUMN, None, "webdataset")
+    log.info("dataset %s from %s: columns %s", name, prefix, ", ".join(columns))
+    return dataset
+
+
+def register_shard(
+    conn: psycopg.Connection,
+    dataset: Dataset,
+    uri: str,
+    size: int,
+    etag: str,
+    images: list[Member],
+    metadata: pa.Table | None,
+    summary: IngestSummary,
+) -> None:
+    """One shard's catalog rows (its image keys, joined with their parquet rows) and locations."""
+    keys = pa.table({KEY_COLUMN: [m.match for m in images]})
+    if metadata is not None:
+        rows = keys.join(metadata, KEY_COLUMN, join_type="left outer")
+        summary.rows_without_member += metadata.num_rows - rows.num_rows
+    else:
+        rows = keys
+    columns = rows.column_names
+    summary.rows += load_rows(conn, dataset, columns, rows.to_batches())
+    added = add_catalog_rows(conn, dataset, columns)
+    summary.present += rows.num_rows - added
+    load_members(conn, dataset, images)
+    summary.images += add_member_locations(conn, dataset, add_shard(conn, uri, size, etag))
