@@ -2,9 +2,11 @@
 
 1. a local folder of images: one PUT per image from 16 threads (what `producer ingest` did before
    datasets: read, decode to check, upload) against Quarry's packing into tar shards, defaults;
-2. a synthetic by-reference Parquet manifest (N rows, `s3://` locations, five metadata columns,
-   default 1,000,000) registered from an `s3://` object: seconds, rows/s, and PostgreSQL bytes per
-   image for the catalog table plus its `locations` rows, projected to 1,000,000,000 images.
+2. a synthetic by-reference Parquet manifest (N rows in row groups of 250,000, `s3://` locations,
+   five metadata columns; default 1,000,000) registered from an `s3://` object through the pools
+   (a private redis-server, the three pools and a dispatcher, as `make up` starts them): seconds
+   from `producer ingest` to its end, rows/s, and PostgreSQL bytes per image for the catalog table
+   plus its `locations` rows, projected to 1,000,000,000 images.
 
     python -m bench.ingest [--dataset DIR] [--rows N]
 """
@@ -31,7 +33,7 @@ from common.images import decode
 from common.paths import default_dataset_path
 from common.storage import ObjectStore
 from quarry import Quarry
-from tests.stack import start_moto
+from tests.stack import Stack, start_moto
 
 THREADS = 16  # the old ingest's default INGEST_CONCURRENCY
 
@@ -89,9 +91,11 @@ def main() -> None:
         "RAW_BUCKET": "bench-raw",
         "OUTPUT_BUCKET": "bench-out",
     }
-    os.environ.update(env)
+    stack = Stack(env, root / "stack")
     try:
         ensure_database(env["DATABASE_URL"])
+        stack.start_redis()
+        os.environ.update(stack.env)
         settings = Settings()
         store = ObjectStore(settings, max_connections=THREADS)
         quarry = Quarry(settings)
@@ -120,14 +124,18 @@ def main() -> None:
         store.upload_file(
             str(manifest), "bench-manifests", "manifest.parquet", content_type="application/x-parquet"
         )
+        stack.start_pools()
+        stack.start_dispatcher()
         started = time.monotonic()
         summary = quarry.ingest(
             "s3://bench-manifests/manifest.parquet",
             dataset="synthetic",
             id_column="image_id",
             image_column="location",
+            progress=False,
         )
         seconds = time.monotonic() - started
+        assert summary.units_failed == 0 and summary.images == args.rows, summary
         with connect(env["DATABASE_URL"]) as db:
             catalog = db.execute("SELECT pg_total_relation_size('synthetic')").fetchone()[0]  # type: ignore[index]
             locations = db.execute("SELECT pg_total_relation_size('locations')").fetchone()[0]  # type: ignore[index]
@@ -141,6 +149,7 @@ def main() -> None:
             f" {per_image * 1e9 / 2**40:.2f} TiB"
         )
     finally:
+        stack.stop_all()
         s3.terminate()
         with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from common.ledger import ItemRows
 
+INGEST_KIND = "ingest"  # the `kind` of an ingest's spec (common/ingest/units.py): no images to render
 InferOn = Literal["raw", "augmented"]
 OutputFormat = Literal["files", "webdataset"]
 KeyLayout = Literal["flat", "hashed"]

@@ -23,7 +23,14 @@ from common.errors import ConfigError
 log = logging.getLogger(__name__)
 # what user SQL may read of Quarry's own tables (and each dataset's catalog, granted at ingest)
 READABLE = ("styles", "images", "predictions", "datasets", "locations")
-LEDGER = ("jobs", "job_chunks", "job_items", "dispatchers", "schema_version")  # never readable
+LEDGER = (
+    "jobs",
+    "job_chunks",
+    "job_items",
+    "dispatchers",
+    "schema_version",
+    "ingest_units",
+)  # never readable
 # role attributes that would let a session escape: none of them may be set
 ROLE_ATTRIBUTES = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS"
 

@@ -104,6 +104,21 @@ CREATE TABLE IF NOT EXISTS job_items (
     PRIMARY KEY (job_id, image_id, variant)
 );
 
+-- An ingest through the pools is a job whose chunk i registers unit i: a manifest file (or one
+-- Parquet row group of it), or one tar shard. `counts` is what registering it did.
+CREATE TABLE IF NOT EXISTS ingest_units (
+    job_id  uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    unit    integer NOT NULL,
+    source  text NOT NULL,                 -- s3:// URI of the manifest file or the tar
+    part    integer,                       -- a Parquet row group; NULL: the whole file
+    size    bigint NOT NULL,
+    etag    text NOT NULL,                 -- the source's when planned: a re-run skips it if unchanged
+    companion text,                        -- a tar's metadata table (its NNNNN.parquet), if any
+    counts  jsonb,                         -- NULL until registered
+    PRIMARY KEY (job_id, unit)
+);
+CREATE INDEX IF NOT EXISTS ingest_units_source ON ingest_units (source, etag);
+
 -- Each running dispatcher says it is alive here (`producer jobs`, `--wait` read it).
 CREATE TABLE IF NOT EXISTS dispatchers (
     name    text PRIMARY KEY,

@@ -34,6 +34,7 @@ class ObjectStore:
     """Buckets and objects on one S3 endpoint; errors translated to Quarry's tree."""
 
     def __init__(self, settings: Settings, *, max_connections: int = 10) -> None:
+        self.settings = settings
         self.endpoint = settings.s3_endpoint_url or "AWS S3"
         self.max_connections = max_connections
         self._client = boto3.client(
@@ -173,6 +174,24 @@ class ObjectStore:
                     yield f"s3://{bucket}/{item['Key']}", int(item["Size"]), str(item["ETag"])
         except (ClientError, BotoCoreError, ConnectionError) as exc:
             raise self._translate(exc, uri_prefix) from exc
+
+    @cached_property
+    def arrow(self) -> Any:
+        """The same endpoint and credentials for Arrow (a `pyarrow.fs.S3FileSystem`), which reads a
+        Parquet file's footer and row groups by ranged GETs (paths are `bucket/key`)."""
+        import pyarrow.fs
+
+        endpoint = self.settings.s3_endpoint_url
+        return pyarrow.fs.S3FileSystem(
+            access_key=self.settings.aws_access_key_id,
+            secret_key=self.settings.aws_secret_access_key,
+            region=self.settings.aws_default_region,
+            endpoint_override=endpoint,
+            scheme="https" if endpoint is None or endpoint.startswith("https") else "http",
+            allow_bucket_creation=False,
+            connect_timeout=5,
+            request_timeout=60,
+        )
 
     @cached_property
     def _pool(self) -> ThreadPoolExecutor:

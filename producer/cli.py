@@ -17,10 +17,10 @@ import click
 from common.config import get_settings
 from common.db import connect, ensure_schema
 from common.errors import ConfigError, QuarryError, UserError
+from common.ingest.summary import IngestSummary
 from quarry.client import DEFAULT_SHARD_SIZE, Quarry
 from quarry.ingest import FORMATS
 from quarry.progress import TerminalBar
-from quarry.summary import IngestSummary
 
 EXIT_FAILED_ITEMS = 1
 EXIT_REFUSED = 2
@@ -92,21 +92,24 @@ def ingest(source: str | None, column_types: tuple[str, ...], as_json: bool, **o
     of WebDataset tars. Images in s3:// stay where they are; a local folder is packed into shards."""
     quarry = Quarry.from_env()
     types = dict(parse_column_type(text) for text in column_types)
-    s = quarry.ingest(source, show_ingest, column_types=types, **options)
+    s = quarry.ingest(source, show_ingest, column_types=types, display=TerminalBar(), **options)
     if sys.stderr.isatty():
         click.echo("", err=True)  # end the progress line
     for problem in s.problems:
         click.echo(f"skipped: {problem}", err=True)
     if as_json:
         click.echo(json.dumps({k: v for k, v in asdict(s).items() if k != "started"}))
-        return
+        sys.exit(EXIT_FAILED_ITEMS if s.units_failed else 0)
     click.echo(
         f"ingested {source or quarry.settings.dataset_path} as dataset {s.dataset}: {s.rows} rows"
         f" ({s.repaired} repaired, {s.rejected} rejected, {s.duplicate_ids} duplicate ids); images"
         f" {s.images} registered ({s.packed} packed into {s.shards} shards), {s.present} already"
         f" registered, {s.missing} missing, {s.bad} bad, {s.unrecognised_files} other files ignored;"
         f" {s.problem_count} problems; {s.seconds:.1f} s"
+        + (f"; ingest job {s.job_id}: {s.units_failed} units failed" if s.job_id else "")
     )
+    if s.units_failed:
+        sys.exit(EXIT_FAILED_ITEMS)
 
 
 def parse_column_type(text: str) -> tuple[str, str]:

@@ -23,10 +23,11 @@ from celery import Celery
 from common.config import Settings
 from common.db import Database, first_line
 from common.errors import BrokerUnavailable, ConfigError, TransientError
+from common.jobspec import INGEST_KIND
 from common.ledger import Ticket, claim_chunks, fail_exhausted, return_expired, unclaim
 from producer.watchdog import Watchdog
 from workers.base import BROKER_ERRORS, PUBLISH_RETRY
-from workers.routes import TRANSFORM
+from workers.routes import INGEST, TRANSFORM
 
 log = logging.getLogger(__name__)
 DISPATCH_LOCK_ID = 0x51A8  # advisory lock: one dispatcher tick at a time, over all replicas
@@ -161,7 +162,8 @@ def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = N
     name = dispatcher_name()
 
     def publish(spec: dict[str, object], ticket: Ticket) -> None:
-        app.send_task(TRANSFORM, args=[spec, ticket.to_message()], retry=True, retry_policy=PUBLISH_RETRY)
+        task = INGEST if spec.get("kind") == INGEST_KIND else TRANSFORM  # an ingest's units, or images
+        app.send_task(task, args=[spec, ticket.to_message()], retry=True, retry_policy=PUBLISH_RETRY)
 
     log.info(
         "dispatcher %s: budget %d chunks, lease %d s, %d attempts",

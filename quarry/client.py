@@ -16,6 +16,7 @@ from common.datasets import FASHION, default_dataset, get_dataset, lookup_catalo
 from common.db import Database, connect, ensure_database, ensure_schema
 from common.errors import NoSuchJob, UserError
 from common.images import encode
+from common.ingest.summary import IngestSummary
 from common.jobs import JobProgress, cancel_job, iter_results, job_progress, job_spec, list_jobs, retry_job
 from common.jobspec import JobSpec
 from common.model import Classifier, locate_model
@@ -28,7 +29,6 @@ from quarry.preview import contact_sheet, read_dataset_image
 from quarry.progress import Display, follow
 from quarry.query import check_query, run_user_query
 from quarry.submit import new_job_id, submit_job
-from quarry.summary import IngestSummary
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -168,10 +168,14 @@ class Quarry:
         image_column: str | None = None,
         source_format: str | None = None,
         column_types: dict[str, str] | None = None,
+        progress: bool = True,
+        display: Display | None = None,
     ) -> IngestSummary:
         """Register a dataset (default: DATASET_PATH, the fashion archive): a Kaggle-layout folder,
-        a folder of images, a CSV/JSON Lines/Parquet manifest of s3:// image URIs, or an s3://
-        prefix of WebDataset shards. Re-runnable; see docs/datasets.md."""
+        a folder of images (both packed here), a CSV/JSON Lines/Parquet manifest of s3:// image
+        URIs, or an s3:// prefix of WebDataset shards (both registered by the transform pool, as
+        an ingest job followed to its end, with a progress bar unless `progress=False`).
+        Re-runnable; see docs/datasets.md."""
         request = IngestRequest(
             str(source if source is not None else self.settings.dataset_path),
             dataset,
@@ -185,7 +189,13 @@ class Quarry:
         with self.connection() as conn:
             self.ensure_ready(conn)
             summary = run_ingest(
-                conn, store, request, self.settings.raw_bucket, self.settings.ingest_concurrency, on_progress
+                conn,
+                store,
+                request,
+                self.settings.raw_bucket,
+                self.settings.ingest_concurrency,
+                on_progress,
+                lambda job_id: Job(self, job_id).wait(progress, display=display),
             )
             grant_dataset(conn, self.settings, summary.dataset)
             return summary

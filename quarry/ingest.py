@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import chain, islice
+from itertools import islice
 from pathlib import Path
 
 import psycopg
@@ -21,15 +22,16 @@ import pyarrow as pa
 from psycopg import sql
 
 from common.catalog import COLUMNS, CatalogStats, RejectedLine, read_styles
-from common.datasets import FASHION, Dataset, check_name, register_dataset
+from common.datasets import FASHION, check_name, register_dataset
 from common.errors import UserError
+from common.ingest.manifest import format_of
+from common.ingest.register import add_catalog_rows, load_rows
+from common.ingest.summary import IngestSummary
+from common.ingest.tables import check_column_types, create_catalog
+from common.ingest.units import IngestPlan, add_unit_counts
 from common.storage import ObjectStore
-from quarry.manifest import BadLines, format_of, local_copy, manifest_sources, read_batches
+from quarry.ingest_plan import ManifestRequest, check_webdataset_request, plan_manifest, plan_shards
 from quarry.packing import forget_lost_shards, pack_images
-from quarry.register import add_catalog_rows, add_object_locations, load_rows
-from quarry.summary import IngestSummary
-from quarry.tables import check_column_types, create_catalog, table_columns
-from quarry.webdataset import KEY_COLUMN, ingest_webdataset
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,6 @@ IMAGE_NAME = re.compile(r"^(\d+)\.(jpe?g|png|webp)$", re.IGNORECASE)
 REJECTED_SHOWN = 20  # malformed CSV lines printed one by one before only counting
 FORMATS = ("kaggle", "folder", "csv", "jsonl", "parquet", "webdataset")
 LISTED_TO_INFER = 1000  # objects of an s3:// prefix looked at to tell its format (one LIST page)
-ASSIGNED_ID = "id"  # the column of the ids Quarry assigns to string keys
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,11 @@ def ingest(
     raw_bucket: str,
     concurrency: int,
     on_progress: Callable[[IngestSummary], None] = lambda summary: None,
+    wait: Callable[[str], object] = lambda job_id: None,
 ) -> IngestSummary:
-    """Ingest one SOURCE (re-runnable: what was registered before is skipped)."""
+    """Ingest one SOURCE (re-runnable: what was registered before is skipped). A local folder is
+    packed here; a manifest or a WebDataset prefix is recorded as an ingest job for the pools,
+    and `wait(job_id)` follows it to its end before the counts are read."""
     source_format = request.source_format or infer_format(store, request.source)
     if source_format not in FORMATS:
         raise UserError(f"--format {source_format!r}: one of {', '.join(FORMATS)}")
@@ -69,17 +73,39 @@ def ingest(
         ingest_fashion(conn, store, Path(request.source), raw_bucket, concurrency, summary, on_progress)
     elif source_format == "folder":
         ingest_folder(conn, store, request, raw_bucket, concurrency, summary, on_progress)
-    elif source_format == "webdataset":
-        name = dataset_name(request)
-        if request.id_column not in (None, KEY_COLUMN):
-            raise UserError(f"a WebDataset's samples are named by their {KEY_COLUMN!r}: drop --id-column")
-        overrides = check_column_types(request.column_types)
-        ingest_webdataset(conn, store, request.source, name, overrides, summary, on_progress)
     else:
-        ingest_manifest(conn, store, request, source_format, summary)
+        plan = plan_through_pools(conn, store, request, source_format, raw_bucket, summary)
+        if plan is not None:
+            summary.job_id = plan.job_id
+            wait(plan.job_id)
+            add_unit_counts(conn, plan.job_id, summary)
     summary.dataset = summary.dataset or dataset_name(request)
     summary.missing = count_missing(conn, summary.dataset)
     return summary.finish()
+
+
+def plan_through_pools(
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    request: IngestRequest,
+    source_format: str,
+    raw_bucket: str,
+    summary: IngestSummary,
+) -> IngestPlan | None:
+    """Record the ingest job of a manifest or a WebDataset prefix; None when nothing is new."""
+    name = dataset_name(request)
+    summary.dataset = name
+    overrides = check_column_types(request.column_types)
+    job_id = str(uuid.uuid4())
+    if source_format == "webdataset":
+        check_webdataset_request(request.id_column)
+        return plan_shards(conn, store, request.source, name, overrides, job_id, summary)
+    if not request.id_column:
+        raise UserError("name the manifest's id column with --id-column")
+    if not request.image_column:
+        raise UserError("name the column of each image's s3:// URI with --image-column")
+    wanted = ManifestRequest(name, request.id_column, request.image_column, overrides)
+    return plan_manifest(conn, store, request.source, wanted, raw_bucket, job_id, summary)
 
 
 def infer_format(store: ObjectStore, source: str) -> str:
@@ -163,79 +189,6 @@ def ingest_folder(
     store.ensure_bucket(raw_bucket)
     forget_lost_shards(conn, store, dataset)
     pack_images(conn, store, dataset, iter(files), raw_bucket, concurrency, summary, on_progress)
-
-
-def ingest_manifest(
-    conn: psycopg.Connection,
-    store: ObjectStore,
-    request: IngestRequest,
-    source_format: str,
-    summary: IngestSummary,
-) -> None:
-    """Rows of one or more manifest files, each image an object where it is (nothing copied);
-    each file registers whole, in one transaction, or not at all."""
-    name = dataset_name(request)
-    if not request.id_column:
-        raise UserError("name the manifest's id column with --id-column")
-    if not request.image_column:
-        raise UserError("name the column of each image's s3:// URI with --image-column")
-    overrides = check_column_types(request.column_types)
-    sources = manifest_sources(store, request.source)
-    if not sources:
-        raise UserError(f"{request.source}: no manifest files (.csv, .jsonl, .parquet) there")
-    summary.dataset = name
-    dataset: Dataset | None = None
-    for source in sources:
-        bad = BadLines()
-        with local_copy(store, source) as path:
-            batches = read_batches(path, source, format_of(source) or source_format, set(overrides), bad)
-            first = next(batches, None)
-            if first is None:
-                summary.report(f"{source}: no rows")
-                continue
-            with conn.transaction():
-                dataset = dataset or manifest_dataset(conn, name, request, first.schema, overrides, source)
-                rows = load_rows(conn, dataset, first.schema.names, chain([first], batches))
-                added = add_catalog_rows(conn, dataset, first.schema.names)
-                add_object_locations(conn, dataset, request.image_column)
-        summary.rows += rows
-        summary.images += added
-        summary.present += rows - added
-        summary.rejected += bad.count
-        summary.problems.extend(bad.shown)
-
-
-def manifest_dataset(
-    conn: psycopg.Connection,
-    name: str,
-    request: IngestRequest,
-    schema: pa.Schema,
-    overrides: dict[str, str],
-    source: str,
-) -> Dataset:
-    """The dataset's table from the first manifest's columns; string keys get assigned ids."""
-    assert request.id_column and request.image_column
-    for column in (request.id_column, request.image_column):
-        if column not in schema.names:
-            raise UserError(f"manifest {source}: no column {column!r} (columns: {', '.join(schema.names)})")
-    id_type = schema.field(request.id_column).type
-    keyed = request.id_column not in overrides and not pa.types.is_integer(id_type)
-    if keyed and not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
-        raise UserError(
-            f"manifest {source}: id column {request.id_column!r} is {id_type}, not integers or strings"
-        )
-    if keyed and ASSIGNED_ID in schema.names:
-        raise UserError(
-            f"manifest {source}: string keys get Quarry-assigned ids in a column {ASSIGNED_ID!r},"
-            " and the manifest has one: rename it"
-        )
-    columns = table_columns(schema, overrides)
-    id_column = ASSIGNED_ID if keyed else request.id_column
-    key_column = request.id_column if keyed else None
-    create_catalog(conn, name, columns, id_column, key_column)
-    return register_dataset(
-        conn, name, id_column, key_column, request.image_column, format_of(source) or "manifest"
-    )
 
 
 def count_missing(conn: psycopg.Connection, name: str) -> int:

@@ -19,9 +19,9 @@ from common.batching import batched
 from common.datasets import Dataset
 from common.errors import PermanentError
 from common.images import decode
+from common.ingest.register import Member, add_bad_images, add_member_locations, add_shard, load_members
+from common.ingest.summary import IngestSummary
 from common.storage import ObjectStore, parse_s3_uri
-from quarry.register import Member, add_bad_images, add_member_locations, add_shard, load_members
-from quarry.summary import IngestSummary
 
 log = logging.getLogger(__name__)
 

@@ -2,5 +2,5 @@
 
 from celery import Celery
 
-app = Celery("quarry", include=["workers.transform", "workers.upload", "workers.inference"])
+app = Celery("quarry", include=["workers.transform", "workers.upload", "workers.inference", "workers.ingest"])
 app.config_from_object("workers.celeryconfig")

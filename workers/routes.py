@@ -4,12 +4,14 @@ TRANSFORM = "quarry.transform"
 UPLOAD = "quarry.upload"
 INFERENCE = "quarry.inference"
 INFERENCE_SHARD = "quarry.inference.shard"  # webdataset output: classify a staged shard
+INGEST = "quarry.ingest"  # register one unit of a dataset (runs on the transform pool)
 
 TASK_ROUTES = {
     TRANSFORM: {"queue": "transform"},
     UPLOAD: {"queue": "upload"},
     INFERENCE: {"queue": "inference"},
     INFERENCE_SHARD: {"queue": "inference"},
+    INGEST: {"queue": "transform"},
 }
 
 

@@ -20,7 +20,7 @@ from common.errors import UserError
 from common.storage import ObjectStore
 from quarry import Quarry
 from tests.conftest import SAMPLE, run_cli, upload_folder
-from tests.stack import RequestLog
+from tests.stack import RequestLog, Stack
 
 
 def sample_images(count: int) -> list[Path]:
@@ -38,7 +38,8 @@ def put_images(store: ObjectStore, bucket: str, paths: list[Path]) -> list[str]:
 
 
 @pytest.fixture
-def quarry(db: psycopg.Connection, settings: Settings) -> Quarry:
+def quarry(db: psycopg.Connection, settings: Settings, workers: Stack) -> Quarry:
+    """The API, with the pools and the dispatcher running (manifests and shards register there)."""
     return Quarry(settings)
 
 
@@ -73,7 +74,8 @@ def test_a_parquet_manifest_is_registered_by_reference_with_its_own_typed_column
 
     assert (summary.rows, summary.images, summary.present, summary.missing) == (14, 14, 0, 0)
     puts = [path for method, path in s3_requests.requests() if method in ("PUT", "POST")]
-    assert puts == []  # by reference: not one image byte written
+    assert len(puts) == 1 and puts[0].endswith("/manifest.parquet")  # the manifest, for the pools
+    assert "/_quarry/manifests/" in puts[0]  # and not one image byte
     assert column_types(db, name) == {
         "id": "bigint",
         "key": "text",
@@ -100,7 +102,7 @@ def test_a_parquet_manifest_is_registered_by_reference_with_its_own_typed_column
     }
 
     again = quarry.ingest(tmp_path / "manifest.parquet", dataset=name, id_column="key", image_column="url")
-    assert (again.rows, again.images, again.present) == (14, 0, 14)
+    assert (again.units_present, again.rows, again.job_id) == (1, 0, None)  # nothing new: no job
     assert db.execute(f"SELECT count(*), max(id) FROM {name}").fetchone() == (14, 14)  # ids kept
 
 
@@ -141,10 +143,10 @@ def test_bad_manifests_are_refused_whole_with_one_line(
     name = f"bad_{uuid.uuid4().hex[:6]}"
     rows = "id,uri\n1,s3://b/1.jpg\n2,s3://b/2.jpg\n1,s3://b/1-again.jpg\n"
     (tmp_path / "dupes.csv").write_text(rows)
-    with pytest.raises(UserError, match=r"duplicate id values in the manifest: 1 \(2x\)"):
-        quarry.ingest(tmp_path / "dupes.csv", dataset=name, id_column="id", image_column="uri")
-    nothing = "SELECT to_regclass(%s) IS NULL AND NOT EXISTS (SELECT FROM datasets WHERE name = %s)"
-    assert db.execute(nothing, (name, name)).fetchone() == (True,)  # nothing half-written
+    refused = quarry.ingest(tmp_path / "dupes.csv", dataset=name, id_column="id", image_column="uri")
+    assert refused.units_failed == 1 and len(refused.problems) == 1
+    assert refused.problems[0].endswith("dupes.csv: duplicate id values in the manifest: 1 (2x)")
+    assert db.execute(f"SELECT count(*) FROM {name}").fetchone() == (0,)  # nothing half-written
     with pytest.raises(UserError, match=r"no column 'image_id' \(columns: id, uri\)"):
         quarry.ingest(tmp_path / "dupes.csv", dataset=name, id_column="image_id", image_column="uri")
     with pytest.raises(UserError, match="name the dataset with --dataset"):
@@ -222,7 +224,7 @@ def test_webdataset_shards_are_registered_where_they_are(
 
 def test_a_tar_written_here_indexes_like_tarfile_reads_it() -> None:
     """Long names (GNU/PAX headers) and nested folders: offsets as Python's tarfile finds them."""
-    from quarry.tar_index import index_tar
+    from common.ingest.tar_index import index_tar
 
     buffer = io.BytesIO()
     names = ["a/000.jpg", "a/000.json", f"{'long' * 40}/001.jpg", "002.seg.png"]
@@ -245,7 +247,7 @@ def test_a_tar_written_here_indexes_like_tarfile_reads_it() -> None:
 
 
 def test_the_cli_takes_column_types_prints_json_and_refuses_with_one_line(
-    test_env: dict[str, str], db: psycopg.Connection, tmp_path: Path
+    test_env: dict[str, str], db: psycopg.Connection, tmp_path: Path, workers: Stack
 ) -> None:
     name = f"cli_{uuid.uuid4().hex[:6]}"
     (tmp_path / "rows.csv").write_text("sku,image,price,added\nA-1,s3://b/a.jpg,1.5,2024-01-02\nB-2,,2.25,\n")

@@ -6,9 +6,9 @@ import psycopg
 import pytest
 
 from common.config import Settings
+from common.ingest.summary import IngestSummary
 from common.storage import ObjectStore
 from quarry.ingest import IngestRequest, ingest
-from quarry.summary import IngestSummary
 from tests.conftest import SAMPLE
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"

@@ -3,6 +3,7 @@ that the tests kill, a frozen S3 server, PostgreSQL connections terminated under
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -413,3 +414,59 @@ def test_a_pool_whose_link_goes_silent_mid_chunk_finishes_the_job(
         assert took < bound, took
     finally:
         link.close()
+
+
+def test_a_pool_killed_mid_ingest_registers_every_row_exactly_once(
+    stack: Stack, store: ObjectStore, tmp_path: Path
+) -> None:
+    """A Parquet manifest of 16 row groups registered by the transform pool, which is SIGKILLed
+    while it holds an unregistered unit and started again: the ingest ends by itself, 0 lost."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, groups = 320_000, 16
+    ids = pa.array(range(rows), pa.int64())
+    table = pa.table(
+        {
+            "image_id": ids,
+            "uri": pa.array([f"s3://elsewhere/{i}.jpg" for i in range(rows)]),
+            "caption": pa.array([f"item {i}" for i in range(rows)]),
+        }
+    )
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=rows // groups)
+    store.ensure_bucket("fault-manifests")
+    store.upload_file(str(tmp_path / "big.parquet"), "fault-manifests", "big.parquet", content_type="x")
+    stack.start_pools()
+    stack.start_dispatcher()
+    name = f"big_{uuid.uuid4().hex[:6]}"
+    ingest = subprocess.Popen(
+        [
+            str(BIN / "producer"),
+            "ingest",
+            "s3://fault-manifests/big.parquet",
+            "--dataset",
+            name,
+            "--id-column",
+            "image_id",
+            "--image-column",
+            "uri",
+            "--json",
+        ],
+        env={**os.environ, **stack.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stack.kill_pool_mid_chunk("transform")
+    stack.start_pool("transform")
+    out, err = ingest.communicate(timeout=LEASE_S + 120)
+    assert ingest.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert (summary["rows"], summary["images"], summary["units_failed"]) == (rows, rows, 0)
+    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+        counted = conn.execute(f"SELECT count(*), count(DISTINCT image_id) FROM {name}").fetchone()
+        located = conn.execute(
+            "SELECT count(*) FROM locations l JOIN datasets d ON d.id = l.dataset WHERE d.name = %s", (name,)
+        ).fetchone()
+    assert counted == (rows, rows) and located == (rows,)
+    assert stack.redispatched(summary["job_id"]) > 0  # the unit the pool held was sent again

@@ -5,20 +5,26 @@ its images located by byte range, its parquet rows joined by key. Nothing is cop
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.datasets import Dataset, register_dataset
+from common.datasets import Dataset, dataset_names, get_dataset, register_dataset
 from common.errors import UserError
+from common.ingest.manifest import local_copy
+from common.ingest.register import (
+    Member,
+    add_catalog_rows,
+    add_member_locations,
+    add_shard,
+    load_members,
+    load_rows,
+)
+from common.ingest.summary import IngestSummary
+from common.ingest.tables import create_catalog, table_columns
+from common.ingest.tar_index import IMAGE_EXTENSIONS, TarMember, index_tar
 from common.storage import ObjectStore
-from quarry.manifest import local_copy
-from quarry.register import Member, add_catalog_rows, add_member_locations, add_shard, load_members, load_rows
-from quarry.summary import IngestSummary
-from quarry.tables import create_catalog, table_columns
-from quarry.tar_index import IMAGE_EXTENSIONS, ShardUnreadable, TarMember, index_tar
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +32,17 @@ KEY_COLUMN = "key"  # img2dataset's (and WebDataset's) name for a sample's key
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
 
-def ingest_webdataset(
+def plan_webdataset(
     conn: psycopg.Connection,
     store: ObjectStore,
     prefix: str,
     name: str,
     overrides: dict[str, str],
     summary: IngestSummary,
-    on_progress: Callable[[IngestSummary], None],
-) -> None:
-    """Register every tar under an s3:// prefix; a shard registered before is skipped, one that
-    cannot be read is reported (with why) and the rest go on. Each shard registers whole, in one
-    transaction, or not at all."""
+) -> tuple[Dataset, list[tuple[str, int, str, str | None]]]:
+    """The dataset (its table from the first shard's parquet columns) and the tars under an
+    s3:// prefix still to register: (uri, size, ETag, its parquet's uri or None). Compressed tars
+    are reported; tars registered before are counted and left out."""
     if not prefix.startswith("s3://"):
         raise UserError(f"{prefix}: a WebDataset is registered where it is: give its s3:// prefix")
     listed = list(store.list_objects(prefix))
@@ -52,28 +57,34 @@ def ingest_webdataset(
         row[0]
         for row in conn.execute("SELECT uri FROM shards WHERE uri = ANY (%s)", ([u for u, _, _ in tars],))
     }
-    dataset: Dataset | None = None
-    for uri, size, etag in tars:
-        if uri in known:
-            summary.shards_present += 1
-            continue
-        try:
-            members = list(index_tar(store.open(uri), size, uri))
-        except ShardUnreadable as exc:
-            summary.report(str(exc))
-            continue
-        images = image_members(members, uri, summary)
-        try:
-            metadata = read_metadata(store, parquets.get(uri[: -len(".tar")]))
-            with conn.transaction():
-                if dataset is None:
-                    dataset = catalog_for(conn, name, metadata, overrides, prefix)
-                register_shard(conn, dataset, uri, size, etag, images, metadata, summary)
-        except (UserError, psycopg.errors.UndefinedColumn) as exc:
-            summary.report(f"{uri}: {exc}")  # nothing of this shard was registered
-            continue
-        summary.shards += 1
-        on_progress(summary)
+    summary.shards_present = len(known)
+    todo = [
+        (uri, size, etag, parquets.get(uri[: -len(".tar")])) for uri, size, etag in tars if uri not in known
+    ]
+    if not todo or name in dataset_names(conn):  # registered before: its table stays as it is
+        return get_dataset(conn, name), todo
+    first_table = next((companion for *_, companion in todo if companion), None)
+    with conn.transaction():
+        dataset = catalog_for(conn, name, read_metadata(store, first_table), overrides, prefix)
+    return dataset, todo
+
+
+def register_tar(
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    dataset: Dataset,
+    uri: str,
+    size: int,
+    etag: str,
+    companion: str | None,
+    summary: IngestSummary,
+) -> None:
+    """Index one tar (one sequential read) and register its images with their parquet rows, in
+    the caller's transaction; ShardUnreadable or UserError (nothing registered) when it cannot."""
+    members = list(index_tar(store.open(uri), size, uri))
+    images = image_members(members, uri, summary)
+    register_shard(conn, dataset, uri, size, etag, images, read_metadata(store, companion), summary)
+    summary.shards += 1
 
 
 def image_members(members: list[TarMember], uri: str, summary: IngestSummary) -> list[Member]:

@@ -13,7 +13,7 @@ from psycopg import sql
 
 from common.datasets import Dataset
 from common.errors import UserError
-from quarry.tables import csv_payload
+from common.ingest.tables import csv_payload
 
 SHOWN_IDS = 5  # duplicate ids named in a refusal
 S3_URI = r"^s3://[^/]+/.+"

@@ -29,6 +29,9 @@ class IngestSummary:
     unrecognised_files: int = 0  # files of an image folder not named {id}.{jpg,png,webp}
     members_without_image: int = 0  # WebDataset keys with no image member
     rows_without_member: int = 0  # metadata rows whose key has no image in the shard
+    units_present: int = 0  # files, row groups or shards an earlier ingest registered, skipped
+    units_failed: int = 0  # units that could not be registered (each one a problem, with why)
+    job_id: str | None = None  # the ingest job that ran through the pools, if one did
     problems: list[str] = field(default_factory=list)
     problem_count: int = 0
     seconds: float = 0.0
