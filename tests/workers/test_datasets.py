@@ -141,6 +141,21 @@ def test_img2dataset_shards_run_in_place_with_the_member_bytes(
         out_bucket, out_key = row["uri"][5:].split("/", 1)
         assert store.get(out_bucket, out_key) == images[f"{keys[row['image_id']]}.jpg"]  # the member's bytes
 
+    first_shard = (img2dataset_shards / "00000.tar").read_bytes()  # rewritten: same members, new ETag
+    store.put(
+        bucket, "laion/00000.tar", first_shard + bytes(512), content_type="application/x-tar", metadata={}
+    )
+    code, after = run_job(test_env, "--dataset", name, "--query", f"SELECT id FROM {name}")
+    with tarfile.open(img2dataset_shards / "00000.tar") as tar:
+        in_first = sum(name.endswith(".jpg") for name in tar.getnames())
+    assert code == 1 and (after["failed"], after["done"]) == (in_first, 25 - in_first)
+    errors = {
+        r["error"]
+        for r in map(json.loads, run_cli("results", after["job_id"], env=test_env).stdout.splitlines())
+        if r["status"] == "failed"
+    }
+    assert errors == {f"transform: source changed since it was registered: s3://{bucket}/laion/00000.tar"}
+
 
 def test_a_source_changed_or_deleted_after_ingest_fails_alone_with_its_cause(
     workers: Stack, test_env: dict[str, str], store: ObjectStore, tmp_path: Path
