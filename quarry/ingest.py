@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -180,7 +180,7 @@ def ingest_folder(
     with conn.transaction():
         create_catalog(conn, name, columns, "id", None)
         dataset = register_dataset(conn, name, "id", None, None, "folder")
-        files = list(scan_images(Path(request.source), summary))
+        files = scan_images(Path(request.source), summary)
         table = pa.table(
             {"id": pa.array([i for i, _ in files], pa.int64()), "file": [p.name for _, p in files]}
         )
@@ -230,13 +230,17 @@ def load_styles(conn: psycopg.Connection, csv_path: Path, summary: IngestSummary
     summary.duplicate_ids = stats.rows - distinct
 
 
-def scan_images(images_dir: Path, summary: IngestSummary) -> Iterator[tuple[int, Path]]:
-    """Stream (id, path) of `{id}.jpg`-style files, counting the others."""
+def scan_images(images_dir: Path, summary: IngestSummary) -> list[tuple[int, Path]]:
+    """(id, path) of the `{id}.jpg`-style files in id order, counting the others. Packed in id
+    order, a dataset's storage order is its id order: a job's chunks (cut by id) then read
+    neighbouring bytes of few shards. The names are held (about 100 bytes a file)."""
+    found = []
     with os.scandir(images_dir) as entries:
         for entry in entries:
             match = IMAGE_NAME.match(entry.name)
             if match and entry.is_file():
-                yield int(match.group(1)), Path(entry.path)
+                found.append((int(match.group(1)), Path(entry.path)))
             else:
                 summary.unrecognised_files += 1
                 log.warning("ignoring %s: not named {id}.jpg", entry.path)
+    return sorted(found)

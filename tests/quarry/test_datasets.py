@@ -290,3 +290,27 @@ def test_the_cli_takes_column_types_prints_json_and_refuses_with_one_line(
     assert refused.stderr.strip().splitlines() == [
         f"error: manifest {tmp_path / 'rows.csv'}: no column 'nope' (columns: sku, image, price, added)"
     ]
+
+
+def test_a_folder_of_images_is_packed_in_id_order_into_one_shard(
+    quarry: Quarry, db: psycopg.Connection, store: ObjectStore, tmp_path: Path
+) -> None:
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for path in sample_images(6):
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "readme.txt").write_text("not an image")
+    name = f"pictures_{uuid.uuid4().hex[:6]}"
+
+    summary = quarry.ingest(folder, dataset=name)
+
+    assert (summary.rows, summary.packed, summary.shards, summary.unrecognised_files) == (6, 6, 1, 1)
+    located = db.execute(
+        "SELECT l.id, l.byte_offset, l.byte_length FROM locations l JOIN datasets d ON d.id = l.dataset"
+        " WHERE d.name = %s ORDER BY l.byte_offset",
+        (name,),
+    ).fetchall()
+    assert [image_id for image_id, _, _ in located] == sorted(int(p.stem) for p in sample_images(6))
+    assert db.execute(f"SELECT file FROM {name} ORDER BY id LIMIT 1").fetchone() == (
+        sample_images(6)[0].name,
+    )
