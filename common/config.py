@@ -44,6 +44,18 @@ class Settings(BaseSettings):
         default="50GB", description="temporary files one user query may write (where a large selection sorts)"
     )
     ingest_concurrency: int = Field(default=16, ge=1, le=256, description="parallel raw uploads")
+    read_hole_bytes: int = Field(
+        default=1024 * 1024, ge=0, description="ranges of one shard this close are read in one GET"
+    )
+    read_span_max_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=64 * 1024, description="the longest merged ranged GET (memory per read)"
+    )
+    read_whole_fraction: float = Field(
+        default=0.95, gt=0, le=1, description="a shard this much covered is read whole (if under the span)"
+    )
+    read_ranges_in_flight: int = Field(
+        default=4, ge=1, le=64, description="merged ranged GETs a process holds at once"
+    )
     message_byte_budget: int = Field(
         default=4 * 1024 * 1024, ge=64 * 1024, description="largest transform→upload message, bytes"
     )

@@ -105,7 +105,8 @@ def register_dataset(
 
 
 LOCATIONS = """
-SELECT l.id, coalesce(s.uri, l.uri), l.byte_offset, l.byte_length, coalesce(s.etag, l.etag), l.error
+SELECT l.id, coalesce(s.uri, l.uri), l.byte_offset, l.byte_length, coalesce(s.etag, l.etag), l.error,
+       s.size
 FROM locations l JOIN datasets d ON d.id = l.dataset LEFT JOIN shards s ON s.id = l.shard
 WHERE d.name = %s AND l.id = ANY (%s)
 """
@@ -114,8 +115,8 @@ WHERE d.name = %s AND l.id = ANY (%s)
 def lookup_locations(conn: psycopg.Connection, dataset: str, image_ids: list[int]) -> dict[int, Location]:
     """id -> where its bytes are, for the ids of `dataset` that have a location."""
     found = {}
-    for image_id, uri, offset, length, etag, error in conn.execute(LOCATIONS, (dataset, image_ids)):
-        source = None if uri is None else Source(uri, offset, length, etag)
+    for image_id, uri, offset, length, etag, error, size in conn.execute(LOCATIONS, (dataset, image_ids)):
+        source = None if uri is None else Source(uri, offset, length, etag, size)
         found[image_id] = Location(source, error)
     return found
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.errors import StorageError
 
@@ -19,6 +19,7 @@ class Source:
     offset: int | None = None
     length: int | None = None
     etag: str | None = None
+    object_size: int | None = field(default=None, compare=False)  # the whole object's, if known
 
     @property
     def locator(self) -> str:

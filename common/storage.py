@@ -12,6 +12,7 @@ import boto3.exceptions
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError
 
+from common.coalesce import Read, ReadPolicy, plan_reads
 from common.config import Settings
 from common.errors import ObjectMissing, QuarryError, SourceChanged, StorageError, StorageUnavailable
 from common.sources import Source
@@ -106,36 +107,62 @@ class ObjectStore:
 
     def read(self, source: Source) -> tuple[bytes, str]:
         """An image's bytes and the ETag of the object holding them: the whole object, or the
-        member's byte range. A pinned ETag is sent as If-Match: SourceChanged when the object
-        was rewritten since, ObjectMissing when it is gone."""
-        bucket, key = parse_s3_uri(source.uri)
+        member's byte range; errors as `fetch` raises them."""
+        read = Read(source.uri, source.etag, source.offset, source.length, [source])
+        data, etag = self.fetch(read)
+        return read.slice_of(data, source), etag
+
+    def fetch(self, read: Read) -> tuple[bytes, str]:
+        """One GET: the object, or its range. A pinned ETag is sent as If-Match: SourceChanged
+        when the object was rewritten since, ObjectMissing when it is gone."""
+        bucket, key = parse_s3_uri(read.uri)
         request: dict[str, str] = {"Bucket": bucket, "Key": key}
-        if source.offset is not None and source.length is not None:
-            request["Range"] = f"bytes={source.offset}-{source.offset + source.length - 1}"
-        if source.etag:
-            request["IfMatch"] = source.etag
+        if read.start is not None and read.length is not None:
+            request["Range"] = f"bytes={read.start}-{read.start + read.length - 1}"
+        if read.etag:
+            request["IfMatch"] = read.etag
         try:
             response = self._client.get_object(**request)
             return response["Body"].read(), str(response.get("ETag", ""))
         except ClientError as exc:
             if _code(exc) in {"PreconditionFailed", "412"}:
-                raise SourceChanged(f"source changed since it was registered: {source.uri}") from exc
+                raise SourceChanged(f"source changed since it was registered: {read.uri}") from exc
             if _code(exc) in MISSING_CODES:
-                raise ObjectMissing(f"source vanished: {source.uri}") from exc
-            raise self._translate(exc, source.uri) from exc
+                raise ObjectMissing(f"source vanished: {read.uri}") from exc
+            raise self._translate(exc, read.uri) from exc
         except (BotoCoreError, ConnectionError) as exc:
-            raise self._translate(exc, source.uri) from exc
+            raise self._translate(exc, read.uri) from exc
 
     def read_many(self, sources: Sequence[Source]) -> dict[Source, tuple[bytes, str] | QuarryError]:
-        """`read` for many sources concurrently; each maps to its (bytes, ETag) or its error."""
+        """Many sources in few GETs (common/coalesce.py: ranges of one shard merged, at most
+        READ_RANGES_IN_FLIGHT merged reads held at once; whole objects concurrently); each
+        source maps to its (bytes, ETag) or the error its read raised."""
+        policy = ReadPolicy(
+            self.settings.read_hole_bytes,
+            self.settings.read_span_max_bytes,
+            self.settings.read_whole_fraction,
+        )
+        sizes = {s.uri: s.object_size for s in sources if s.object_size is not None}
+        reads = plan_reads(sources, policy, sizes)
 
-        def fetch(source: Source) -> tuple[bytes, str] | QuarryError:
+        def fetch(read: Read) -> tuple[bytes, str] | QuarryError:
             try:
-                return self.read(source)
+                return self.fetch(read)
             except QuarryError as exc:
                 return exc
 
-        return dict(zip(sources, self._pool.map(fetch, sources), strict=True))
+        ranged = [read for read in reads if len(read.sources) > 1]
+        single = [read for read in reads if len(read.sources) == 1]
+        got: dict[Source, tuple[bytes, str] | QuarryError] = {}
+        for pool, batch in ((self._range_pool, ranged), (self._pool, single)):
+            for read, result in zip(batch, pool.map(fetch, batch), strict=True):
+                for source in read.sources:
+                    got[source] = (
+                        result
+                        if isinstance(result, QuarryError)
+                        else (read.slice_of(result[0], source), result[1])
+                    )
+        return got
 
     def head(self, bucket: str, key: str) -> tuple[int, str]:
         """An object's size and ETag; ObjectMissing when there is none."""
@@ -191,6 +218,13 @@ class ObjectStore:
             allow_bucket_creation=False,
             connect_timeout=5,
             request_timeout=60,
+        )
+
+    @cached_property
+    def _range_pool(self) -> ThreadPoolExecutor:
+        """Merged ranged reads: few at a time, each up to READ_SPAN_MAX_BYTES in memory."""
+        return ThreadPoolExecutor(
+            max_workers=self.settings.read_ranges_in_flight, thread_name_prefix="s3-range"
         )
 
     @cached_property
