@@ -151,10 +151,13 @@ class ObjectStore:
             except QuarryError as exc:
                 return exc
 
-        ranged = [read for read in reads if len(read.sources) > 1]
+        merged = [read for read in reads if len(read.sources) > 1]
         single = [read for read in reads if len(read.sources) == 1]
         got: dict[Source, tuple[bytes, str] | QuarryError] = {}
-        for pool, batch in ((self._range_pool, ranged), (self._pool, single)):
+        # merged reads a few at a time, each sliced and let go before the next few are fetched
+        in_flight = self.settings.read_ranges_in_flight
+        batches = [(self._range_pool, merged[i : i + in_flight]) for i in range(0, len(merged), in_flight)]
+        for pool, batch in [*batches, (self._pool, single)]:
             for read, result in zip(batch, pool.map(fetch, batch), strict=True):
                 for source in read.sources:
                     got[source] = (

@@ -3,14 +3,21 @@ the S3 server's request log), against the real pools."""
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
 import psycopg
 import pytest
 
 from common.config import Settings
+from common.storage import ObjectStore
 from tests.stack import RequestLog
 from tests.workers.test_pipeline import run_job
-
-pytestmark = pytest.mark.usefixtures("workers")
 
 
 def raw_gets(log: RequestLog, settings: Settings) -> int:
@@ -29,6 +36,7 @@ def raw_gets(log: RequestLog, settings: Settings) -> int:
         pytest.param("s.id % 100 = 7", 1.0, id="1-percent"),
     ],
 )
+@pytest.mark.usefixtures("workers")
 def test_a_selection_reads_its_shard_in_few_gets(
     ingested: dict[str, str],
     settings: Settings,
@@ -45,3 +53,52 @@ def test_a_selection_reads_its_shard_in_few_gets(
     gets = raw_gets(s3_requests, settings)
     assert gets / selected <= most_per_image
     assert gets == 1  # the vendored sample is one packed shard of about 700 KB: one chunk, one GET
+
+
+MEMBER = 64 * 1024
+MEMBERS = 8192  # a 512 MiB shard
+READER = """
+import json, resource, sys
+from common.config import get_settings
+from common.sources import Source
+from common.storage import ObjectStore
+uri, size, etag, wanted = json.loads(sys.stdin.read())
+sources = [Source(uri, offset, length, etag, size) for offset, length in wanted]
+got = ObjectStore(get_settings()).read_many(sources)
+assert all(isinstance(got[source], tuple) and len(got[source][0]) == source.length for source in sources)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)  # MiB
+"""
+PEAK_MIB = 320  # Python + boto3 (~70 MiB), the 64 MiB asked for, 4 merged reads of 16 MiB in flight
+
+
+def test_reading_an_eighth_of_a_512_mib_shard_stays_under_its_memory_bound(
+    test_env: dict[str, str], store: ObjectStore, tmp_path: Path
+) -> None:
+    """Every 8th 64 KiB member of a 512 MiB shard: holes of 448 KiB merge into 16 MiB reads (32
+    of them), fetched 4 at a time; the reading process's peak RSS stays under PEAK_MIB."""
+    path = tmp_path / "big.tar"
+    offsets = []
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for number in range(MEMBERS):
+            info = tarfile.TarInfo(f"{number:06d}.bin")
+            info.size = MEMBER
+            tar.addfile(info, io.BytesIO(bytes([number % 251]) * MEMBER))
+            offsets.append(tar.fileobj.tell() - MEMBER)  # type: ignore[union-attr]
+    store.ensure_bucket("big-shards")
+    store.upload_file(str(path), "big-shards", "big.tar", content_type="application/x-tar")
+    size, etag = store.head("big-shards", "big.tar")
+    assert size >= MEMBERS * MEMBER
+    wanted = [(offset, MEMBER) for offset in offsets[::8]]
+    out = subprocess.run(
+        [sys.executable, "-c", READER],
+        input=json.dumps(["s3://big-shards/big.tar", size, etag, wanted]),
+        env={**os.environ, **test_env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    peak = int(out.stdout.strip().splitlines()[-1])
+    print(f"peak RSS {peak} MiB")
+    assert peak < PEAK_MIB, f"peak RSS {peak} MiB"
+    store.delete("big-shards", "big.tar")
