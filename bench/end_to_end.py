@@ -114,10 +114,12 @@ def transform_stage_rate(database_url: str, ids: list[int], raws: dict[int, byte
     return len(ids) / (time.perf_counter() - started)
 
 
-def quarry_run(stack: Stack, log: RequestLog, *args: str) -> tuple[float, int, dict[str, int]]:
+def quarry_run(
+    stack: Stack, log: RequestLog, *args: str, query: str = QUERY
+) -> tuple[float, int, dict[str, int]]:
     log.mark()
     started = time.monotonic()
-    job_id = stack.submit(QUERY, "--augment", OPS, "--model", "default", *args)
+    job_id = stack.submit(query, "--augment", OPS, "--model", "default", *args)
     wait_until(lambda: stack.progress(job_id).ended, 1800, "the job", 0.2)
     seconds = time.monotonic() - started
     end = stack.progress(job_id)
@@ -192,6 +194,37 @@ def main() -> None:
         )
         shards_rate = report(f"quarry webdataset/{args.shard_size}", seconds, outputs, requests, baseline)
         print(f"webdataset vs files: {shards_rate / files_rate:.2f}x")
+        manifest = root / "per_object.csv"  # the same images, one object each, registered by reference
+        manifest.write_text("id,uri\n" + "".join(f"{i},s3://bench-raw/{keys[i]}\n" for i in ids))
+        subprocess.run(
+            [
+                str(BIN / "producer"),
+                "ingest",
+                str(manifest),
+                "--dataset",
+                "per_object",
+                "--id-column",
+                "id",
+                "--image-column",
+                "uri",
+            ],
+            env={**os.environ, **stack.env},
+            check=True,
+            capture_output=True,
+        )
+        seconds, outputs, requests = quarry_run(
+            stack,
+            log,
+            "--dataset",
+            "per_object",
+            "--output",
+            "webdataset",
+            "--shard-size",
+            str(args.shard_size),
+            query="SELECT id FROM per_object",
+        )
+        objects_rate = report("  same, object per image", seconds, outputs, requests, baseline)
+        print(f"packed shards vs one object per image: {shards_rate / objects_rate:.2f}x")
         stack.stop_all()
 
         raws = {

@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     query_temp_file_limit: str = Field(
         default="50GB", description="temporary files one user query may write (where a large selection sorts)"
     )
-    ingest_concurrency: int = Field(default=16, ge=1, le=256, description="parallel raw uploads")
+    ingest_concurrency: int = Field(
+        default=16, ge=1, le=256, description="threads reading a local folder's images while it is packed"
+    )
     read_hole_bytes: int = Field(
         default=1024 * 1024, ge=0, description="ranges of one shard this close are read in one GET"
     )
