@@ -37,12 +37,12 @@ class Read:
     length: int | None
     sources: list[Source] = field(default_factory=list)
 
-    def slice_of(self, data: bytes, source: Source) -> bytes:
+    def slice_of(self, data: bytes | bytearray, source: Source) -> bytes:
         """A source's bytes out of this read's bytes."""
         if source.offset is None or source.length is None:
-            return data
+            return bytes(data)
         first = source.offset - (self.start or 0)
-        return data[first : first + source.length]
+        return bytes(data[first : first + source.length])
 
 
 def plan_reads(sources: Sequence[Source], policy: ReadPolicy, sizes: dict[str, int]) -> list[Read]:

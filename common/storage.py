@@ -112,7 +112,7 @@ class ObjectStore:
         data, etag = self.fetch(read)
         return read.slice_of(data, source), etag
 
-    def fetch(self, read: Read) -> tuple[bytes, str]:
+    def fetch(self, read: Read) -> tuple[bytes | bytearray, str]:
         """One GET: the object, or its range. A pinned ETag is sent as If-Match: SourceChanged
         when the object was rewritten since, ObjectMissing when it is gone."""
         bucket, key = parse_s3_uri(read.uri)
@@ -123,7 +123,10 @@ class ObjectStore:
             request["IfMatch"] = read.etag
         try:
             response = self._client.get_object(**request)
-            return response["Body"].read(), str(response.get("ETag", ""))
+            etag = str(response.get("ETag", ""))
+            if len(read.sources) > 1 and read.length is not None:  # a merged range: no second copy
+                return read_into(response["Body"], read.length), etag
+            return response["Body"].read(), etag
         except ClientError as exc:
             if _code(exc) in {"PreconditionFailed", "412"}:
                 raise SourceChanged(f"source changed since it was registered: {read.uri}") from exc
@@ -145,7 +148,7 @@ class ObjectStore:
         sizes = {s.uri: s.object_size for s in sources if s.object_size is not None}
         reads = plan_reads(sources, policy, sizes)
 
-        def fetch(read: Read) -> tuple[bytes, str] | QuarryError:
+        def fetch(read: Read) -> tuple[bytes | bytearray, str] | QuarryError:
             try:
                 return self.fetch(read)
             except QuarryError as exc:
@@ -269,3 +272,17 @@ class ObjectStore:
 
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def read_into(body: Any, length: int) -> bytearray:
+    """A response body of `length` bytes read into one buffer of that size, chunk by chunk (a
+    plain read() holds the chunks and their join at once: twice the bytes)."""
+    buffer = bytearray(length)
+    view = memoryview(buffer)
+    position = 0
+    for chunk in body.iter_chunks(1024 * 1024):
+        view[position : position + len(chunk)] = chunk
+        position += len(chunk)
+    if position != length:
+        raise StorageUnavailable(f"a ranged read returned {position} of {length} bytes")
+    return buffer

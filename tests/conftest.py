@@ -17,6 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+from psycopg import sql
 
 from common.config import Settings, get_settings
 from common.datasets import lookup_locations
@@ -111,6 +112,19 @@ def db(settings: Settings) -> Iterator[psycopg.Connection]:
         ensure_query_role(conn, settings)
         yield conn
         conn.execute("TRUNCATE jobs, job_chunks, job_items, ingest_units")
+
+
+@pytest.fixture
+def own_datasets(db: psycopg.Connection) -> Iterator[None]:
+    """Datasets a test registers are dropped after it (tables, locations, their shards' rows), so
+    that later tests find `styles` the only dataset, as a job without --dataset needs."""
+    before = {row[0] for row in db.execute("SELECT name FROM datasets")}
+    yield
+    for (name,) in db.execute("SELECT name FROM datasets").fetchall():
+        if name not in before:
+            db.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+            db.execute("DELETE FROM datasets WHERE name = %s", (name,))
+    db.execute("DELETE FROM shards s WHERE NOT EXISTS (SELECT FROM locations l WHERE l.shard = s.id)")
 
 
 @pytest.fixture(scope="session")

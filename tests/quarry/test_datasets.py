@@ -22,6 +22,8 @@ from quarry import Quarry
 from tests.conftest import SAMPLE, run_cli, upload_folder
 from tests.stack import RequestLog, Stack
 
+pytestmark = pytest.mark.usefixtures("own_datasets")
+
 
 def sample_images(count: int) -> list[Path]:
     return sorted(SAMPLE.glob("images/*.jpg"))[:count]
