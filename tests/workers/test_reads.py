@@ -64,18 +64,23 @@ from common.sources import Source
 from common.storage import ObjectStore
 uri, size, etag, wanted = json.loads(sys.stdin.read())
 sources = [Source(uri, offset, length, etag, size) for offset, length in wanted]
-got = ObjectStore(get_settings()).read_many(sources)
+store = ObjectStore(get_settings())
+store.read_many(sources[:1])  # warm: clients, threads, connections
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+got = store.read_many(sources)
 assert all(isinstance(got[source], tuple) and len(got[source][0]) == source.length for source in sources)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)  # MiB
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)  # MiB
 """
-PEAK_MIB = 320  # Python + boto3 (~70 MiB), the 64 MiB asked for, 4 merged reads of 16 MiB in flight
+# the 64 MiB asked for, 4 merged reads of 16 MiB in flight, and slack for the allocator
+GROWTH_MIB = 192
 
 
 def test_reading_an_eighth_of_a_512_mib_shard_stays_under_its_memory_bound(
     test_env: dict[str, str], store: ObjectStore, tmp_path: Path
 ) -> None:
     """Every 8th 64 KiB member of a 512 MiB shard: holes of 448 KiB merge into 16 MiB reads (32
-    of them), fetched 4 at a time; the reading process's peak RSS stays under PEAK_MIB."""
+    of them), fetched 4 at a time; the reading process's peak RSS grows by less than GROWTH_MIB
+    over what it held once warm."""
     path = tmp_path / "big.tar"
     offsets = []
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -98,7 +103,7 @@ def test_reading_an_eighth_of_a_512_mib_shard_stays_under_its_memory_bound(
         check=True,
         timeout=300,
     )
-    peak = int(out.stdout.strip().splitlines()[-1])
-    print(f"peak RSS {peak} MiB")
-    assert peak < PEAK_MIB, f"peak RSS {peak} MiB"
+    before, peak = map(int, out.stdout.strip().splitlines()[-1].split())
+    print(f"peak RSS {peak} MiB, {before} MiB when warm")
+    assert peak - before < GROWTH_MIB, f"peak RSS {peak} MiB, {before} MiB when warm"
     store.delete("big-shards", "big.tar")
