@@ -78,32 +78,55 @@ def check_server_version(conn: psycopg.Connection) -> None:
 def ensure_schema(conn: psycopg.Connection, raw_bucket: str = "quarry-raw") -> None:
     """Create Quarry's tables when missing (on a server new enough); safe to run concurrently.
     A schema-2 catalog (one `images` table of raw objects in `raw_bucket`) becomes locations of
-    the dataset `styles`."""
+    the dataset `styles`. A database already at SCHEMA_VERSION is left alone: running the DDL
+    again would replace the views, a lock that waits for every running selection that reads
+    them. LockConflict (one line) when another session keeps the schema locked."""
     check_server_version(conn)
+    try:
+        with conn.transaction():
+            if schema_version(conn) == SCHEMA_VERSION:
+                return
+            create_or_migrate(conn, raw_bucket)
+    except LOCK_CONFLICTS as exc:
+        raise LockConflict(f"PostgreSQL: the schema is locked by another session: {first_line(exc)}") from exc
+
+
+def schema_version(conn: psycopg.Connection) -> int | None:
+    """The database's schema version, None when it has none."""
+    row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return None
+    version = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    return None if version is None else version[0]
+
+
+def create_or_migrate(conn: psycopg.Connection, raw_bucket: str) -> None:
+    """The DDL, under an advisory lock (concurrent producers), with the schema-2 migration."""
     ddl = resources.files("common").joinpath("schema.sql").read_text()
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))
-        old = conn.execute(
-            "SELECT to_regclass('jobs') IS NOT NULL AND to_regclass('schema_version') IS NULL"
-        ).fetchone()
-        if old and old[0]:
-            raise ConfigError(
-                "this database holds job tables from before the job ledger: drop tables job_items,"
-                " job_chunks, jobs (job records only; the catalog stays) or use another DATABASE_URL"
-            )
-        images_table = conn.execute(
-            "SELECT EXISTS (SELECT FROM pg_class WHERE oid = to_regclass('images') AND relkind = 'r')"
-        ).fetchone()
-        if images_table and images_table[0]:
-            conn.execute("ALTER TABLE images RENAME TO images_v2")
-        conn.execute(ddl)
-        if images_table and images_table[0]:
-            migrate_images(conn, raw_bucket)
-        conn.execute(
-            "INSERT INTO schema_version SELECT %s WHERE NOT EXISTS (SELECT FROM schema_version)",
-            (SCHEMA_VERSION,),
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))
+    if schema_version(conn) == SCHEMA_VERSION:
+        return  # another session made it while this one waited
+    old = conn.execute(
+        "SELECT to_regclass('jobs') IS NOT NULL AND to_regclass('schema_version') IS NULL"
+    ).fetchone()
+    if old and old[0]:
+        raise ConfigError(
+            "this database holds job tables from before the job ledger: drop tables job_items,"
+            " job_chunks, jobs (job records only; the catalog stays) or use another DATABASE_URL"
         )
-        conn.execute("UPDATE schema_version SET version = %s WHERE version < %s", (SCHEMA_VERSION,) * 2)
+    images_table = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_class WHERE oid = to_regclass('images') AND relkind = 'r')"
+    ).fetchone()
+    if images_table and images_table[0]:
+        conn.execute("ALTER TABLE images RENAME TO images_v2")
+    conn.execute(ddl)
+    if images_table and images_table[0]:
+        migrate_images(conn, raw_bucket)
+    conn.execute(
+        "INSERT INTO schema_version SELECT %s WHERE NOT EXISTS (SELECT FROM schema_version)",
+        (SCHEMA_VERSION,),
+    )
+    conn.execute("UPDATE schema_version SET version = %s WHERE version < %s", (SCHEMA_VERSION,) * 2)
 
 
 def migrate_images(conn: psycopg.Connection, raw_bucket: str) -> None:

@@ -46,3 +46,18 @@ def test_a_version_2_catalog_becomes_locations_of_the_styles_dataset(v2_database
     ]
     assert v2_database.execute("SELECT name, format FROM datasets").fetchall() == [("styles", "kaggle")]
     assert v2_database.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_a_current_schema_is_left_alone_while_a_selection_reads_its_views(
+    v2_database: psycopg.Connection,
+) -> None:
+    """Replacing the `images` view would wait for every open reader of it; a current schema needs
+    no DDL, so a producer command starts at once beside a long selection."""
+    ensure_schema(v2_database, "old-raw")
+    url = v2_database.info.dsn
+    with connect(url) as reader:
+        reader.execute("SELECT count(*) FROM images")  # its transaction stays open, holding the view
+        with connect(url, autocommit=True) as other:
+            other.execute("SET lock_timeout = '1s'")
+            ensure_schema(other, "old-raw")  # would time out on the view's lock if it ran the DDL
+        reader.rollback()
