@@ -130,14 +130,14 @@ def user_session(settings: Settings) -> Iterator[psycopg.Connection]:
 
 
 PROBE = "SELECT q.id FROM ({body}) AS q LIMIT %(none)s"
-# The distinct ids in storage order (shard, byte offset; then objects and ids without an image, by
-# id), numbered and cut into chunks by the server: a chunk's images are neighbours in few shards.
+# The distinct ids, sorted, numbered and cut into chunks by the server. Id order is storage order
+# (folders are packed in id order; the ids of a shard's members are assigned in offset order), so
+# a chunk's images are neighbours in one shard or a few, at no cost to the selection: sorting by
+# (shard, offset) instead took 5.4 s for 1,000,000 ids where this takes 3.5 s.
 CHUNK_ROWS = """
 SELECT ((n - 1) / %(size)s)::integer, array_agg(id ORDER BY n), (count(*) * %(variants)s)::integer
-FROM (SELECT d.id, row_number() OVER (ORDER BY l.shard NULLS LAST, l.byte_offset, d.id) AS n FROM (
-    SELECT DISTINCT q.id::bigint AS id FROM ({body}) AS q WHERE q.id IS NOT NULL) AS d
-    LEFT JOIN locations l ON l.dataset = (SELECT ds.id FROM datasets ds WHERE ds.name = %(dataset)s)
-                         AND l.id = d.id) AS r
+FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM (
+    SELECT DISTINCT q.id::bigint AS id FROM ({body}) AS q WHERE q.id IS NOT NULL) AS d) AS r
 GROUP BY 1 ORDER BY 1
 """
 CHUNKS_PER_FETCH = 100
@@ -145,10 +145,10 @@ CHUNKS_PER_FETCH = 100
 
 @contextmanager
 def stream_chunks(
-    settings: Settings, sql: str, *, chunk_size: int, variants: int, dataset: str = "styles"
+    settings: Settings, sql: str, *, chunk_size: int, variants: int
 ) -> Iterator[Iterator[tuple[int, list[int], int]]]:
-    """Yield the selection as (chunk index, ids, items) rows: the distinct ids in `dataset`'s
-    storage order (CHUNK_ROWS), `chunk_size` to a row, cut by the server and fetched
+    """Yield the selection as (chunk index, ids, items) rows: the distinct ids, sorted (which is
+    storage order, CHUNK_ROWS), `chunk_size` to a row, cut by the server and fetched
     CHUNKS_PER_FETCH rows at a time. The query is checked, typed and its first rows read before
     this yields, so a refused query raises QueryError before anything is recorded."""
     body = check_query(sql)
@@ -157,9 +157,7 @@ def stream_chunks(
         check_id_type(probe)
         with conn.cursor(name="quarry_selection") as cursor:
             cursor.itersize = CHUNKS_PER_FETCH
-            cursor.execute(
-                embed(CHUNK_ROWS, body), {"size": chunk_size, "variants": variants, "dataset": dataset}
-            )
+            cursor.execute(embed(CHUNK_ROWS, body), {"size": chunk_size, "variants": variants})
             first = cursor.fetchmany(CHUNKS_PER_FETCH)
             yield rows(first, cursor, settings.query_timeout_s)
 

@@ -29,7 +29,5 @@ def submit_job(
     The query is checked before anything is recorded, and the job is recorded in one
     transaction: a refused or broken-off query leaves no trace.
     """
-    with stream_chunks(
-        settings, sql, chunk_size=chunk_size, variants=spec.variants, dataset=spec.dataset
-    ) as rows:
+    with stream_chunks(settings, sql, chunk_size=chunk_size, variants=spec.variants) as rows:
         return record_job(conn, spec.job_id, sql, spec.to_message(), rows)

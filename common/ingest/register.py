@@ -71,11 +71,14 @@ def load_rows(
 
 
 def add_catalog_rows(conn: psycopg.Connection, dataset: Dataset, columns: Sequence[str]) -> int:
-    """Insert `load`'s rows that are new to the catalog; how many were."""
+    """Insert `load`'s rows that are new to the catalog; how many were. String keys get their ids
+    in the order the rows were loaded (a shard's members: offset order, so id order is storage
+    order)."""
     names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    in_order = sql.SQL(" ORDER BY ctid" if dataset.key_column else "")  # a fresh table: load order
     cursor = conn.execute(
-        sql.SQL("INSERT INTO {} ({n}) SELECT {n} FROM load ON CONFLICT ({m}) DO NOTHING").format(
-            dataset.table, n=names, m=match_column(dataset)
+        sql.SQL("INSERT INTO {} ({n}) SELECT {n} FROM load{o} ON CONFLICT ({m}) DO NOTHING").format(
+            dataset.table, n=names, o=in_order, m=match_column(dataset)
         )
     )
     return cursor.rowcount

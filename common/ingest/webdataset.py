@@ -138,12 +138,14 @@ def register_shard(
     summary: IngestSummary,
 ) -> None:
     """One shard's catalog rows (its image keys, joined with their parquet rows) and locations."""
-    keys = pa.table({KEY_COLUMN: [m.match for m in images]})
+    order = "_quarry_offset"  # members in offset order: the ids assigned follow storage order
+    keys = pa.table({KEY_COLUMN: [m.match for m in images], order: [m.offset for m in images]})
     if metadata is not None:
         rows = keys.join(metadata, KEY_COLUMN, join_type="left outer")
         summary.rows_without_member += metadata.num_rows - rows.num_rows
     else:
         rows = keys
+    rows = rows.sort_by(order).drop_columns([order])
     columns = rows.column_names
     summary.rows += load_rows(conn, dataset, columns, rows.to_batches())
     added = add_catalog_rows(conn, dataset, columns)
