@@ -18,6 +18,7 @@ RESERVED = frozenset(
     | {"schema_version", "predictions", "ingest_units"}
 )
 FASHION = "styles"  # the Kaggle archive's dataset (and table) name
+FORMATS = ("kaggle", "folder", "csv", "jsonl", "parquet", "webdataset")  # what `producer ingest` reads
 
 
 @dataclass(frozen=True)

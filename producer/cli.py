@@ -15,11 +15,11 @@ from typing import Any, TypeVar
 import click
 
 from common.config import get_settings
+from common.datasets import FORMATS
 from common.db import connect, ensure_schema
 from common.errors import ConfigError, QuarryError, UserError
 from common.ingest.summary import IngestSummary
 from quarry.client import DEFAULT_SHARD_SIZE, Quarry
-from quarry.ingest import FORMATS
 from quarry.progress import TerminalBar
 
 EXIT_FAILED_ITEMS = 1

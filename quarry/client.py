@@ -23,8 +23,6 @@ from common.model import Classifier, locate_model
 from common.paths import MODELS_DIR
 from common.query_role import ensure_query_role, grant_dataset
 from common.storage import ObjectStore, parse_s3_uri
-from quarry.ingest import IngestRequest
-from quarry.ingest import ingest as run_ingest
 from quarry.preview import contact_sheet, read_dataset_image
 from quarry.progress import Display, follow
 from quarry.query import check_query, run_user_query
@@ -176,6 +174,9 @@ class Quarry:
         URIs, or an s3:// prefix of WebDataset shards (both registered by the transform pool, as
         an ingest job followed to its end, with a progress bar unless `progress=False`).
         Re-runnable; see docs/datasets.md."""
+        from quarry.ingest import IngestRequest  # Arrow and the ingest code load when ingesting
+        from quarry.ingest import ingest as run_ingest
+
         request = IngestRequest(
             str(source if source is not None else self.settings.dataset_path),
             dataset,

@@ -22,7 +22,7 @@ import pyarrow as pa
 from psycopg import sql
 
 from common.catalog import COLUMNS, CatalogStats, RejectedLine, read_styles
-from common.datasets import FASHION, check_name, register_dataset
+from common.datasets import FASHION, FORMATS, check_name, register_dataset
 from common.errors import UserError
 from common.ingest.manifest import format_of
 from common.ingest.register import add_catalog_rows, load_rows
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_NAME = re.compile(r"^(\d+)\.(jpe?g|png|webp)$", re.IGNORECASE)
 REJECTED_SHOWN = 20  # malformed CSV lines printed one by one before only counting
-FORMATS = ("kaggle", "folder", "csv", "jsonl", "parquet", "webdataset")
 LISTED_TO_INFER = 1000  # objects of an s3:// prefix looked at to tell its format (one LIST page)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.ingest.units import IngestPlan, run_unit
 from common.ledger import Ticket, open_chunk
 from workers.base import StageTask
 from workers.celery_app import app
@@ -15,6 +14,8 @@ from workers.routes import INGEST
 @app.task(base=StageTask, bind=True, name=INGEST)
 def ingest_unit(self: StageTask, plan_message: dict[str, Any], ticket_message: dict[str, Any]) -> int:
     """Register the unit the ticket names; returns the catalog rows it added."""
+    from common.ingest.units import IngestPlan, run_unit  # Arrow loads in processes that ingest
+
     plan = IngestPlan.from_message(plan_message)
     ticket = Ticket.from_message(ticket_message)
     if self.ledger(open_chunk, ticket, self.settings.chunk_lease_s) is None:
