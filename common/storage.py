@@ -94,17 +94,6 @@ class ObjectStore:
         except (ClientError, BotoCoreError, ConnectionError) as exc:
             raise self._translate(exc, f"s3://{bucket}/{key}") from exc
 
-    def get_many(self, bucket: str, keys: Sequence[str]) -> dict[str, bytes | QuarryError]:
-        """Fetch objects concurrently; each key maps to its bytes or the error it raised."""
-
-        def fetch(key: str) -> bytes | QuarryError:
-            try:
-                return self.get(bucket, key)
-            except QuarryError as exc:
-                return exc
-
-        return dict(zip(keys, self._pool.map(fetch, keys), strict=True))
-
     def read(self, source: Source) -> tuple[bytes, str]:
         """An image's bytes and the ETag of the object holding them: the whole object, or the
         member's byte range; errors as `fetch` raises them."""
@@ -236,17 +225,6 @@ class ObjectStore:
     @cached_property
     def _pool(self) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=self.max_connections, thread_name_prefix="s3")
-
-    def metadata(self, bucket: str, key: str) -> dict[str, str] | None:
-        """An object's user metadata, or None when there is no such object."""
-        try:
-            return self._client.head_object(Bucket=bucket, Key=key)["Metadata"]
-        except ClientError as exc:
-            if _code(exc) in MISSING_CODES:
-                return None
-            raise self._translate(exc, f"s3://{bucket}/{key}") from exc
-        except (BotoCoreError, ConnectionError) as exc:
-            raise self._translate(exc, f"s3://{bucket}/{key}") from exc
 
     def list_keys(self, bucket: str, prefix: str) -> list[str]:
         """Every key under a prefix (for tests and small listings)."""
