@@ -3,7 +3,8 @@ write, Quarry with `--output files`, Quarry with `--output webdataset`. Same que
 S3 server (moto's, on loopback); S3 requests are counted from the server's own request log.
 
 Then the pipeline without the storage ceiling: the transform stage on one core with the raw bytes
-in memory (S3 excluded), against the OpenCV limit (decode + the same ops + encode, one core).
+in memory (S3 excluded), against the OpenCV limit (decode + the same ops + encode, one core),
+each the best of 3 passes.
 
 Run: python -m bench.end_to_end [--dataset ../shared/fashion-sample] [--shard-size 250]
 Uses PostgreSQL at 127.0.0.1:5432 (a scratch database, dropped after) and a private redis-server.
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +86,25 @@ def plain_loop(env: dict[str, str], raw_keys: dict[int, str]) -> int:
     return len(raw_keys)
 
 
+REPEATS = 3  # the in-memory rates are the best of this many passes (the first warms caches)
+
+
+def best_rate(images: int, one_pass: Callable[[], object]) -> float:
+    """img/s of the fastest of REPEATS passes over `images` images."""
+    seconds = []
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        one_pass()
+        seconds.append(time.perf_counter() - started)
+    return images / min(seconds)
+
+
 def opencv_limit(raws: list[bytes]) -> float:
     """img/s on one core: decode + hflip + rotate + resize + encode, nothing else."""
-    started = time.perf_counter()
+    return best_rate(len(raws), lambda: opencv_pass(raws))
+
+
+def opencv_pass(raws: list[bytes]) -> None:
     for index, raw in enumerate(raws):
         image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
         if index % 2:
@@ -96,7 +114,6 @@ def opencv_limit(raws: list[bytes]) -> float:
         image = cv2.warpAffine(image, turn, (width, height), borderMode=cv2.BORDER_REFLECT_101)
         image = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)
         cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    return len(raws) / (time.perf_counter() - started)
 
 
 def transform_stage_rate(database_url: str, ids: list[int], raws: dict[int, bytes], shard_size: int) -> float:
@@ -106,12 +123,14 @@ def transform_stage_rate(database_url: str, ids: list[int], raws: dict[int, byte
     with psycopg.connect(database_url) as db:
         index, catalog = lookup_locations(db, FASHION, ids), lookup_catalog(db, FASHION, ids)
     held = {index[i].source: (raws[i], "") for i in ids}
-    started = time.perf_counter()
-    for start in range(0, len(ids), shard_size):
-        chunk = ids[start : start + shard_size]
-        result = transform_images(spec, chunk, index, lambda sources: {s: held[s] for s in sources})
-        write_tar(shard_from_transform(spec, result, catalog))
-    return len(ids) / (time.perf_counter() - started)
+
+    def one_pass() -> None:
+        for start in range(0, len(ids), shard_size):
+            chunk = ids[start : start + shard_size]
+            result = transform_images(spec, chunk, index, lambda sources: {s: held[s] for s in sources})
+            write_tar(shard_from_transform(spec, result, catalog))
+
+    return best_rate(len(ids), one_pass)
 
 
 def quarry_run(
@@ -120,7 +139,7 @@ def quarry_run(
     log.mark()
     started = time.monotonic()
     job_id = stack.submit(query, "--augment", OPS, "--model", "default", *args)
-    wait_until(lambda: stack.progress(job_id).ended, 1800, "the job", 0.2)
+    wait_until(lambda: stack.progress(job_id).ended, 1800, "the job", 0.05)  # the clock's resolution
     seconds = time.monotonic() - started
     end = stack.progress(job_id)
     assert end.failed == 0, f"{end.failed} items failed"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -17,6 +20,28 @@ from common.shards import Shard
 from common.transform import Output
 
 SHARD_BATCH = 64  # images decoded and classified at once when a shard is classified
+DECODING_THREADS_MAX = 4
+
+
+@cache
+def decoding_pool() -> ThreadPoolExecutor:
+    """This process's threads for decoding and fitting a batch's images, one per CPU it may use
+    (at most 4), as onnxruntime's own threads: OpenCV releases the GIL, so the model waits
+    for the slowest image instead of the sum of them. Made on first use, in the worker process."""
+    threads = min(DECODING_THREADS_MAX, len(os.sched_getaffinity(0)))
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+
+
+def decoded(data: bytes | QuarryError) -> np.ndarray | PermanentError:
+    """The pixels of one image, or why it has none; a transient storage error is raised."""
+    if isinstance(data, QuarryError) and not isinstance(data, PermanentError):
+        raise data
+    try:
+        if isinstance(data, PermanentError):
+            raise data
+        return decode(data)
+    except PermanentError as exc:
+        return exc
 
 
 @dataclass(frozen=True)
@@ -56,23 +81,19 @@ def infer_items(
     """Classify every item in one batch; an unreadable image fails alone, a transient storage
     error is raised for the task to retry."""
     fetched = fetch_many([ref.image_uri for ref in refs])
+    pool = decoding_pool()
     results: list[ItemResult] = []
     ready: list[tuple[ItemRef, np.ndarray]] = []
-    for ref in refs:
-        data = fetched[ref.image_uri]
-        if isinstance(data, QuarryError) and not isinstance(data, PermanentError):
-            raise data
-        try:
-            if isinstance(data, PermanentError):
-                raise data
-            ready.append((ref, decode(data)))
-        except PermanentError as exc:
+    for ref, image in zip(refs, pool.map(decoded, [fetched[ref.image_uri] for ref in refs]), strict=True):
+        if isinstance(image, PermanentError):
             results.append(
                 ItemResult(
-                    ref.image_id, ref.variant, ref.slot, "failed", ref.output_uri, error=f"inference: {exc}"
+                    ref.image_id, ref.variant, ref.slot, "failed", ref.output_uri, error=f"inference: {image}"
                 )
             )
-    predictions = classifier.predict([image for _, image in ready], top_k)
+        else:
+            ready.append((ref, image))
+    predictions = classifier.predict([image for _, image in ready], top_k, pool.map)
     for (ref, _), prediction in zip(ready, predictions, strict=True):
         results.append(
             ItemResult(
@@ -102,14 +123,17 @@ def classify_shard(classifier: Classifier, shard: Shard, infer_on: str, top_k: i
             sources[sample.key] = sample.image  # type: ignore[assignment]
     predictions: dict[object, Any] = {}
     names = list(sources)
+    pool = decoding_pool()
     for start in range(0, len(names), SHARD_BATCH):
         ready: list[tuple[object, np.ndarray]] = []
-        for name in names[start : start + SHARD_BATCH]:
-            try:
-                ready.append((name, decode(sources[name])))
-            except PermanentError as exc:
-                predictions[name] = f"inference: {exc}"
-        batch = classifier.predict([image for _, image in ready], top_k)
+        batch_names = names[start : start + SHARD_BATCH]
+        images = pool.map(decoded, [sources[name] for name in batch_names])
+        for name, image in zip(batch_names, images, strict=True):
+            if isinstance(image, PermanentError):
+                predictions[name] = f"inference: {image}"
+            else:
+                ready.append((name, image))
+        batch = classifier.predict([image for _, image in ready], top_k, pool.map)
         predictions.update((name, p) for (name, _), p in zip(ready, batch, strict=True))
     for sample in pending:
         prediction = predictions[sample.image_id if infer_on == "raw" else sample.key]

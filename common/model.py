@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ PREPROCESS_KEY = "quarry.preprocess"
 HIERARCHY_KEY = "quarry.hierarchy"
 CUDA = "CUDAExecutionProvider"
 PREFERRED_PROVIDERS = (CUDA, "CPUExecutionProvider")
+Mapper = Callable[[Callable[[np.ndarray], np.ndarray], Iterable[np.ndarray]], Iterator[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,11 @@ class Preprocess:
             value=pad,
         )
 
-    def tensor(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """BGR uint8 images to one NCHW float32 batch: fit, reorder channels, scale, normalise."""
-        batch = np.stack([self.fit(image) for image in images])  # N,H,W,3 BGR uint8
+    def tensor(self, images: Sequence[np.ndarray], mapper: Mapper = map) -> np.ndarray:
+        """BGR uint8 images to one NCHW float32 batch: fit, reorder channels, scale, normalise.
+        `mapper` applies `fit` to the images (a thread pool's `map` runs them at once: OpenCV
+        releases the GIL)."""
+        batch = np.stack(list(mapper(self.fit, images)))  # N,H,W,3 BGR uint8
         if self.channel_order == "RGB":
             batch = batch[..., ::-1]
         scale = 1.0 / (255.0 * np.asarray(self.std, dtype=np.float32))
@@ -188,11 +191,11 @@ class Classifier:
         """Raw model outputs for one preprocessed batch."""
         return self.session.run(None, {self.input_name: tensor})[0]
 
-    def predict(self, images: Sequence[np.ndarray], top_k: int = 5) -> list[Prediction]:
-        """Top-k labels with softmax scores for BGR uint8 images."""
+    def predict(self, images: Sequence[np.ndarray], top_k: int = 5, mapper: Mapper = map) -> list[Prediction]:
+        """Top-k labels with softmax scores for BGR uint8 images (`mapper`: see `Preprocess.tensor`)."""
         if not images:
             return []
-        probabilities = softmax(self.logits(self.info.preprocess.tensor(images)))
+        probabilities = softmax(self.logits(self.info.preprocess.tensor(images, mapper)))
         k = min(top_k, probabilities.shape[1])
         best = np.argsort(-probabilities, axis=1)[:, :k]
         labels = self.info.labels

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from common.images import ENCODINGS, sniff_format
 from common.jobspec import JobSpec
 from common.ledger import ItemResult
 from common.storage import ObjectStore
+from common.tarball import TarWriter, members
 from common.transform import TransformResult
 
 RAW_PREFIX = "_raw/"  # staging-only members: the raw images a model reads with --infer-on raw
@@ -112,16 +112,6 @@ def shard_from_transform(spec: JobSpec, result: TransformResult, catalog: dict[i
     return shard
 
 
-def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info, io.BytesIO(data)
-
-
 def dump_json(value: Any) -> bytes:
     """Compact, sorted JSON; values JSON has no type for (dates, decimals of a user's catalog) as text."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
@@ -131,28 +121,24 @@ def write_tar(shard: Shard, *, staging: bool = False) -> bytes:
     """The shard as tar bytes: samples in slot order, each image before its JSON. A staging
     shard's records also carry each item's slot (its place in the chunk's bitmaps)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in sorted(shard.samples, key=lambda s: s.slot):
-            if sample.image is not None:
-                tar.addfile(*_member(f"{sample.key}{sample.extension}", sample.image))
-            record = {**sample.record, "id": sample.image_id, "variant": sample.variant}
-            if staging:
-                record["slot"] = sample.slot
-            tar.addfile(*_member(f"{sample.key}.json", dump_json(record)))
-        for image_id in sorted(shard.raws):
-            extension, data = shard.raws[image_id]
-            tar.addfile(*_member(f"{RAW_PREFIX}{image_id}{extension}", data))
+    tar = TarWriter(buffer)
+    for sample in sorted(shard.samples, key=lambda s: s.slot):
+        if sample.image is not None:
+            tar.add(f"{sample.key}{sample.extension}", sample.image)
+        record = {**sample.record, "id": sample.image_id, "variant": sample.variant}
+        if staging:
+            record["slot"] = sample.slot
+        tar.add(f"{sample.key}.json", dump_json(record))
+    for image_id in sorted(shard.raws):
+        extension, data = shard.raws[image_id]
+        tar.add(f"{RAW_PREFIX}{image_id}{extension}", data)
+    tar.close()
     return buffer.getvalue()
 
 
 def read_tar(data: bytes) -> Shard:
     """A shard written by `write_tar` (staging or final) back into samples and raws."""
-    files: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            extracted = tar.extractfile(member)
-            if extracted is not None:
-                files[member.name] = extracted.read()
+    files = dict(members(data))
     shard = Shard()
     images = {name.split(".", 1)[0]: name for name in files if not name.endswith(".json")}
     for slot, name in enumerate(n for n in files if n.endswith(".json")):

@@ -3,9 +3,7 @@ shard instead of one PUT per image, each image then read by its byte range."""
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable
@@ -22,13 +20,13 @@ from common.images import decode
 from common.ingest.register import Member, add_bad_images, add_member_locations, add_shard, load_members
 from common.ingest.summary import IngestSummary
 from common.storage import ObjectStore, parse_s3_uri
+from common.tarball import TarWriter
 
 log = logging.getLogger(__name__)
 
 SHARD_MAX_IMAGES = 10_000  # img2dataset's samples per shard
 SHARD_MAX_BYTES = 256 * 1024 * 1024  # within WebDataset's advice of 100 MB to 1 GB shards
 FILES_PER_BATCH = 256  # files read and checked together; bounds memory
-BLOCK = 512  # tar's block size: a member's data is padded to it
 
 
 @dataclass(frozen=True)
@@ -59,20 +57,16 @@ class ShardWriter:
 
     def __init__(self) -> None:
         self.file = tempfile.NamedTemporaryFile(prefix="quarry-pack-", suffix=".tar")  # noqa: SIM115
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self.tar = TarWriter(self.file)
         self.members: list[Member] = []
 
     def add(self, image: ImageFile) -> None:
-        info = tarfile.TarInfo(f"{image.image_id}{image.path.suffix.lower()}")
-        info.size, info.mode, info.mtime = len(image.data), 0o644, 0
-        self.tar.addfile(info, io.BytesIO(image.data))
-        padded = -(-len(image.data) // BLOCK) * BLOCK
-        offset = self.file.tell() - padded  # the data sits just before its padding
+        offset = self.tar.add(f"{image.image_id}{image.path.suffix.lower()}", image.data)
         self.members.append(Member(image.image_id, offset, len(image.data), image.width, image.height))
 
     @property
     def full(self) -> bool:
-        return len(self.members) >= SHARD_MAX_IMAGES or self.file.tell() >= SHARD_MAX_BYTES
+        return len(self.members) >= SHARD_MAX_IMAGES or self.tar.offset >= SHARD_MAX_BYTES
 
     def close(self) -> str:
         """End the archive; the temporary file's path (removed by `discard`)."""
