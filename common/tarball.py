@@ -24,7 +24,7 @@ _HEAD = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
 _MTIME = b"00000000000\0"
 _TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (64 + 16 + 167)  # no device numbers: a file
 _CHECKSUM_SPACES = sum(b" " * 8)
-_CONSTANT_SUM = _CHECKSUM_SPACES + sum(_TAIL)  # of the header's fields that never change
+_CONSTANT_SUM = sum(_HEAD) + sum(_MTIME) + _CHECKSUM_SPACES + sum(_TAIL)  # the fields that never change
 ZERO_BLOCK = bytes(BLOCK)
 
 
@@ -39,9 +39,9 @@ def header(name: str, size: int) -> bytes:
         raise ValueError(f"tar member name over {NAME_MAX} bytes: {name[:40]}...")
     if not 0 <= size <= SIZE_MAX:
         raise ValueError(f"tar member {name} of {size} bytes: USTAR holds at most {SIZE_MAX}")
-    before = encoded.ljust(NAME_MAX, b"\0") + _HEAD + b"%011o\0" % size + _MTIME
-    checksum = sum(before) + _CONSTANT_SUM
-    return before + b"%06o\0 " % checksum + _TAIL
+    size_field = b"%011o\0" % size
+    checksum = sum(encoded) + sum(size_field) + _CONSTANT_SUM  # NUL padding adds nothing
+    return encoded.ljust(NAME_MAX, b"\0") + _HEAD + size_field + _MTIME + b"%06o\0 " % checksum + _TAIL
 
 
 def padding(size: int) -> bytes:

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,14 @@ def test_spec_file_matches_text(tmp_path: Path) -> None:
 def test_a_missing_spec_file_is_refused() -> None:
     with pytest.raises(SpecError, match="cannot read spec file"):
         parse_spec("/nonexistent/spec.yaml")
+
+
+def test_threads_rendering_at_once_draw_what_each_draws_alone() -> None:
+    """Each thread reseeds its own generator, so interleaved applies do not share draws."""
+    spec = "hflip(p=0.5) | rotate(limit=30) | brightness_contrast(0.3, 0.3)"
+    seeds = [(7, image_id, variant) for image_id in range(40) for variant in range(2)]
+    alone = {seed: run(spec, seed=seed).tobytes() for seed in seeds}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = dict(zip(seeds, pool.map(lambda seed: run(spec, seed=seed).tobytes(), seeds), strict=True))
+    assert together == alone
+    assert len(set(alone.values())) > len(seeds) // 2  # the seeds do draw differently
