@@ -176,8 +176,6 @@ def main() -> None:
         "DATASET_PATH": str(args.dataset),
         "RAW_BUCKET": "bench-raw",
         "OUTPUT_BUCKET": "bench-out",
-        "DISPATCH_INTERVAL_S": "0.2",
-        "DISPATCH_BUDGET_CHUNKS": "8",
     }
     stack = Stack(env, root / "stack")
     try:

@@ -80,7 +80,17 @@ def record_job(
             "UPDATE jobs SET state = 'finished', finished_at = clock_timestamp() WHERE id = %s AND total = 0",
             (job_id,),
         )
+        wake_dispatchers(conn)
     return int(totals[0]), int(totals[1])
+
+
+WAKE_CHANNEL = "quarry_dispatch"  # NOTIFYed where chunks become pending: dispatchers tick at once
+
+
+def wake_dispatchers(conn: psycopg.Connection) -> None:
+    """Tell listening dispatchers there is work (delivered when the transaction commits; a
+    dispatcher that misses it finds the work on its next tick anyway)."""
+    conn.execute(f"NOTIFY {WAKE_CHANNEL}")
 
 
 PROGRESS = """
@@ -181,6 +191,7 @@ def retry_job(conn: psycopg.Connection, job_id: str) -> tuple[int, int]:
         assert counted is not None  # an aggregate always returns a row
         chunks, items, done_back, failed_back = counted
         conn.execute("DELETE FROM job_items WHERE job_id = %s AND status = 'failed'", (job_id,))
+        wake_dispatchers(conn)
         conn.execute(
             """UPDATE jobs SET done = done - %s, failed = failed - %s, finished_at = NULL,
                    state = 'running'

@@ -25,6 +25,7 @@ from common.db import Database, first_line
 from common.errors import BrokerUnavailable, ConfigError, TransientError
 from common.jobspec import INGEST_KIND
 from common.ledger import Ticket, claim_chunks, fail_exhausted, return_expired, unclaim
+from producer.wake import Wakeup
 from producer.watchdog import Watchdog
 from workers.base import BROKER_ERRORS, PUBLISH_RETRY
 from workers.routes import INGEST, TRANSFORM
@@ -173,6 +174,7 @@ def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = N
         settings.chunk_max_attempts,
     )
     watchdog = Watchdog(settings.dispatch_stall_s, f"dispatcher {name}").start()
+    wakeup = Wakeup(settings.database_url)
     ticks = 0
     while max_ticks is None or ticks < max_ticks:
         ticks += 1
@@ -190,4 +192,5 @@ def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = N
             log.warning("dispatch paused: %s", first_line(exc))
             time.sleep(min(5.0, settings.dispatch_interval_s * 4))
         watchdog.beat()
-        time.sleep(settings.dispatch_interval_s)
+        wakeup.wait(settings.dispatch_interval_s)
+    wakeup.close()

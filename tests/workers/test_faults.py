@@ -473,3 +473,28 @@ def test_a_pool_killed_mid_ingest_registers_every_row_exactly_once(
         ).fetchone()
     assert counted == (rows, rows) and located == (rows,)
     assert stack.redispatched(summary["job_id"]) > 0  # the unit the pool held was sent again
+
+
+def test_a_new_job_wakes_a_dispatcher_between_its_ticks(stack: Stack) -> None:
+    """The dispatcher sleeps DISPATCH_INTERVAL_S (60 s here) between ticks unless a NOTIFY from a
+    recorded job cuts the sleep short: the job's chunks leave in seconds, not a minute."""
+    started_at = time.time()
+    stack.start_dispatcher(env={"DISPATCH_INTERVAL_S": "60"})
+
+    def has_ticked() -> bool:
+        with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+            row = conn.execute("SELECT max(extract(epoch FROM seen_at)) FROM dispatchers").fetchone()
+        return row is not None and row[0] is not None and float(row[0]) > started_at
+
+    wait_until(has_ticked, 60, "the dispatcher's first tick")
+    time.sleep(1)  # now inside its 60 s wait
+    submitted = time.monotonic()
+    job_id = submit(stack, *JOB)
+
+    def dispatched() -> int:
+        with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+            sent = "SELECT count(*) FROM job_chunks WHERE job_id = %s AND dispatches > 0"
+            return int(conn.execute(sent, (job_id,)).fetchone()[0])  # type: ignore[index]
+
+    wait_until(lambda: dispatched() > 0, 15, "the new job's first chunks dispatched")
+    assert time.monotonic() - submitted < 15
