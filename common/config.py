@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         default=64, ge=1, description="chunks in flight at once, over every job (the dispatcher's budget)"
     )
     dispatch_interval_s: float = Field(default=0.5, gt=0, le=60, description="dispatcher tick")
+    dispatch_metrics_port: int = Field(
+        default=9808, ge=0, le=65535, description="the dispatcher's Prometheus /metrics port; 0: none"
+    )
+    metrics_recent_s: int = Field(
+        default=3600, ge=0, description="an ended job's gauges stay on /metrics this long after it ended"
+    )
     dispatch_stall_s: int = Field(
         default=300, ge=5, description="a dispatcher whose loop stopped this long exits, to be restarted"
     )

@@ -124,6 +124,16 @@ def list_jobs(conn: psycopg.Connection, limit: int) -> list[JobProgress]:
     return [progress_from_row(row) for row in rows]
 
 
+def current_jobs(conn: psycopg.Connection, ended_within_s: float) -> list[JobProgress]:
+    """The running jobs and those that ended in the last `ended_within_s` seconds."""
+    rows = conn.execute(
+        PROGRESS
+        + " WHERE j.state = 'running' OR j.finished_at > clock_timestamp() - make_interval(secs => %s)",
+        (ended_within_s,),
+    ).fetchall()
+    return [progress_from_row(row) for row in rows]
+
+
 def job_spec(conn: psycopg.Connection, job_id: str) -> dict[str, Any]:
     """A job's stored spec; UserError when there is no such job."""
     row = conn.execute("SELECT spec FROM jobs WHERE id = %s", (job_id,)).fetchone()

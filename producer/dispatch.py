@@ -25,9 +25,10 @@ from common.db import Database, first_line
 from common.errors import BrokerUnavailable, ConfigError, TransientError
 from common.jobspec import INGEST_KIND
 from common.ledger import Ticket, claim_chunks, fail_exhausted, return_expired, unclaim
+from producer.metrics import DispatcherMetrics
 from producer.wake import Wakeup
 from producer.watchdog import Watchdog
-from workers.base import BROKER_ERRORS, PUBLISH_RETRY
+from workers.base import BROKER_ERRORS, PUBLISH_RETRY, queue_length
 from workers.routes import INGEST, TRANSFORM
 
 log = logging.getLogger(__name__)
@@ -175,12 +176,16 @@ def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = N
     )
     watchdog = Watchdog(settings.dispatch_stall_s, f"dispatcher {name}").start()
     wakeup = Wakeup(settings.database_url)
+    metrics = DispatcherMetrics(settings, lambda queue: queue_length(app, queue))
+    metrics.serve()
     ticks = 0
     while max_ticks is None or ticks < max_ticks:
         ticks += 1
         try:
+            started = time.monotonic()
             database.run(heartbeat, name)
             report = tick(database, publish, settings)
+            metrics.count(report.sent, report.returned, report.failed_chunks, time.monotonic() - started)
             if report.sent or report.returned or report.failed_chunks:
                 log.info(
                     "sent %d chunks; %d leases ran out; %d chunks out of attempts",

@@ -72,6 +72,7 @@ def test_env(s3_endpoint: str) -> Iterator[dict[str, str]]:
         "OUTPUT_BUCKET": f"out-{name.replace('_', '-')}",
         "DATASET_PATH": str(SAMPLE),
         "MODEL_CACHE_DIR": f"/tmp/{name}-models",
+        "DISPATCH_METRICS_PORT": "0",  # tests start many dispatchers; test_metrics.py gives one a port
     }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from functools import cached_property
 from typing import Any, TypeVar
 
-from celery import Task
+from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
@@ -81,8 +81,7 @@ class StageTask(Task):
     def queue_length(self, queue: str) -> int:
         """Messages waiting in a queue (kombu's queue_declare reports the count)."""
         try:
-            with self.app.connection_for_write() as connection:
-                return int(connection.default_channel.queue_declare(queue=queue).message_count)
+            return queue_length(self.app, queue)
         except BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"broker did not answer: {exc}") from exc
 
@@ -122,3 +121,9 @@ class StageTask(Task):
             self.ledger(note_failure, ticket, error, not isinstance(exc, TransientError))
         except Exception:  # the database itself is down: the lease will run out all the same
             log.exception("could not note the failure of job %s chunk %d", ticket.job_id, ticket.chunk)
+
+
+def queue_length(app: Celery, queue: str) -> int:
+    """Messages waiting in `queue` (kombu's queue_declare reports the count)."""
+    with app.connection_for_write() as connection:
+        return int(connection.default_channel.queue_declare(queue=queue).message_count)

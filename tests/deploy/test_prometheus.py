@@ -1,0 +1,83 @@
+"""The Prometheus side of the dispatcher's metrics: the alert rules pass promtool's check and its
+unit cases (the stalled-job rule fires), the scrape config is valid, the dashboard asks only for
+metrics the dispatcher serves, and Compose and Kubernetes point Prometheus at the dispatcher."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from common.config import Settings
+from common.jobs import JobProgress
+from producer.metrics import DispatcherMetrics, chunk_metrics, job_metrics
+from tests.deploy.render import ROOT, compose_config, find, kustomize
+
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+DASHBOARD = ROOT / "deploy" / "grafana" / "quarry-dashboard.json"
+PROMQL_FUNCTIONS = {"sum", "max", "count", "rate", "by", "on", "histogram_quantile", "le", "ignoring"}
+
+
+def promtool(*args: str, folder: Path = PROMETHEUS) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["promtool", *args], cwd=folder, capture_output=True, text=True, timeout=60)
+
+
+def test_the_alert_rules_pass_promtool_and_the_stalled_job_rule_fires_in_its_case() -> None:
+    checked = promtool("check", "rules", "rules.yml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 3 rules found" in checked.stdout
+    tested = promtool("test", "rules", "rules_test.yml")
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    cases = (PROMETHEUS / "rules_test.yml").read_text()
+    assert "alertname: QuarryJobStalled" in cases and "job_id: stuck" in cases
+
+
+def test_a_rule_case_that_expects_the_wrong_alert_fails(tmp_path: Path) -> None:
+    """promtool really evaluates the cases: flip the stalled job's expectation and it fails."""
+    wrong = (PROMETHEUS / "rules_test.yml").read_text().replace("job_id: stuck", "job_id: moving", 1)
+    (tmp_path / "rules.yml").write_text((PROMETHEUS / "rules.yml").read_text())
+    (tmp_path / "rules_test.yml").write_text(wrong)
+    assert promtool("test", "rules", "rules_test.yml", folder=tmp_path).returncode != 0
+
+
+def test_the_scrape_config_is_valid_and_scrapes_the_dispatcher_port() -> None:
+    checked = promtool("check", "config", "prometheus.yml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"dispatcher:{Settings().dispatch_metrics_port}" in (PROMETHEUS / "prometheus.yml").read_text()
+
+
+def served_metric_names() -> set[str]:
+    """Every sample name the dispatcher's /metrics page can hold."""
+    metrics = DispatcherMetrics(Settings(), lambda queue: 0)
+    registry = CollectorRegistry()
+    for collector in (metrics.sent, metrics.expired, metrics.exhausted, metrics.tick_seconds):
+        registry.register(collector)
+    page = generate_latest(registry).decode()
+    job = JobProgress("j", "running", 10, 4, 1, 2.0, 1, 1, "")
+    families = [*job_metrics([job]), *chunk_metrics([("j", "pending", 1, 0)])]
+    names = {sample.name for family in families for sample in family.samples}
+    names |= {line.split("{")[0].split(" ")[0] for line in page.splitlines() if not line.startswith("#")}
+    return names | {"quarry_queue_messages", "quarry_dispatchers_live", "up"}
+
+
+def test_the_dashboard_asks_only_for_metrics_the_dispatcher_serves() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert expressions
+    served = served_metric_names()
+    for expression in [*expressions, (PROMETHEUS / "rules.yml").read_text()]:
+        asked = set(re.findall(r"\b(quarry_[a-z_]+|up)\b", expression))
+        assert asked <= served, f"{asked - served} are not served by the dispatcher"
+
+
+def test_compose_and_kubernetes_point_prometheus_at_the_dispatcher() -> None:
+    services = compose_config("docker-compose.yml")["services"]
+    assert services["prometheus"]["profiles"] == ["monitoring"]
+    assert any("deploy/prometheus" in str(volume) for volume in services["prometheus"]["volumes"])
+    assert "9808" in [str(port) for port in services["dispatcher"]["expose"]]
+    [dispatcher] = find(kustomize("overlays/example"), "Deployment", "dispatcher")
+    annotations = dispatcher["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9808"
