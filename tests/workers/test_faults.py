@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from common.config import Settings, stage_time_limits
+from common.datasets import FASHION
 from common.db import connect, ensure_database
 from common.jobs import JobProgress, job_progress
 from common.storage import ObjectStore
@@ -489,7 +490,7 @@ def test_a_new_job_wakes_a_dispatcher_between_its_ticks(stack: Stack) -> None:
     wait_until(has_ticked, 60, "the dispatcher's first tick")
     time.sleep(1)  # now inside its 60 s wait
     submitted = time.monotonic()
-    job_id = submit(stack, *JOB)
+    job_id = submit(stack, *JOB, "--dataset", FASHION)  # the ingest test above added a dataset
 
     def dispatched() -> int:
         with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
