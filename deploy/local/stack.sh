@@ -5,6 +5,9 @@
 # Usage: deploy/local/stack.sh up|down|status. Honours DATABASE_URL, CELERY_BROKER_URL,
 # S3_ENDPOINT_URL, RAW_BUCKET, OUTPUT_BUCKET; QUARRY_RUN_DIR (pids, logs), FLOWER_PORT,
 # TRANSFORM_CONCURRENCY, UPLOAD_CONCURRENCY, INFERENCE_CONCURRENCY.
+# More worker nodes: `stack.sh node-up NAME` starts another set of the three pools, as a node of
+# its own (worker names POOL.NAME@host, pids and logs in RUN_DIR/nodes/NAME) on the same
+# PostgreSQL, Redis and S3; `stack.sh node-down NAME` stops it; `up`/`down` leave nodes alone.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
@@ -45,32 +48,61 @@ up() {
     wait_for_url "$S3_ENDPOINT_URL"
   fi
   "$BIN/producer" init
-  start worker-transform "$BIN/celery" -A workers worker -Q transform -n "transform.$STACK@%h" \
-    --pool prefork --concurrency "${TRANSFORM_CONCURRENCY:-2}" --loglevel INFO
-  start worker-upload "$BIN/celery" -A workers worker -Q upload -n "upload.$STACK@%h" \
-    --pool threads --concurrency "${UPLOAD_CONCURRENCY:-16}" --loglevel INFO
-  start worker-inference "$BIN/celery" -A workers worker -Q inference -n "inference.$STACK@%h" \
-    --pool prefork --concurrency "${INFERENCE_CONCURRENCY:-1}" --loglevel INFO
+  start_pools "$STACK"
   start dispatcher "$BIN/producer" dispatch
   start flower "$BIN/celery" -A workers flower --address=127.0.0.1 --port="$FLOWER_PORT"
-  for pool in transform upload inference; do  # wait until each pool answers a ping
-    for _ in $(seq 1 60); do
-      "$BIN/celery" -A workers inspect ping -d "$pool.$STACK@$(hostname)" -t 1 >/dev/null 2>&1 && break
-      sleep 0.5
-    done
-  done
+  wait_for_pools "$STACK"
   echo "Quarry is up: S3 at $S3_ENDPOINT_URL, Flower at http://127.0.0.1:$FLOWER_PORT, logs in $RUN_DIR/"
 }
 
-down() {
-  for name in flower dispatcher worker-inference worker-upload worker-transform s3; do
-    if running "$name"; then
-      kill -TERM "$(cat "$RUN_DIR/$name.pid")" 2>/dev/null || true
-      for _ in $(seq 1 50); do running "$name" || break; sleep 0.2; done
-      running "$name" && kill -KILL "$(cat "$RUN_DIR/$name.pid")" 2>/dev/null || true
-    fi
-    rm -f "$RUN_DIR/$name.pid"
+start_pools() {  # start_pools NODE: the three pools, named POOL.NODE@host
+  start worker-transform "$BIN/celery" -A workers worker -Q transform -n "transform.$1@%h" \
+    --pool prefork --concurrency "${TRANSFORM_CONCURRENCY:-2}" --loglevel INFO
+  start worker-upload "$BIN/celery" -A workers worker -Q upload -n "upload.$1@%h" \
+    --pool threads --concurrency "${UPLOAD_CONCURRENCY:-16}" --loglevel INFO
+  start worker-inference "$BIN/celery" -A workers worker -Q inference -n "inference.$1@%h" \
+    --pool prefork --concurrency "${INFERENCE_CONCURRENCY:-1}" --loglevel INFO
+}
+
+wait_for_pools() {  # wait_for_pools NODE: until each pool answers a ping
+  for pool in transform upload inference; do
+    for _ in $(seq 1 60); do
+      "$BIN/celery" -A workers inspect ping -d "$pool.$1@$(hostname)" -t 1 >/dev/null 2>&1 && break
+      sleep 0.5
+    done
   done
+}
+
+stop() {  # stop NAME: TERM (warm shutdown), KILL after 10 s
+  if running "$1"; then
+    kill -TERM "$(cat "$RUN_DIR/$1.pid")" 2>/dev/null || true
+    for _ in $(seq 1 50); do running "$1" || break; sleep 0.2; done
+    running "$1" && kill -KILL "$(cat "$RUN_DIR/$1.pid")" 2>/dev/null || true
+  fi
+  rm -f "$RUN_DIR/$1.pid"
+}
+
+node_name() {  # a node's name: letters, digits and dashes
+  [[ "${1:-}" =~ ^[a-zA-Z0-9-]+$ ]] || { echo "a node needs a name of letters, digits and dashes: stack.sh node-up NAME" >&2; exit 2; }
+}
+
+node-up() {
+  node_name "${1:-}"
+  RUN_DIR="$RUN_DIR/nodes/$1"; mkdir -p "$RUN_DIR"
+  start_pools "$1"
+  wait_for_pools "$1"
+  echo "node $1 is up: pools transform.$1, upload.$1, inference.$1 @$(hostname), logs in $RUN_DIR/"
+}
+
+node-down() {
+  node_name "${1:-}"
+  RUN_DIR="$RUN_DIR/nodes/$1"
+  for name in worker-inference worker-upload worker-transform; do stop "$name"; done
+  echo "node $1 is down"
+}
+
+down() {
+  for name in flower dispatcher worker-inference worker-upload worker-transform s3; do stop "$name"; done
   QUARRY_RUN_DIR="$RUN_DIR" "$PY" -m producer.embedded down
   echo "Quarry is down"
 }
@@ -85,4 +117,8 @@ status() {
   return 0
 }
 
-"${1:-status}"
+case "${1:-status}" in
+  up|down|status) "${1:-status}" ;;
+  node-up|node-down) "$1" "${2:-}" ;;
+  *) echo "usage: stack.sh up|down|status|node-up NAME|node-down NAME" >&2; exit 2 ;;
+esac

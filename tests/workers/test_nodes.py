@@ -1,0 +1,106 @@
+"""One job across worker nodes: `deploy/local/stack.sh node-up NAME` sets of pools on the same
+PostgreSQL, Redis and S3. Each node does part of the job; a node SIGKILLed whole mid-job leaves
+the job to the others (its chunks' leases run out and are sent again), and a node started
+mid-job takes work. Who did what is counted from each node's own worker logs (Celery's
+"succeeded" line per task)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from common.db import connect, ensure_database
+from common.storage import ObjectStore
+from tests.conftest import run_cli
+from tests.stack import Stack, wait_until
+
+pytestmark = pytest.mark.slow
+LEASE_S = 10
+QUERY = "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"
+JOB = ("--augment", "hflip | rotate(limit=15)", "--variants", "4", "--chunk-size", "5", "--model", "default")
+ROOT = Path(__file__).resolve().parents[2]
+STACK_SH = ROOT / "deploy" / "local" / "stack.sh"
+
+
+@pytest.fixture
+def cluster(test_env: dict[str, str], store: ObjectStore, tmp_path: Path) -> Iterator[Stack]:
+    """A database of its own (ingested), a private redis-server and a dispatcher; no pools."""
+    name = f"quarry_nodes_{uuid.uuid4().hex[:8]}"
+    env = {
+        **test_env,
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
+        "CHUNK_LEASE_S": str(LEASE_S),
+        "DISPATCH_INTERVAL_S": "0.2",
+        "QUARRY_RUN_DIR": str(tmp_path / "run"),
+        "TRANSFORM_CONCURRENCY": "1",
+        "UPLOAD_CONCURRENCY": "4",
+    }
+    ensure_database(env["DATABASE_URL"])
+    run_cli("ingest", env=env)
+    stack = Stack(env, tmp_path / "stack")
+    stack.start_redis()
+    stack.start_dispatcher()
+    yield stack
+    for node in ("a", "b", "c"):
+        kill_node(stack, node)
+    stack.stop_all()
+    with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def node_dir(stack: Stack, node: str) -> Path:
+    return Path(stack.env["QUARRY_RUN_DIR"]) / "nodes" / node
+
+
+def node_up(stack: Stack, node: str) -> None:
+    subprocess.run(
+        [str(STACK_SH), "node-up", node], env={**os.environ, **stack.env}, check=True, timeout=120, cwd=ROOT
+    )
+
+
+def kill_node(stack: Stack, node: str) -> None:
+    """SIGKILL every process of the node at once: each pool's main process and its children."""
+    processes = []
+    for pid_file in node_dir(stack, node).glob("*.pid"):
+        try:
+            main = psutil.Process(int(pid_file.read_text()))
+            processes += [main, *main.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(processes, timeout=10)
+
+
+def tasks_done(stack: Stack, node: str) -> int:
+    """Tasks the node's pools finished, from their logs."""
+    return sum(
+        log.read_text(errors="replace").count(" succeeded in ") for log in node_dir(stack, node).glob("*.log")
+    )
+
+
+def test_a_job_runs_on_three_nodes_one_killed_one_started_mid_job(cluster: Stack) -> None:
+    node_up(cluster, "a")
+    node_up(cluster, "b")
+    job_id = cluster.submit(QUERY, *JOB)
+    wait_until(
+        lambda: tasks_done(cluster, "a") > 0 and tasks_done(cluster, "b") > 0, 120, "both nodes at work"
+    )
+    assert not cluster.progress(job_id).ended, "the job ended before the fault: make it bigger"
+    kill_node(cluster, "a")
+    node_up(cluster, "c")
+    wait_until(lambda: cluster.progress(job_id).ended, LEASE_S + 300, "the job to finish")
+    final = cluster.progress(job_id)
+    assert (final.state, final.failed, final.done) == ("finished", 0, final.total)
+    done_by = {node: tasks_done(cluster, node) for node in ("a", "b", "c")}
+    assert all(count > 0 for count in done_by.values()), done_by
