@@ -74,6 +74,21 @@ def sample(stack: Stack) -> Cpu:
     )
 
 
+def busy_cores(stack: Stack, chunk_size: int, item_rows: str) -> dict[str, float]:
+    """Cores each part kept busy while a second, identical job ran (the first's recording of its
+    chunks excluded: sampled from when the second job is recorded to its end)."""
+    job_id = stack.submit(
+        "SELECT id FROM synthetic_ids",
+        *("--dataset", "synthetic_ids", "--chunk-size", str(chunk_size), "--item-rows", item_rows),
+    )
+    before, started = sample(stack), time.monotonic()
+    wait_until(lambda: stack.progress(job_id).ended, 3600, "the job", 0.05)
+    after, wall = sample(stack), time.monotonic() - started
+    with psycopg.connect(stack.env["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
+    return {part: (getattr(after, part) - getattr(before, part)) / wall for part in vars(after)}
+
+
 def start_null_workers(stack: Stack, processes: int) -> None:
     stack.start(
         "worker-null",
@@ -96,21 +111,25 @@ def start_null_workers(stack: Stack, processes: int) -> None:
     )
 
 
-def run_job(stack: Stack, chunk_size: int, item_rows: str) -> tuple[str, int, int, float]:
-    """(job id, chunks, items, seconds from the job's record to its end by the ledger's clock)."""
-    job_id = stack.submit(
-        "SELECT id FROM synthetic_ids",
-        *("--dataset", "synthetic_ids", "--chunk-size", str(chunk_size), "--item-rows", item_rows),
-    )
+def run_job(stack: Stack, chunk_size: int, item_rows: str) -> tuple[str, int, int, float, float]:
+    """(job id, chunks, items, seconds to record the job, seconds from then to its end), both by
+    the ledger's clock: the first is `producer run` (selection, COPY of the chunks), the second
+    the control plane at work."""
+    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+        before = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+        job_id = stack.submit(
+            "SELECT id FROM synthetic_ids",
+            *("--dataset", "synthetic_ids", "--chunk-size", str(chunk_size), "--item-rows", item_rows),
+        )
+        recorded = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
     wait_until(lambda: stack.progress(job_id).ended, 3600, "the job", 0.5)
     with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
         row = conn.execute(
-            "SELECT chunks, total, extract(epoch FROM finished_at - created_at), state"
-            " FROM jobs WHERE id = %s",
-            (job_id,),
+            "SELECT chunks, total, finished_at, state FROM jobs WHERE id = %s", (job_id,)
         ).fetchone()
     assert row is not None and row[3] == "finished", row
-    return job_id, int(row[0]), int(row[1]), float(row[2])
+    submit_s = (recorded - before).total_seconds()
+    return job_id, int(row[0]), int(row[1]), submit_s, (row[2] - recorded).total_seconds()
 
 
 def main() -> None:
@@ -149,14 +168,12 @@ def main() -> None:
         for processes in args.workers:
             start_null_workers(stack, processes)
             time.sleep(3)  # the pool's processes up
-            before, started = sample(stack), time.monotonic()
-            job_id, chunks, items, seconds = run_job(stack, args.chunk_size, args.item_rows)
-            after, wall = sample(stack), time.monotonic() - started
+            job_id, chunks, items, submit_s, seconds = run_job(stack, args.chunk_size, args.item_rows)
+            busy = busy_cores(stack, args.chunk_size, args.item_rows)
             redis_peak = int(stack.redis().info("memory")["used_memory_peak"])
-            busy = {part: (getattr(after, part) - getattr(before, part)) / wall for part in vars(after)}
             print(
-                f"{processes:2d} worker processes: {chunks:,} chunks, {items:,} items in {seconds:6.2f} s:"
-                f" {chunks / seconds:7.1f} chunks/s, {items / seconds:10,.0f} items/s"
+                f"{processes:2d} worker processes: {chunks:,} chunks recorded in {submit_s:5.2f} s, run in"
+                f" {seconds:6.2f} s: {chunks / seconds:7.1f} chunks/s, {items / seconds:10,.0f} items/s"
                 f" ({chunks / seconds / HOUR_LINE_CHUNKS_S:4.2f}x the 1-hour line); cores busy:"
                 + ", ".join(f" {part} {value:4.2f}" for part, value in busy.items())
                 + f"; redis peak {redis_peak / 2**20:5.1f} MiB"

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         default=64, ge=1, description="chunks in flight at once, over every job (the dispatcher's budget)"
     )
     dispatch_interval_s: float = Field(default=0.5, gt=0, le=60, description="dispatcher tick")
+    dispatch_busy_interval_s: float = Field(
+        default=0.05, gt=0, le=60, description="dispatcher tick while chunks wait for room in the budget"
+    )
     dispatch_metrics_port: int = Field(
         default=9808, ge=0, le=65535, description="the dispatcher's Prometheus /metrics port; 0: none"
     )

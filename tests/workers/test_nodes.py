@@ -103,4 +103,5 @@ def test_a_job_runs_on_three_nodes_one_killed_one_started_mid_job(cluster: Stack
     final = cluster.progress(job_id)
     assert (final.state, final.failed, final.done) == ("finished", 0, final.total)
     done_by = {node: tasks_done(cluster, node) for node in ("a", "b", "c")}
+    print(f"tasks done by node: {done_by}; re-dispatched chunks: {cluster.redispatched(job_id)}")
     assert all(count > 0 for count in done_by.values()), done_by
