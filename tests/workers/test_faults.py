@@ -190,14 +190,26 @@ def test_postgresql_connections_terminated_for_10_s_lose_nothing(
     assert_finished_cleanly(stack, store, settings, job_id)
 
 
+@pytest.mark.parametrize(
+    "done_before",
+    [
+        pytest.param(0, id="during-the-ranged-reads"),  # frozen before a chunk's raw bytes are read
+        pytest.param(40, id="mid-job"),
+    ],
+)
 def test_a_frozen_s3_server_loses_nothing(
-    stack: Stack, store: ObjectStore, settings: Settings, s3_server: tuple[str, subprocess.Popen[bytes]]
+    stack: Stack,
+    store: ObjectStore,
+    settings: Settings,
+    s3_server: tuple[str, subprocess.Popen[bytes]],
+    done_before: int,
 ) -> None:
+    """The sample is packed (one shard), so every raw read is a ranged GET of it."""
     stack.env["CHUNK_LEASE_S"] = "20"  # stages blocked on S3 cannot renew: 30 s = 2 leases
     stack.start_pools()
     stack.start_dispatcher()
     job_id = submit(stack, *JOB)
-    wait_for_progress(stack, job_id, 40)
+    wait_for_progress(stack, job_id, done_before)
     s3 = s3_server[1]
     os.kill(s3.pid, signal.SIGSTOP)
     try:
