@@ -19,16 +19,16 @@ import platform
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import psycopg
 
+from bench.scratch import scratch_database
 from common.config import Settings
 from common.datasets import register_dataset
-from common.db import connect, ensure_database, ensure_schema
+from common.db import connect, ensure_schema
 from common.query_role import ensure_query_role, grant_dataset
 from tests.stack import BIN, Stack, wait_until
 
@@ -140,52 +140,52 @@ def main() -> None:
     parser.add_argument("--item-rows", choices=["failures", "all"], default="failures")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="quarry-control-"))
-    name = f"quarry_control_{uuid.uuid4().hex[:8]}"
-    env = {
-        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
-        "DISPATCH_METRICS_PORT": "0",
-    }
-    stack = Stack(env, root / "stack")
     try:
-        ensure_database(env["DATABASE_URL"])
-        settings = Settings(database_url=env["DATABASE_URL"])
-        with connect(env["DATABASE_URL"], autocommit=True) as conn:  # a dataset of ids, no images
-            ensure_schema(conn)
-            ensure_query_role(conn, settings)
-            ids = "CREATE TABLE synthetic_ids AS SELECT generate_series(1, %s)::bigint AS id"
-            conn.execute(ids, (args.ids,))
-            register_dataset(conn, "synthetic_ids", "id", None, None, "csv")
-            grant_dataset(conn, settings, "synthetic_ids")
-        stack.start_redis()
-        stack.start_dispatcher()
-        print(
-            f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()};"
-            f" PostgreSQL and redis-server on the same cores; {args.ids:,} ids in chunks of"
-            f" {args.chunk_size:,}, --item-rows {args.item_rows}; default dispatch settings"
-            f" (DISPATCH_BUDGET_CHUNKS 64, DISPATCH_INTERVAL_S 0.5); the 1-hour line for 1e9 items:"
-            f" {HOUR_LINE_CHUNKS_S:.0f} chunks/s"
-        )
-        for processes in args.workers:
-            start_null_workers(stack, processes)
-            time.sleep(3)  # the pool's processes up
-            job_id, chunks, items, submit_s, seconds = run_job(stack, args.chunk_size, args.item_rows)
-            busy = busy_cores(stack, args.chunk_size, args.item_rows)
-            redis_peak = int(stack.redis().info("memory")["used_memory_peak"])
-            print(
-                f"{processes:2d} worker processes: {chunks:,} chunks recorded in {submit_s:5.2f} s, run in"
-                f" {seconds:6.2f} s: {chunks / seconds:7.1f} chunks/s, {items / seconds:10,.0f} items/s"
-                f" ({chunks / seconds / HOUR_LINE_CHUNKS_S:4.2f}x the 1-hour line); cores busy:"
-                + ", ".join(f" {part} {value:4.2f}" for part, value in busy.items())
-                + f"; redis peak {redis_peak / 2**20:5.1f} MiB"
-            )
-            with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:
-                conn.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
-            stack.stop("worker-null")
+        with scratch_database("quarry_control") as database_url:
+            stack = Stack({"DATABASE_URL": database_url, "DISPATCH_METRICS_PORT": "0"}, root / "stack")
+            try:
+                measure(stack, args)
+            finally:
+                stack.stop_all()
     finally:
-        stack.stop_all()
-        with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         print(f"logs: {root}", file=sys.stderr)
+
+
+def measure(stack: Stack, args: argparse.Namespace) -> None:
+    """A dataset of --ids ids and no images, then one job per worker count."""
+    settings = Settings(database_url=stack.env["DATABASE_URL"])
+    with connect(stack.env["DATABASE_URL"], autocommit=True) as conn:  # a dataset of ids, no images
+        ensure_schema(conn)
+        ensure_query_role(conn, settings)
+        ids = "CREATE TABLE synthetic_ids AS SELECT generate_series(1, %s)::bigint AS id"
+        conn.execute(ids, (args.ids,))
+        register_dataset(conn, "synthetic_ids", "id", None, None, "csv")
+        grant_dataset(conn, settings, "synthetic_ids")
+    stack.start_redis()
+    stack.start_dispatcher()
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()};"
+        f" PostgreSQL and redis-server on the same cores; {args.ids:,} ids in chunks of"
+        f" {args.chunk_size:,}, --item-rows {args.item_rows}; default dispatch settings"
+        f" (DISPATCH_BUDGET_CHUNKS 64, DISPATCH_INTERVAL_S 0.5); the 1-hour line for 1e9 items:"
+        f" {HOUR_LINE_CHUNKS_S:.0f} chunks/s"
+    )
+    for processes in args.workers:
+        start_null_workers(stack, processes)
+        time.sleep(3)  # the pool's processes up
+        job_id, chunks, items, submit_s, seconds = run_job(stack, args.chunk_size, args.item_rows)
+        busy = busy_cores(stack, args.chunk_size, args.item_rows)
+        redis_peak = int(stack.redis().info("memory")["used_memory_peak"])
+        print(
+            f"{processes:2d} worker processes: {chunks:,} chunks recorded in {submit_s:5.2f} s, run in"
+            f" {seconds:6.2f} s: {chunks / seconds:7.1f} chunks/s, {items / seconds:10,.0f} items/s"
+            f" ({chunks / seconds / HOUR_LINE_CHUNKS_S:4.2f}x the 1-hour line); cores busy:"
+            + ", ".join(f" {part} {value:4.2f}" for part, value in busy.items())
+            + f"; redis peak {redis_peak / 2**20:5.1f} MiB"
+        )
+        with psycopg.connect(stack.env["DATABASE_URL"], autocommit=True) as conn:
+            conn.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
+        stack.stop("worker-null")
 
 
 if __name__ == "__main__":

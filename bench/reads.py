@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,10 @@ from typing import Any
 
 import psycopg
 
+from bench.scratch import scratch_database
 from common.batching import batched
 from common.config import Settings
 from common.datasets import FASHION, lookup_locations
-from common.db import connect, ensure_database
 from common.paths import default_dataset_path
 from common.sources import Source
 from common.storage import ObjectStore
@@ -89,68 +88,68 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=default_dataset_path())
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="quarry-reads-"))
-    name = f"quarry_reads_{uuid.uuid4().hex[:8]}"
     s3, endpoint = start_moto(root / "moto.log")
-    env = {
-        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
-        "S3_ENDPOINT_URL": endpoint,
-        "DATASET_PATH": str(args.dataset),
-        "RAW_BUCKET": "bench-raw",
-    }
     try:
-        ensure_database(env["DATABASE_URL"])
-        subprocess.run(
-            [str(BIN / "producer"), "ingest"], env={**os.environ, **env}, check=True, capture_output=True
-        )
-        defaults = Settings(
-            database_url=env["DATABASE_URL"], s3_endpoint_url=endpoint, raw_bucket="bench-raw"
-        )
-        one_per_image = defaults.model_copy(update={"read_hole_bytes": 0, "read_whole_fraction": 1.0})
-        with psycopg.connect(env["DATABASE_URL"]) as db:
-            ids = [row[0] for row in db.execute("SELECT id FROM locations ORDER BY id")]
-            shards = db.execute("SELECT count(*), sum(size)::bigint, min(uri) FROM shards").fetchone()
-            assert shards is not None
-            image_bytes = db.execute("SELECT sum(byte_length)::bigint FROM locations").fetchone()[0]  # type: ignore[index]
-            first = lookup_locations(db, FASHION, ids[:1])[ids[0]].source
-            assert first is not None
-            store, _ = counted_store(defaults)
-            latency, bandwidth = endpoint_figures(store, first, shards[1])
-            print(
-                f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()};"
-                f" dataset {args.dataset}: {len(ids)} images packed in {shards[0]} shard(s) of"
-                f" {shards[1] / 1e6:.1f} MB, mean image {image_bytes / len(ids) / 1e3:.1f} KB;"
-                f" chunk size {defaults.chunk_size}; S3: moto_server on loopback"
-            )
-            hole_kib = defaults.read_hole_bytes >> 10
-            print(
-                f"endpoint: first byte {latency * 1e3:.2f} ms (median of 30), whole-object GET"
-                f" {bandwidth / 1e6:.0f} MB/s; break-even hole = latency x bandwidth ="
-                f" {latency * bandwidth / 1024:.0f} KiB (READ_HOLE_BYTES {hole_kib} KiB)"
-            )
-            rng = random.Random(SEED)
-            for fraction in FRACTIONS:
-                selected = sorted(rng.sample(ids, max(1, round(fraction * len(ids)))))
-                rows = []
-                for label, settings in (
-                    ("one GET per image", one_per_image),
-                    ("merged (defaults)", defaults),
-                ):
-                    store, tally = counted_store(settings)
-                    seconds = read_selection(store, db, selected, settings.chunk_size)
-                    rows.append((label, seconds, tally))
-                base_seconds = rows[0][1]
-                for label, seconds, tally in rows:
-                    per_image = (tally.gets / len(selected), tally.bytes / len(selected) / 1e3)
-                    print(
-                        f"{fraction:5.0%} ({len(selected):4d} images)  {label:17s}"
-                        f" GET/image {per_image[0]:6.3f}  KB/image {per_image[1]:8.1f}  {seconds:6.2f} s"
-                        f" {len(selected) / seconds:8.1f} img/s  {base_seconds / seconds:5.2f}x"
-                    )
+        with scratch_database("quarry_reads") as database_url:
+            measure(args.dataset, database_url, endpoint)
     finally:
         s3.terminate()
-        with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         print(f"logs: {root}", file=sys.stderr)
+
+
+def measure(dataset: Path, database_url: str, endpoint: str) -> None:
+    """Ingest `dataset` packed, then read the selections both ways and print the table."""
+    env = {
+        "DATABASE_URL": database_url,
+        "S3_ENDPOINT_URL": endpoint,
+        "DATASET_PATH": str(dataset),
+        "RAW_BUCKET": "bench-raw",
+    }
+    subprocess.run(
+        [str(BIN / "producer"), "ingest"], env={**os.environ, **env}, check=True, capture_output=True
+    )
+    defaults = Settings(database_url=env["DATABASE_URL"], s3_endpoint_url=endpoint, raw_bucket="bench-raw")
+    one_per_image = defaults.model_copy(update={"read_hole_bytes": 0, "read_whole_fraction": 1.0})
+    with psycopg.connect(env["DATABASE_URL"]) as db:
+        ids = [row[0] for row in db.execute("SELECT id FROM locations ORDER BY id")]
+        shards = db.execute("SELECT count(*), sum(size)::bigint, min(uri) FROM shards").fetchone()
+        assert shards is not None
+        image_bytes = db.execute("SELECT sum(byte_length)::bigint FROM locations").fetchone()[0]  # type: ignore[index]
+        first = lookup_locations(db, FASHION, ids[:1])[ids[0]].source
+        assert first is not None
+        store, _ = counted_store(defaults)
+        latency, bandwidth = endpoint_figures(store, first, shards[1])
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()};"
+            f" dataset {dataset}: {len(ids)} images packed in {shards[0]} shard(s) of"
+            f" {shards[1] / 1e6:.1f} MB, mean image {image_bytes / len(ids) / 1e3:.1f} KB;"
+            f" chunk size {defaults.chunk_size}; S3: moto_server on loopback"
+        )
+        hole_kib = defaults.read_hole_bytes >> 10
+        print(
+            f"endpoint: first byte {latency * 1e3:.2f} ms (median of 30), whole-object GET"
+            f" {bandwidth / 1e6:.0f} MB/s; break-even hole = latency x bandwidth ="
+            f" {latency * bandwidth / 1024:.0f} KiB (READ_HOLE_BYTES {hole_kib} KiB)"
+        )
+        rng = random.Random(SEED)
+        for fraction in FRACTIONS:
+            selected = sorted(rng.sample(ids, max(1, round(fraction * len(ids)))))
+            rows = []
+            for label, settings in (
+                ("one GET per image", one_per_image),
+                ("merged (defaults)", defaults),
+            ):
+                store, tally = counted_store(settings)
+                seconds = read_selection(store, db, selected, settings.chunk_size)
+                rows.append((label, seconds, tally))
+            base_seconds = rows[0][1]
+            for label, seconds, tally in rows:
+                per_image = (tally.gets / len(selected), tally.bytes / len(selected) / 1e3)
+                print(
+                    f"{fraction:5.0%} ({len(selected):4d} images)  {label:17s}"
+                    f" GET/image {per_image[0]:6.3f}  KB/image {per_image[1]:8.1f}  {seconds:6.2f} s"
+                    f" {len(selected) / seconds:8.1f} img/s  {base_seconds / seconds:5.2f}x"
+                )
 
 
 if __name__ == "__main__":

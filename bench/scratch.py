@@ -1,0 +1,24 @@
+"""A PostgreSQL database of its own for one bench run, dropped after it (whatever happened)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from common.db import connect, ensure_database
+
+SERVER = "postgresql://postgres@127.0.0.1:5432"
+
+
+@contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """The URL of a new database `{prefix}_{random}` on the machine's PostgreSQL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    url = f"{SERVER}/{name}"
+    ensure_database(url)
+    try:
+        yield url
+    finally:
+        with connect(f"{SERVER}/postgres", autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
