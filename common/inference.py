@@ -34,11 +34,11 @@ def decoding_pool() -> ThreadPoolExecutor:
 
 def decoded(data: bytes | QuarryError) -> np.ndarray | PermanentError:
     """The pixels of one image, or why it has none; a transient storage error is raised."""
-    if isinstance(data, QuarryError) and not isinstance(data, PermanentError):
-        raise data
+    if isinstance(data, PermanentError):
+        return data
+    if isinstance(data, QuarryError):
+        raise data  # transient or configuration: the task retries
     try:
-        if isinstance(data, PermanentError):
-            raise data
         return decode(data)
     except PermanentError as exc:
         return exc

@@ -14,7 +14,7 @@ from workers.routes import INGEST
 @app.task(base=StageTask, bind=True, name=INGEST)
 def ingest_unit(self: StageTask, plan_message: dict[str, Any], ticket_message: dict[str, Any]) -> int:
     """Register the unit the ticket names; returns the catalog rows it added."""
-    from common.ingest.units import IngestPlan, run_unit  # Arrow loads in processes that ingest
+    from common.ingest.units import IngestPlan, run_unit  # the ingest code loads where it runs
 
     plan = IngestPlan.from_message(plan_message)
     ticket = Ticket.from_message(ticket_message)

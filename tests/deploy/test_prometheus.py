@@ -82,3 +82,18 @@ def test_compose_and_kubernetes_point_prometheus_at_the_dispatcher() -> None:
     [dispatcher] = find(kustomize("overlays/example"), "Deployment", "dispatcher")
     annotations = dispatcher["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9808"
+
+
+def test_a_scrape_with_the_ledger_and_broker_away_still_answers() -> None:
+    """Nothing listens on port 1: the ledger's gauges and the queue lengths are left out of the
+    page, which is still served (so `up` stays about the dispatcher process)."""
+
+    def broker_away(queue: str) -> int:
+        raise ConnectionError(f"no broker for {queue}")
+
+    away = Settings(database_url="postgresql://postgres@127.0.0.1:1/quarry", dispatch_metrics_port=0)
+    metrics = DispatcherMetrics(away, broker_away)
+    metrics.count(sent=3, expired=1, exhausted=0, seconds=0.01)
+    page = generate_latest(metrics.registry).decode()
+    assert "quarry_dispatch_sent_chunks_total 3.0" in page
+    assert "quarry_job_items" not in page and "quarry_queue_messages" not in page
