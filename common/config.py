@@ -32,14 +32,22 @@ class Settings(BaseSettings):
     output_bucket: str = "quarry-output"
     dataset_path: Path = Field(default_factory=default_dataset_path)
     chunk_size: int = Field(default=100, ge=1, le=10_000, description="image ids per task message")
-    query_timeout_s: int = Field(default=600, ge=1, description="statement timeout of the selection query")
+    query_timeout_s: int = Field(
+        default=600, ge=1, description="statement timeout of user SQL: each slice or fetch of a selection"
+    )
+    selection_slice_ids: int = Field(
+        default=1_000_000, ge=1, description="span of dataset ids a selection's slice covers (its memory)"
+    )
+    selection_connections: int = Field(
+        default=4, ge=1, le=64, description="slices of a selection read at once, each on its own connection"
+    )
     query_role: str = Field(
         default="quarry_reader",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",
         description="the PostgreSQL role (a login) that every piece of user SQL runs as",
     )
     query_role_password: str = Field(default="", description="its password; empty: none (trust auth)")
-    query_work_mem: str = Field(default="64MB", description="work_mem of user SQL (the selection's sort)")
+    query_work_mem: str = Field(default="64MB", description="work_mem of user SQL (a slice's sort)")
     query_temp_file_limit: str = Field(
         default="50GB", description="temporary files one user query may write (where a large selection sorts)"
     )

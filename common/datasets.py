@@ -67,6 +67,19 @@ def get_dataset(conn: psycopg.Connection, name: str) -> Dataset:
     return Dataset(*row)
 
 
+def id_bounds(conn: psycopg.Connection, name: str) -> tuple[int, int] | None:
+    """The smallest and largest id of a dataset's catalog table (read from its id index); None
+    when there is no such dataset or it has no rows."""
+    row = conn.execute("SELECT id_column FROM datasets WHERE name = %s", (name,)).fetchone()
+    if row is None:
+        return None
+    column = sql.Identifier(row[0])
+    bounds = conn.execute(
+        sql.SQL("SELECT min({}), max({}) FROM {}").format(column, column, sql.Identifier(name))
+    ).fetchone()
+    return None if bounds is None or bounds[0] is None else (int(bounds[0]), int(bounds[1]))
+
+
 def dataset_names(conn: psycopg.Connection) -> list[str]:
     return [row[0] for row in conn.execute("SELECT name FROM datasets ORDER BY name").fetchall()]
 

@@ -7,6 +7,7 @@ QuarryError
 │   ├── SpecError        the augmentation spec is refused
 │   ├── ModelError       the model file or its metadata is refused
 │   └── NoSuchJob        a command names a job that does not exist
+├── JobFailed            a job's selection failed halfway through recording (CLI exit code 1)
 ├── TransientError       worth retrying: a service did not answer
 │   ├── StorageUnavailable
 │   ├── DatabaseUnavailable
@@ -48,6 +49,10 @@ class ModelError(UserError):
 
 class NoSuchJob(UserError):
     """A command or API call names a job id that is not in the database."""
+
+
+class JobFailed(QuarryError):
+    """A job's selection could not be recorded whole (its query failed halfway); the job is failed."""
 
 
 class UnknownJob(QuarryError):

@@ -18,7 +18,7 @@ class JobProgress:
     """A job's counts, read from counters (never by scanning items)."""
 
     job_id: str
-    state: str  # running, finished or cancelled
+    state: str  # recording (running while its selection is still read), running, finished, cancelled, failed
     total: int
     done: int
     failed: int
@@ -26,6 +26,8 @@ class JobProgress:
     chunks: int = 0
     in_flight: int = 0  # chunks dispatched now
     created_at: str = ""
+    error: str | None = None  # why a failed job failed
+    slicing: str | None = None  # how its selection was cut into slices, or why it was not
 
     @property
     def finished(self) -> bool:
@@ -33,11 +35,11 @@ class JobProgress:
 
     @property
     def ended(self) -> bool:
-        """Nothing more will happen without a command (finished or cancelled)."""
-        return self.state != "running"
+        """Nothing more will happen without a command (finished, cancelled or failed)."""
+        return self.state not in ("running", "recording")
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        shown = {
             "job_id": self.job_id,
             "state": self.state,
             "total": self.total,
@@ -45,6 +47,7 @@ class JobProgress:
             "failed": self.failed,
             "seconds": round(self.seconds, 3),
         }
+        return shown | ({"error": self.error} if self.error else {})
 
 
 def record_job(
@@ -58,7 +61,10 @@ def record_job(
     `chunk_rows` are (chunk index, image ids, items), streamed into job_chunks by binary COPY.
     Returns (chunks, items); a job without items is finished at once."""
     with conn.transaction():
-        conn.execute("INSERT INTO jobs (id, query, spec) VALUES (%s, %s, %s)", (job_id, query, Jsonb(spec)))
+        conn.execute(
+            "INSERT INTO jobs (id, query, spec, recorded_at) VALUES (%s, %s, %s, clock_timestamp())",
+            (job_id, query, Jsonb(spec)),
+        )
         with (
             conn.cursor() as cursor,
             cursor.copy(
@@ -94,9 +100,10 @@ def wake_dispatchers(conn: psycopg.Connection) -> None:
 
 
 PROGRESS = """
-SELECT j.id, j.state, j.total, j.done + coalesce(f.done, 0), j.failed + coalesce(f.failed, 0),
+SELECT j.id, CASE WHEN j.state = 'running' AND j.recorded_at IS NULL THEN 'recording' ELSE j.state END,
+       j.total, j.done + coalesce(f.done, 0), j.failed + coalesce(f.failed, 0),
        extract(epoch FROM coalesce(j.finished_at, clock_timestamp()) - j.created_at),
-       j.chunks, coalesce(f.chunks, 0), to_char(j.created_at, 'YYYY-MM-DD HH24:MI:SS')
+       j.chunks, coalesce(f.chunks, 0), to_char(j.created_at, 'YYYY-MM-DD HH24:MI:SS'), j.error, j.slicing
 FROM jobs j LEFT JOIN LATERAL (
     -- items already recorded in the chunks now in flight (at most the dispatch budget)
     SELECT sum(c.done) AS done, sum(c.failed) AS failed, count(*) AS chunks
@@ -106,9 +113,19 @@ FROM jobs j LEFT JOIN LATERAL (
 
 
 def progress_from_row(row: tuple[Any, ...]) -> JobProgress:
-    job_id, state, total, done, failed, seconds, chunks, in_flight, created = row
+    job_id, state, total, done, failed, seconds, chunks, in_flight, created, error, slicing = row
     return JobProgress(
-        str(job_id), state, total, int(done), int(failed), float(seconds), chunks, int(in_flight), created
+        str(job_id),
+        state,
+        total,
+        int(done),
+        int(failed),
+        float(seconds),
+        chunks,
+        int(in_flight),
+        created,
+        error,
+        slicing,
     )
 
 
@@ -151,16 +168,26 @@ def cancel_job(conn: psycopg.Connection, job_id: str) -> bool:
         conn.execute(
             "UPDATE jobs SET state = 'cancelled', finished_at = clock_timestamp() WHERE id = %s", (job_id,)
         )
-        conn.execute(
-            """
-            UPDATE job_chunks c SET state = 'pending', lease_until = NULL
-            FROM (SELECT chunk_index FROM job_chunks WHERE job_id = %(job)s AND state = 'dispatched'
-                  ORDER BY chunk_index FOR UPDATE) d
-            WHERE c.job_id = %(job)s AND c.chunk_index = d.chunk_index
-            """,
-            {"job": job_id},
-        )
+        return_dispatched(conn, job_id)
     return True
+
+
+def selection_recorded(conn: psycopg.Connection, job_id: str) -> bool:
+    row = conn.execute("SELECT recorded_at IS NOT NULL FROM jobs WHERE id = %s", (job_id,)).fetchone()
+    return bool(row and row[0])
+
+
+def return_dispatched(conn: psycopg.Connection, job_id: str) -> None:
+    """A stopped job's in-flight chunks go back to pending (the stages drop their messages)."""
+    conn.execute(
+        """
+        UPDATE job_chunks c SET state = 'pending', lease_until = NULL
+        FROM (SELECT chunk_index FROM job_chunks WHERE job_id = %(job)s AND state = 'dispatched'
+              ORDER BY chunk_index FOR UPDATE) d
+        WHERE c.job_id = %(job)s AND c.chunk_index = d.chunk_index
+        """,
+        {"job": job_id},
+    )
 
 
 def lock_job(conn: psycopg.Connection, job_id: str) -> str:
@@ -179,6 +206,10 @@ def retry_job(conn: psycopg.Connection, job_id: str) -> tuple[int, int]:
     with conn.transaction():
         if lock_job(conn, job_id) == "running":
             raise UserError(f"job {job_id} is still running: retry it when it has ended (or cancel it)")
+        if not selection_recorded(conn, job_id):
+            raise UserError(
+                f"job {job_id} ended before its selection was recorded whole: run its query again"
+            )
         counted = conn.execute(
             """
             WITH old AS (

@@ -3,7 +3,8 @@
 A chunk is `pending` until the dispatcher sends it (`dispatched`, with a lease deadline and a new
 dispatch number); the first worker to start that dispatch counts an attempt; every stage that
 touches it renews the lease; the stage that records its last
-item marks it `finished` and adds its counts to the job's. Each item has a slot in the chunk
+item marks it `finished` and adds its counts to the job's (which finishes once its selection is
+recorded whole, common/recording.py, and every item is in). Each item has a slot in the chunk
 (image index x variants + variant) and a bit in the chunk's done or failed bitmap, so recording
 the same result twice (a redelivered or re-dispatched message) changes nothing.
 """
@@ -242,8 +243,10 @@ def apply_results(
         conn.execute(
             """
             UPDATE jobs SET done = done + %s, failed = failed + %s,
-                state = CASE WHEN done + failed + %s >= total THEN 'finished' ELSE state END,
-                finished_at = CASE WHEN done + failed + %s >= total THEN clock_timestamp() END
+                state = CASE WHEN done + failed + %s >= total AND recorded_at IS NOT NULL
+                             THEN 'finished' ELSE state END,
+                finished_at = CASE WHEN done + failed + %s >= total AND recorded_at IS NOT NULL
+                                   THEN clock_timestamp() END
             WHERE id = %s
             """,
             (n_done, n_failed, n_done + n_failed, n_done + n_failed, ticket.job_id),

@@ -58,15 +58,22 @@ CREATE TABLE IF NOT EXISTS jobs (
     id          uuid PRIMARY KEY,
     query       text NOT NULL,
     spec        jsonb NOT NULL,            -- the normalised job spec the tasks carry
-    state       text NOT NULL DEFAULT 'running'
-                CHECK (state IN ('running', 'finished', 'cancelled')),
-    total       bigint NOT NULL DEFAULT 0, -- items = selected ids x variants
+    state       text NOT NULL DEFAULT 'running',  -- jobs_state_check below
+    total       bigint NOT NULL DEFAULT 0, -- items = selected ids x variants (grows while recording)
     chunks      integer NOT NULL DEFAULT 0,
     done        bigint NOT NULL DEFAULT 0, -- items of finished chunks
     failed      bigint NOT NULL DEFAULT 0,
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     finished_at timestamptz
 );
+-- schema 4: a job's selection is recorded while its first chunks already run (quarry/record.py)
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS recorded_at timestamptz;  -- NULL: still recording
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS recorder_pid integer;     -- the recording producer's backend
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS slicing text;             -- how the selection was cut
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS error text;               -- why a failed job failed
+UPDATE jobs SET recorded_at = created_at WHERE recorded_at IS NULL;  -- jobs of schema 3: recorded whole
+ALTER TABLE jobs DROP CONSTRAINT IF EXISTS jobs_state_check;
+ALTER TABLE jobs ADD CONSTRAINT jobs_state_check CHECK (state IN ('running', 'finished', 'cancelled', 'failed'));
 
 CREATE TABLE IF NOT EXISTS job_chunks (
     job_id      uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,

@@ -190,12 +190,15 @@ def augment_options(command: F) -> F:
 def run(sql: str, wait: bool, wait_timeout: float | None, as_json: bool, **options: Any) -> None:
     """Select images with SQL and record the job; the dispatcher sends it through the pools."""
     job = Quarry.from_env().run(sql, **options)
-    progress = job.status()
-    click.echo(f"job {job.id}: {progress.total} items in {progress.chunks} chunks", err=True)
+    click.echo(f"job {job.id}: recording its selection ({job.status().slicing})", err=True)
     if not wait:
+        progress = job.recorded()  # this process records the selection: it exits when that is done
+        click.echo(f"job {job.id}: {progress.total} items in {progress.chunks} chunks", err=True)
         click.echo(json.dumps(progress.as_dict()) if as_json else job.id)
         return
     progress = job.wait(timeout=wait_timeout, display=TerminalBar())
+    if progress.state == "failed":
+        job.recorded()  # raises JobFailed: one line, exit 1
     click.echo(json.dumps(progress.as_dict()) if as_json else job.id)
     sys.exit(0 if progress.finished and progress.failed == 0 else EXIT_FAILED_ITEMS)
 
@@ -213,7 +216,7 @@ def status(job_id: str, as_json: bool) -> None:
     click.echo(
         f"job {job_id} ({progress.state}): {progress.done}/{progress.total} done, "
         f"{progress.failed} failed, {progress.in_flight} of {progress.chunks} chunks in flight, "
-        f"{progress.seconds:.1f} s"
+        f"{progress.seconds:.1f} s" + (f"; {progress.error}" if progress.error else "")
     )
 
 

@@ -1,7 +1,8 @@
 """`producer dispatch`: the service that meters chunks from the ledger into the transform queue.
 
 Each tick, under a PostgreSQL advisory lock (so replicas take turns and never double-dispatch):
-return chunks whose lease ran out to pending, fail those out of attempts, then claim pending
+fail recording jobs whose producer is gone, return chunks whose lease ran out to pending, fail
+those out of attempts, then claim pending
 chunks up to the in-flight budget, shared fairly across running jobs. The claim is committed
 before the messages are published; chunks the broker refuses go back to pending at once, and a
 dispatcher that dies in between leaves chunks whose lease simply runs out.
@@ -25,6 +26,7 @@ from common.db import Database, first_line
 from common.errors import BrokerUnavailable, ConfigError, TransientError
 from common.jobspec import INGEST_KIND
 from common.ledger import Ticket, claim_chunks, fail_exhausted, return_expired, unclaim
+from common.recording import fail_orphaned_recordings
 from producer.metrics import DispatcherMetrics
 from producer.wake import Wakeup
 from producer.watchdog import Watchdog
@@ -49,6 +51,7 @@ class TickReport:
     returned: int = 0  # leases that ran out, back to pending
     failed_chunks: int = 0  # out of attempts
     waiting: int = 0  # pending chunks the budget had no room for (at most the budget per job)
+    orphaned: int = 0  # recording jobs whose producer went away, failed
 
 
 def allocate(free: int, jobs: list[RunningJob]) -> dict[str, int]:
@@ -90,6 +93,7 @@ def claim(
         locked = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (DISPATCH_LOCK_ID,)).fetchone()
         if not (locked and locked[0]):  # another dispatcher is mid-tick
             return report, claimed
+        report.orphaned = fail_orphaned_recordings(conn)
         report.returned = return_expired(conn, settings.chunk_max_attempts)
         report.failed_chunks = fail_exhausted(conn, settings.chunk_max_attempts, settings.chunk_lease_s)
         budget = settings.dispatch_budget_chunks
@@ -191,6 +195,8 @@ def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = N
                 beaten = started
             report = tick(database, publish, settings)
             metrics.count(report.sent, report.returned, report.failed_chunks, time.monotonic() - started)
+            if report.orphaned:
+                log.warning("%d recording jobs failed: their producer went away", report.orphaned)
             if report.returned or report.failed_chunks:
                 log.info(
                     "sent %d chunks; %d leases ran out; %d chunks out of attempts",

@@ -79,19 +79,24 @@ class LedgerCollector(Collector):
 
 
 def job_metrics(jobs: Sequence[JobProgress]) -> Iterator[Metric]:
-    """Per job: items by status, running (1/0), seconds since it started, mean items per second."""
+    """Per job: items by status, running (1/0), recording (1/0), seconds since it started, mean
+    items per second."""
     items = gauge("quarry_job_items", "Items of a running or recently ended job", "job_id", "status")
-    running = gauge("quarry_job_running", "1 while the job runs, 0 once it ended", "job_id")
+    running = gauge("quarry_job_running", "1 while the job runs (recording too), 0 once it ended", "job_id")
+    recording = gauge(
+        "quarry_job_recording", "1 while the job's selection is still being recorded (total grows)", "job_id"
+    )
     seconds = gauge("quarry_job_seconds", "Seconds from the job's start to now or to its end", "job_id")
     rate = gauge("quarry_job_items_per_second", "Items done per second, mean over the job so far", "job_id")
     for job in jobs:
         items.add_metric([job.job_id, "total"], job.total)
         items.add_metric([job.job_id, "done"], job.done)
         items.add_metric([job.job_id, "failed"], job.failed)
-        running.add_metric([job.job_id], 1 if job.state == "running" else 0)
+        running.add_metric([job.job_id], 0 if job.ended else 1)
+        recording.add_metric([job.job_id], 1 if job.state == "recording" else 0)
         seconds.add_metric([job.job_id], job.seconds)
         rate.add_metric([job.job_id], job.done / job.seconds if job.seconds > 0 else 0.0)
-    yield from (items, running, seconds, rate)
+    yield from (items, running, recording, seconds, rate)
 
 
 def chunk_metrics(rows: Sequence[tuple[str, str, int, int]]) -> Iterator[Metric]:

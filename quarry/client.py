@@ -26,7 +26,8 @@ from common.storage import ObjectStore, parse_s3_uri
 from quarry.preview import contact_sheet, read_dataset_image
 from quarry.progress import Display, follow
 from quarry.query import check_query, run_user_query
-from quarry.submit import new_job_id, submit_job
+from quarry.record import Recording
+from quarry.submit import new_job_id, start_job
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,9 +56,17 @@ class Preview:
 class Job:
     """One job of the ledger, by id. Cheap to create: every call reads PostgreSQL afresh."""
 
-    def __init__(self, quarry: Quarry, job_id: str) -> None:
+    def __init__(self, quarry: Quarry, job_id: str, recording: Recording | None = None) -> None:
         self.quarry = quarry
         self.id = job_id
+        self.recording = recording  # while this process records the job's selection
+
+    def recorded(self, timeout: float | None = None) -> JobProgress:
+        """Wait until the whole selection is recorded (the job runs meanwhile); its counts then.
+        JobFailed when the query failed halfway."""
+        if self.recording is not None:
+            self.recording.wait(timeout)
+        return self.status()
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
@@ -222,8 +231,10 @@ class Quarry:
         dataset: str | None = None,
     ) -> Job:
         """Select images of `dataset` (default: the only one ingested) with SQL and record the
-        job; the dispatcher sends it through the pools. Every option is checked before anything is
-        recorded."""
+        job; the dispatcher sends its chunks through the pools as they are recorded. Every option
+        is checked before anything is recorded. Returns once the first chunks are in the ledger;
+        the rest of the selection is recorded on threads of this process (`Job.recorded()`
+        waits for it; the job's state is `recording` until then)."""
         spec = self.job_spec(
             augment=augment,
             variants=variants,
@@ -243,8 +254,8 @@ class Quarry:
             self.ensure_ready(conn)
             check_query(query)  # a refused query is said before anything else
             spec = replace(spec, dataset=get_dataset(conn, dataset or default_dataset(conn)).name)
-            submit_job(conn, self.settings, query, spec, size)
-        return Job(self, spec.job_id)
+            recording = start_job(conn, self.settings, query, spec, size)
+        return Job(self, spec.job_id, recording)
 
     def job_spec(self, **options: Any) -> JobSpec:
         """A validated JobSpec (UserError for a bad option) with a new job id."""

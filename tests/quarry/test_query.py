@@ -5,7 +5,7 @@ import pytest
 
 from common.errors import QueryError
 from common.jobspec import JobSpec
-from quarry.query import check_query, stream_chunks
+from quarry.query import check_query
 from quarry.submit import submit_job
 from tests.conftest import run_cli
 
@@ -53,15 +53,14 @@ def test_check_query_refuses_non_reads(sql: str, message: str) -> None:
         ("SELECT id FROM numbers WHERE pg_sleep(2) IS NOT NULL", "statement timeout of 1 s"),
     ],
 )
-def test_refused_queries_raise_before_anything_streams(
+def test_refused_queries_raise_and_record_nothing(
     settings, numbers: str, db: psycopg.Connection, sql: str, message: str
 ) -> None:  # type: ignore[no-untyped-def]
-    chunks = stream_chunks(
-        settings.model_copy(update={"query_timeout_s": 1}), sql, chunk_size=100, variants=1
-    )
-    with pytest.raises(QueryError, match=message), chunks:
-        pass
+    spec = JobSpec(job_id=str(uuid.uuid4()))
+    with pytest.raises(QueryError, match=message):
+        submit_job(db, settings.model_copy(update={"query_timeout_s": 1}), sql, spec, 100)
     assert db.execute("SELECT count(*) FROM numbers").fetchone() == (2500,)
+    assert db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
 
 
 def test_chunks_hold_the_distinct_ids_sorted_and_complete(settings, numbers: str, db) -> None:  # type: ignore[no-untyped-def]
