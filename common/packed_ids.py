@@ -58,14 +58,37 @@ class PackedIds:
             return EMPTY.pack(0, 0, INT8_OID)
         return HEADER.pack(1, 0, INT8_OID, len(self), 1) + self.elements
 
-    def cut(self, size: int) -> Iterator[PackedIds]:
-        """Consecutive pieces of at most `size` ids, in order."""
-        step = size * ELEMENT_BYTES
-        for start in range(0, len(self.elements), step):
-            yield PackedIds(self.elements[start : start + step])
+    def __add__(self, other: PackedIds) -> PackedIds:
+        if not len(self):
+            return other
+        return PackedIds(memoryview(bytes(self.elements) + bytes(other.elements)))
+
+    def part(self, start: int, stop: int | None = None) -> PackedIds:
+        """Ids `start` to `stop` (not included), as Python slices them."""
+        end = None if stop is None else stop * ELEMENT_BYTES
+        return PackedIds(self.elements[start * ELEMENT_BYTES : end])
 
     def ids(self) -> list[int]:
         return [value for _, value in struct.iter_unpack(">iq", self.elements)]
+
+    def cut(self, size: int) -> Iterator[PackedIds]:
+        """Consecutive pieces of at most `size` ids, in order."""
+        for start in range(0, len(self), size):
+            yield self.part(start, start + size)
+
+
+def fill(carry: PackedIds, more: PackedIds, size: int) -> tuple[list[PackedIds], PackedIds]:
+    """The full pieces of `size` ids that `carry` then `more` make, and the ids left over (fewer
+    than `size`): cutting a sorted run piece by piece this way gives the pieces cutting it whole
+    would."""
+    need = size - len(carry)
+    if len(more) < need:
+        return [], carry + more
+    pieces = [carry + more.part(0, need)]
+    rest = more.part(need)
+    whole = len(rest) - len(rest) % size
+    pieces.extend(rest.part(0, whole).cut(size))
+    return pieces, rest.part(whole)
 
 
 class PackedIdsLoader(Loader):

@@ -421,8 +421,9 @@ class ProgressBar:
         self.bar = tqdm(total=0, unit="img", desc="job")
 
     def update(self, progress: JobProgress) -> None:
-        self.bar.total = progress.total
+        self.bar.total = progress.total  # grows while the selection is recorded
         self.bar.n = progress.done + progress.failed
+        self.bar.set_description(progress.state, refresh=False)
         self.bar.set_postfix(failed=progress.failed, refresh=False)
         self.bar.refresh()
 

@@ -23,13 +23,16 @@ class Display(Protocol):
 
 
 def render(progress: JobProgress) -> str:
-    """`[#####-----] 120/400 done · 2 failed · 35.1 img/s · 3.4 s`."""
+    """`[#####-----] 120/400 done · 2 failed · 35.1 img/s · 3.4 s`; while the selection is still
+    being recorded the total is what is recorded so far: `120/400+ done · … · recording`."""
     finished = progress.done + progress.failed
     filled = BAR_WIDTH * finished // progress.total if progress.total else BAR_WIDTH
     rate = finished / progress.seconds if progress.seconds > 0 else 0.0
+    recording = progress.state == "recording"
     return (
-        f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {progress.done}/{progress.total} done"
-        f" · {progress.failed} failed · {rate:.1f} img/s · {progress.seconds:.1f} s"
+        f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {progress.done}/{progress.total}"
+        f"{'+' if recording else ''} done · {progress.failed} failed · {rate:.1f} img/s"
+        f" · {progress.seconds:.1f} s{' · recording' if recording else ''}"
     )
 
 

@@ -5,8 +5,10 @@ One thread coordinates: it holds the snapshot (a query-role transaction that exp
 job row and the end of the recording. SELECTION_CONNECTIONS reader threads each import the
 snapshot on a query-role session of their own and take the next slice in order: a bounded
 slice comes back as one sorted `bigint[]` cut into chunks without a Python int per id
-(common/packed_ids.py), a streamed one as chunk rows through a cursor; each reader commits its
-chunks on an owner connection of its own (common/recording.py). Cancel stops every reader; the
+(common/packed_ids.py), a streamed one as chunk rows through a cursor; it is cut into chunks
+after the ids the slice before it left over and numbered after that slice's chunks (`Numbering`),
+so the chunks are those of cutting the whole sorted selection, and each reader commits them on an
+owner connection of its own (common/recording.py). Cancel stops every reader; the
 first error fails the job (or, before any chunk was committed, removes it).
 """
 
@@ -22,7 +24,7 @@ import psycopg
 from common.config import Settings
 from common.db import connect, first_line
 from common.errors import JobFailed, QuarryError, QueryError
-from common.packed_ids import register_packed_ids
+from common.packed_ids import PackedIds, fill, register_packed_ids
 from common.recording import (
     ChunkRow,
     append_chunks,
@@ -72,6 +74,7 @@ class Recording:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._readers: list[psycopg.Connection] = []
+        self._numbering = Numbering()
         self._thread = threading.Thread(target=self._coordinate, name=f"record-{selection.job_id[:8]}")
 
     @property
@@ -190,16 +193,66 @@ class Recording:
             return None if self._stop.is_set() else next(self._slices, None)
 
     def _chunks(self, reader: psycopg.Connection, piece: Slice) -> Iterator[list[ChunkRow]]:
-        """A slice's chunk rows, in batches to commit."""
-        size, timeout_s = self.selection.chunk_size, self.settings.query_timeout_s
-        body = self.selection.body
+        """A slice's chunk rows in batches to commit: its ids after the ones the slice before it
+        left over, cut into full chunks numbered after that slice's, so the chunks are the ones
+        cutting the whole sorted selection would give. A bounded slice leaves its last ids to the
+        next; the last slice (streamed) commits them as the selection's last chunk."""
+        size = self.selection.chunk_size
         if piece.streamed:
-            where = EVERY_ID if piece.low is None else OUTSIDE
-            params = {"first": piece.first_chunk, "size": size, "low": piece.low, "high": piece.high}
-            yield from stream_slice(reader, body, where, params, timeout_s)
+            if (handed := self._numbering.take(piece.number, self._stop)) is None:
+                return
+            index, carry = handed
+            for fetched in self._stream(reader, piece):  # a commit per fetch
+                rows: list[ChunkRow] = []
+                for more in fetched:
+                    full, carry = fill(carry, more, size)
+                    rows.extend((index + n, ids, len(ids)) for n, ids in enumerate(full))
+                    index += len(full)
+                yield rows
+            yield [(index, carry, len(carry))] if len(carry) else []
             return
         assert piece.low is not None and piece.high is not None
-        ids = read_slice(reader, body, piece.low, piece.high)
-        rows = [(piece.first_chunk + n, part, len(part)) for n, part in enumerate(ids.cut(size))]
+        more = read_slice(reader, self.selection.body, piece.low, piece.high)
+        if (handed := self._numbering.take(piece.number, self._stop)) is None:
+            return
+        index, carry = handed
+        full, carry = fill(carry, more, size)
+        self._numbering.hand_on(piece.number, index + len(full), carry)
+        rows = [(index + n, ids, len(ids)) for n, ids in enumerate(full)]
         for start in range(0, len(rows), CHUNKS_PER_COMMIT):
             yield rows[start : start + CHUNKS_PER_COMMIT]
+
+    def _stream(self, reader: psycopg.Connection, piece: Slice) -> Iterator[list[PackedIds]]:
+        """A streamed slice's ids, sorted, in pieces of the chunk size (cut by the server), a
+        fetch at a time."""
+        where = EVERY_ID if piece.low is None else OUTSIDE
+        params = {"first": 0, "size": self.selection.chunk_size, "low": piece.low, "high": piece.high}
+        for batch in stream_slice(reader, self.selection.body, where, params, self.settings.query_timeout_s):
+            yield [ids for _, ids, _ in batch]
+
+
+class Numbering:
+    """What each slice starts from: the next chunk index and the ids the slice before it left
+    over. Slices are taken in order, so each waits at most for its predecessor's read (not its
+    commit); the chunks are numbered densely in id order, and are the same on every run over the
+    same catalog."""
+
+    def __init__(self) -> None:
+        self._handed: dict[int, tuple[int, PackedIds]] = {0: (0, PackedIds(memoryview(b"")))}
+        self._changed = threading.Condition()
+
+    def take(self, number: int, stop: threading.Event) -> tuple[int, PackedIds] | None:
+        """(first chunk index, ids left over) for slice `number`; None when the recording stops
+        meanwhile."""
+        with self._changed:
+            while number not in self._handed:
+                if stop.is_set():
+                    return None
+                self._changed.wait(POLL_S)
+            return self._handed.pop(number)
+
+    def hand_on(self, number: int, next_index: int, left_over: PackedIds) -> None:
+        """Slice `number` is cut: the next slice starts at `next_index` with `left_over`."""
+        with self._changed:
+            self._handed[number + 1] = (next_index, left_over)
+            self._changed.notify_all()

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from pglast import parser as pg_parser
 
-MAX_CHUNK_INDEX = 2**31 - 1  # job_chunks.chunk_index is an integer
+MAX_SLICES = 100_000  # a sparser id range is cut into wider slices, not into more
 # parse-tree keys whose presence keeps a query whole, with the reason said
 WHOLE_RESULT_KEYS = {
     "limitCount": "it has a LIMIT",
@@ -35,14 +35,13 @@ CLOCK_FUNCTIONS = frozenset({"now", "transaction_timestamp", "statement_timestam
 
 @dataclass(frozen=True)
 class Slice:
-    """Ids `low` <= id < `high` of the selection (`streamed`: the ids outside [low, high), or
-    every id when both are None), numbered from chunk `first_chunk`."""
+    """Ids `low` <= id < `high` of the selection; `streamed`: the ids outside [low, high), or
+    every id when both are None, read as chunk rows through a cursor (their number has no bound)."""
 
-    number: int
+    number: int  # its place in id order: its chunks are numbered after those of slice number - 1
     low: int | None
     high: int | None
-    first_chunk: int
-    streamed: bool = False  # read as chunk rows through a cursor: its size has no bound
+    streamed: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,36 +49,25 @@ class SlicePlan:
     slices: list[Slice]
     note: str  # one line for the job: how it was cut, or why it was not
 
-    @property
-    def sliced(self) -> bool:
-        return len(self.slices) > 1 or not self.slices[0].streamed
-
 
 def whole(reason: str) -> SlicePlan:
-    return SlicePlan([Slice(0, None, None, 0, streamed=True)], f"recorded as one slice: {reason}")
+    return SlicePlan([Slice(0, None, None, streamed=True)], f"recorded as one slice: {reason}")
 
 
-def plan_slices(
-    bounds: tuple[int, int] | None, slice_ids: int, chunk_size: int, keep_whole: str | None
-) -> SlicePlan:
+def plan_slices(bounds: tuple[int, int] | None, slice_ids: int, keep_whole: str | None) -> SlicePlan:
     """Slices of `slice_ids` ids over `bounds` (the dataset's smallest and largest id), then one
-    for any id outside them. A slice's chunks are numbered from its own block of chunk indexes,
-    as many as it could fill, so each is numbered without waiting for the ones before it."""
+    for any id outside them. An id range too sparse for MAX_SLICES slices gets wider ones (a
+    slice holds at most the dataset's rows in its range, however wide)."""
     if keep_whole:
         return whole(keep_whole)
     if bounds is None:
-        return whole("the dataset has no images yet")
+        return whole("the dataset has no rows yet")
     low, high = bounds
-    count = math.ceil((high - low + 1) / slice_ids)
-    per_slice = math.ceil(slice_ids / chunk_size)
-    if count * per_slice >= MAX_CHUNK_INDEX:
-        return whole(f"its ids span {high - low + 1} values, too sparse to number chunks by slice")
-    slices = [
-        Slice(n, low + n * slice_ids, min(low + (n + 1) * slice_ids, high + 1), n * per_slice)
-        for n in range(count)
-    ]
-    outside = Slice(count, low, high + 1, count * per_slice, streamed=True)
-    return SlicePlan([*slices, outside], f"recorded in {count} slices of {slice_ids} ids")
+    width = max(slice_ids, math.ceil((high - low + 1) / MAX_SLICES))
+    count = math.ceil((high - low + 1) / width)
+    slices = [Slice(n, low + n * width, min(low + (n + 1) * width, high + 1)) for n in range(count)]
+    outside = Slice(count, low, high + 1, streamed=True)
+    return SlicePlan([*slices, outside], f"recorded in {count} slices of {width} ids")
 
 
 def parse_tree(statement: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ def start_job(
     with user_session(settings) as reader:
         check_selection(reader, body)
     keep_whole = why_whole(conn, parse_tree(body), spec.dataset)
-    plan = plan_slices(id_bounds(conn, spec.dataset), settings.selection_slice_ids, chunk_size, keep_whole)
+    plan = plan_slices(id_bounds(conn, spec.dataset), settings.selection_slice_ids, keep_whole)
     selection = Selection(spec.job_id, sql, body, spec.to_message(), spec.variants, chunk_size, plan)
     return Recording(settings, selection).start()
 

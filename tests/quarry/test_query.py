@@ -60,7 +60,7 @@ def test_refused_queries_raise_and_record_nothing(
     with pytest.raises(QueryError, match=message):
         submit_job(db, settings.model_copy(update={"query_timeout_s": 1}), sql, spec, 100)
     assert db.execute("SELECT count(*) FROM numbers").fetchone() == (2500,)
-    assert db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM jobs WHERE id = %s", (spec.job_id,)).fetchone() == (0,)
 
 
 def test_chunks_hold_the_distinct_ids_sorted_and_complete(settings, numbers: str, db) -> None:  # type: ignore[no-untyped-def]

@@ -1,6 +1,8 @@
 """Recording a selection in slices, against a real PostgreSQL: exact ids, one slice where slicing
 would change the result, failure, cancel and early finishes while the rest is still recorded."""
 
+import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -8,14 +10,19 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from common.config import Settings
+from common.config import Settings, get_settings
+from common.db import connect, ensure_database, ensure_schema
 from common.errors import JobFailed
 from common.jobs import cancel_job, job_progress
 from common.jobspec import JobSpec
 from common.ledger import ItemResult, Ticket, claim_chunks, open_chunk, record_progress
+from common.query_role import ensure_query_role
+from common.recording import fail_orphaned_recordings
 from quarry.query import user_session
 from quarry.record import Recording
 from quarry.submit import start_job, submit_job
+from tests.conftest import run_cli
+from tests.stack import BIN, wait_until
 
 DATASET = "sliced"
 SHARDS = 4
@@ -33,10 +40,25 @@ AS 'SELECT $1 <= $2 OR $1 > $3 OR pg_sleep(0.02) IS NOT NULL'
 """
 
 
-@pytest.fixture
-def sliced(db: psycopg.Connection, own_datasets: None) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def private(test_env: dict[str, str]) -> Iterator[tuple[Settings, dict[str, str]]]:
+    """A database of this module's own, with the dataset: the session's dispatcher and pools
+    (started by earlier modules) must not take these jobs' chunks."""
+    name = f"quarry_selection_{uuid.uuid4().hex[:8]}"
+    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    ensure_database(url)
+    settings = get_settings().model_copy(update={"database_url": url})
+    with connect(url, autocommit=True) as conn:
+        ensure_schema(conn)
+        ensure_query_role(conn, settings)
+        make_dataset(conn)
+    yield settings, {**test_env, "DATABASE_URL": url}
+    with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def make_dataset(db: psycopg.Connection) -> None:
     """A dataset whose ids have gaps, its images in several shards (rows only: nothing is read)."""
-    db.execute(f"DROP TABLE IF EXISTS {DATASET}")
     db.execute(CATALOG)
     db.execute(f"GRANT SELECT ON {DATASET} TO quarry_reader")
     dataset = db.execute(
@@ -57,9 +79,24 @@ def sliced(db: psycopg.Connection, own_datasets: None) -> Iterator[str]:
         (dataset[0], shards),
     )
     db.execute(SLOW)
-    yield DATASET
-    db.execute("DELETE FROM locations WHERE dataset = %s", (dataset[0],))
-    db.execute("DELETE FROM shards WHERE uri LIKE 's3://quarry-raw/test-sliced/%'")
+
+
+@pytest.fixture
+def settings(private: tuple[Settings, dict[str, str]]) -> Settings:
+    return private[0]
+
+
+@pytest.fixture
+def cli_env(private: tuple[Settings, dict[str, str]]) -> dict[str, str]:
+    return private[1]
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[psycopg.Connection]:
+    """The private database; its jobs removed after each test."""
+    with connect(settings.database_url, autocommit=True) as conn:
+        yield conn
+        conn.execute("TRUNCATE jobs, job_chunks, job_items, ingest_units")
 
 
 def small_slices(settings: Settings, slice_ids: int = 250, **more: object) -> Settings:
@@ -99,7 +136,7 @@ def selected(settings: Settings, query: str) -> list[int]:
     ],
 )
 def test_a_sliced_selection_records_exactly_the_ids_of_the_unsliced_query(
-    settings: Settings, db: psycopg.Connection, sliced: str, query: str
+    settings: Settings, db: psycopg.Connection, query: str
 ) -> None:
     spec = new_spec(variants=2)
     sliced_settings = small_slices(settings, slice_ids=250)
@@ -113,7 +150,9 @@ def test_a_sliced_selection_records_exactly_the_ids_of_the_unsliced_query(
     inside = [i for i in ids if 1 <= i <= 5999]
     assert len(ids) == len(set(ids)) and sorted(ids) == expected  # each selected id once
     assert ids[: len(inside)] == inside == sorted(inside)  # in id (storage) order across chunks
-    assert all(0 < len(chunk) <= 40 and n == 2 * len(chunk) for _, chunk, n in rows)
+    assert [index for index, _, _ in rows] == list(range(len(rows)))  # numbered densely
+    assert all(len(chunk) == 40 for _, chunk, _ in rows[:-1])  # cut as the whole selection would be
+    assert all(n == 2 * len(chunk) for _, chunk, n in rows)
     assert (chunks, items) == (len(rows), 2 * len(expected))
     assert progress.state == "running" and progress.total == items
 
@@ -130,7 +169,7 @@ def test_a_sliced_selection_records_exactly_the_ids_of_the_unsliced_query(
     ],
 )
 def test_a_query_that_slicing_would_change_is_recorded_as_one_slice(
-    settings: Settings, db: psycopg.Connection, sliced: str, query: str, why: str
+    settings: Settings, db: psycopg.Connection, query: str, why: str
 ) -> None:
     spec = new_spec()
     chunks, items = submit_job(db, small_slices(settings), query, spec, 100)
@@ -158,7 +197,7 @@ def finish_chunk(db: psycopg.Connection, job_id: str, chunk: int) -> None:
 
 
 def test_a_query_that_times_out_halfway_fails_the_job_and_keeps_its_done_chunks(
-    settings: Settings, db: psycopg.Connection, sliced: str
+    settings: Settings, db: psycopg.Connection
 ) -> None:
     spec = new_spec()
     query = f"SELECT id FROM {DATASET} WHERE slow_between(id, 300, 600)"
@@ -179,7 +218,7 @@ def test_a_query_that_times_out_halfway_fails_the_job_and_keeps_its_done_chunks(
 
 
 def test_cancel_during_recording_stops_the_recording_and_the_job(
-    settings: Settings, db: psycopg.Connection, sliced: str
+    settings: Settings, db: psycopg.Connection
 ) -> None:
     spec = new_spec()
     query = f"SELECT id FROM {DATASET} WHERE slow_between(id, 300, 6000)"  # 20 ms an id after 300
@@ -198,7 +237,7 @@ def test_cancel_during_recording_stops_the_recording_and_the_job(
 
 
 def test_a_job_whose_first_chunks_finish_before_its_last_are_recorded_ends_exact(
-    settings: Settings, db: psycopg.Connection, sliced: str
+    settings: Settings, db: psycopg.Connection
 ) -> None:
     spec = new_spec()
     query = f"SELECT id FROM {DATASET} WHERE slow_between(id, 5600, 6000)"
@@ -224,7 +263,7 @@ def test_a_job_whose_first_chunks_finish_before_its_last_are_recorded_ends_exact
 
 
 def test_a_job_that_finishes_every_recorded_chunk_waits_for_the_rest_of_its_selection(
-    settings: Settings, db: psycopg.Connection, sliced: str
+    settings: Settings, db: psycopg.Connection
 ) -> None:
     spec = new_spec()
     query = f"SELECT id FROM {DATASET} WHERE slow_between(id, 400, 500)"
@@ -236,3 +275,50 @@ def test_a_job_that_finishes_every_recorded_chunk_waits_for_the_rest_of_its_sele
     recording.wait(120)
     progress = job_progress(db, spec.job_id)
     assert progress is not None and progress.state == "running" and progress.total > early.total
+
+
+def slow_cli_env(cli_env: dict[str, str], **more: str) -> dict[str, str]:
+    return {**cli_env, "SELECTION_SLICE_IDS": "250", "SELECTION_CONNECTIONS": "1", **more}
+
+
+def test_the_cli_says_a_selection_that_failed_halfway_in_one_line_and_exits_1(
+    cli_env: dict[str, str], db: psycopg.Connection
+) -> None:
+    query = f"SELECT id FROM {DATASET} WHERE slow_between(id, 300, 600)"
+    env = slow_cli_env(cli_env, QUERY_TIMEOUT_S="1")
+    result = run_cli("run", "--dataset", DATASET, "--query", query, env=env, check=False)
+    assert result.returncode == 1
+    job_id = db.execute("SELECT id::text FROM jobs").fetchone()[0]  # type: ignore[index]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: job {job_id} failed while recording its selection:"
+        " query exceeded the statement timeout of 1 s"
+    )
+    status = run_cli("status", job_id, env=env)
+    assert "(failed)" in status.stdout and status.stdout.strip().endswith(
+        "; query exceeded the statement timeout of 1 s"
+    )
+
+
+def test_a_producer_killed_while_recording_leaves_a_failed_job_not_a_stuck_one(
+    cli_env: dict[str, str], db: psycopg.Connection
+) -> None:
+    query = f"SELECT id FROM {DATASET} WHERE slow_between(id, 300, 6000)"
+    producer = subprocess.Popen(
+        [str(BIN / "producer"), "run", "--dataset", DATASET, "--query", query],
+        env={**os.environ, **slow_cli_env(cli_env)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(
+            lambda: db.execute("SELECT count(*) FROM job_chunks").fetchone()[0], 60, "the first chunks"
+        )  # type: ignore[index]
+        assert fail_orphaned_recordings(db) == 0  # its producer is alive: not an orphan
+    finally:
+        producer.kill()
+        producer.wait()
+    wait_until(lambda: fail_orphaned_recordings(db), 30, "the dispatcher's check to fail the job")
+    (job_id,) = db.execute("SELECT id::text FROM jobs").fetchone()  # type: ignore[misc]
+    progress = job_progress(db, job_id)
+    assert progress is not None and progress.state == "failed"
+    assert progress.error == "the producer recording its selection went away before it was recorded whole"
