@@ -104,7 +104,8 @@ def first_dispatch(url: str, stop: threading.Event, seen: list[float]) -> None:
     """Poll the ledger until any chunk is dispatched; its time (monotonic) into `seen`."""
     with psycopg.connect(url, autocommit=True) as conn:
         while not stop.is_set():
-            if conn.execute("SELECT EXISTS (SELECT FROM job_chunks WHERE state = 'dispatched')").fetchone()[0]:  # type: ignore[index]
+            found = conn.execute("SELECT EXISTS (SELECT FROM job_chunks WHERE state = 'dispatched')")
+            if found.fetchone()[0]:  # type: ignore[index]
                 seen.append(time.monotonic())
                 return
             time.sleep(0.01)
@@ -123,8 +124,10 @@ def producer_run(stack: Stack, label: str, where: str) -> Run:
     poller = threading.Thread(target=first_dispatch, args=(url, stop, seen))
     poller.start()
     started = time.monotonic()
-    command = [str(BIN / "producer"), "run", "--dataset", DATASET, "--query", f"SELECT id FROM {DATASET} WHERE {where}"]
-    process = subprocess.Popen(command, env={**os.environ, **stack.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    query = f"SELECT id FROM {DATASET} WHERE {where}"
+    command = [str(BIN / "producer"), "run", "--dataset", DATASET, "--query", query]
+    env = {**os.environ, **stack.env}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     total_s = time.monotonic() - started
     out, err = process.communicate()
@@ -162,11 +165,14 @@ def one_transaction(url: str, settings: Settings, ids: int, chunk_size: int) -> 
     started = time.monotonic()
     body = check_query(query)
     statement = embed(CHUNK_ROWS.replace("{where}", EVERY_ID), body)
-    with connect(url, autocommit=True) as owner, user_session(settings) as reader:
-        with reader.cursor(name="baseline") as cursor:
-            cursor.itersize = 100
-            cursor.execute(statement, {"first": 0, "size": chunk_size})
-            record_job(owner, new_job_id(), query, {}, cursor)
+    with (
+        connect(url, autocommit=True) as owner,
+        user_session(settings) as reader,
+        reader.cursor(name="baseline") as cursor,
+    ):
+        cursor.itersize = 100
+        cursor.execute(statement, {"first": 0, "size": chunk_size})
+        record_job(owner, new_job_id(), query, {}, cursor)
     total_s = time.monotonic() - started
     run = Run(
         "one transaction (before)",

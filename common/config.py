@@ -36,7 +36,7 @@ class Settings(BaseSettings):
         default=600, ge=1, description="statement timeout of user SQL: each slice or fetch of a selection"
     )
     selection_slice_ids: int = Field(
-        default=1_000_000, ge=1, description="span of dataset ids a selection's slice covers (its memory)"
+        default=250_000, ge=1, description="span of dataset ids a selection's slice covers (its memory)"
     )
     selection_connections: int = Field(
         default=4, ge=1, le=64, description="slices of a selection read at once, each on its own connection"
