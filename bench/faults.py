@@ -1,10 +1,11 @@
-"""The job-ledger faults on the full sample, with figures: each scenario runs one job on real
-processes (moto's S3 server, a private redis-server, the three pools, the dispatcher) and injects
-one fault mid-job.
+"""The job-ledger faults on the sample, with figures: each scenario runs the same job on real
+processes (moto's S3 server, a private redis-server, the three pools, the dispatcher), with every
+ledger setting at its default (a 300 s lease), and injects one fault mid-job; each line says how
+much longer the job took than the same job without a fault, in the same run.
 
-Run: python -m bench.faults [--dataset ../shared/fashion-sample] [--only NAME ...]. Uses
-PostgreSQL at 127.0.0.1:5432 (a scratch database, dropped after). Process handling comes from
-tests/stack.py, the same helpers the fault tests use.
+Run: python -m bench.faults [--dataset ../shared/fashion-sample] [--images N] [--only NAME ...].
+Uses PostgreSQL at 127.0.0.1:5432 (a scratch database, dropped after). Process handling comes
+from tests/stack.py, the same helpers the fault tests use.
 """
 
 from __future__ import annotations
@@ -32,18 +33,18 @@ from common.paths import default_dataset_path
 from tests.stack import BIN, Stack, free_port, wait_until
 
 WITH_IMAGES = "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"
-JOB = ("--augment", "hflip | rotate(limit=15) | resize(224, 224)", "--variants", "2")
-PNG_JOB = ("--augment", "resize(448, 448)", "--format", "png", "--variants", "4")
-LEASE_S = 30
+JOB = ("--augment", "rotate(limit=15) | resize(224, 224)", "--variants", "2", "--model", "default")
 MIB = 1024 * 1024
+FIRST_IDS = "(SELECT max(id) FROM (SELECT id FROM images WHERE status = 'stored' ORDER BY id LIMIT {n}) f)"
 
 
 class Bench:
     def __init__(self, env: dict[str, str], root: Path, s3: subprocess.Popen[bytes]) -> None:
         self.env, self.root, self.s3 = env, root, s3
+        self.baseline_s: float | None = None
 
-    def stack(self, name: str, **settings: str) -> Stack:
-        stack = Stack({**self.env, **settings}, self.root / name)
+    def stack(self, name: str) -> Stack:
+        stack = Stack(self.env, self.root / name.replace(" ", "-").replace(",", ""))
         stack.start_redis()
         stack.start_pools()
         stack.start_dispatcher()
@@ -65,10 +66,9 @@ class Bench:
                 count, size = count + 1, size + item["Size"]
         return count, size
 
-    def scenario(
-        self, name: str, fault: Callable[[Stack], None], job: tuple[str, ...] = JOB, **settings: str
-    ) -> None:
-        stack = self.stack(name, **{"CHUNK_LEASE_S": str(LEASE_S), **settings})
+    def scenario(self, name: str, fault: Callable[[Stack], None], query: str) -> float:
+        """Run the job with `fault` a quarter of the way in; print its line; its seconds."""
+        stack = self.stack(name)
         peak = {"redis": 0}
         stop = threading.Event()
 
@@ -82,32 +82,42 @@ class Bench:
         sampler.start()
         try:
             started = time.monotonic()
-            job_id = stack.submit(WITH_IMAGES, *job)
+            job_id = stack.submit(query, *JOB)
             total = stack.progress(job_id).total
             wait_until(lambda: stack.progress(job_id).done >= total // 4, 600, "a quarter done", 0.2)
             fault(stack)
-            recovered = time.monotonic()
             wait_until(lambda: stack.progress(job_id).ended, 1800, "the job", 0.5)
             end = stack.progress(job_id)
-            finished = time.monotonic()
+            seconds = time.monotonic() - started
             stop.set()
             sampler.join()
-            count, size = self.objects(job_id)
+            count, _ = self.objects(job_id)
+            extra = "" if self.baseline_s is None else f"  (+{seconds - self.baseline_s:5.1f} s)"
             print(
-                f"{name:<34} items {end.total:>6}  done {end.done:>6}  failed {end.failed:>3}"
-                f"  objects {count:>6}"
-                f"  re-sent chunks {stack.redispatched(job_id):>3}  end-to-end {finished - started:6.1f} s"
-                f"  after the fault {finished - recovered:6.1f} s  Redis peak {peak['redis'] / MIB:6.1f} MiB"
-                f"  output {size / MIB:7.1f} MiB",
+                f"{name:<40} items {end.total:>6}  done {end.done:>6}  failed {end.failed:>3}"
+                f"  objects {count:>6}  re-sent chunks {stack.redispatched(job_id):>3}"
+                f"  job {seconds:6.1f} s{extra}  Redis peak {peak['redis'] / MIB:6.1f} MiB",
                 flush=True,
             )
+            return seconds
         finally:
             stack.stop_all()
 
 
-def kill_pool(stack: Stack) -> None:
-    stack.stop("worker-transform", signal.SIGKILL)
-    time.sleep(5)
+def kill_pool(queue: str) -> Callable[[Stack], None]:
+    """SIGKILL a pool while it holds an unfinished chunk; its supervisor restarts it 5 s later."""
+
+    def fault(stack: Stack) -> None:
+        stack.kill_pool_mid_chunk(queue)
+        time.sleep(5)
+        stack.start_pool(queue)
+
+    return fault
+
+
+def terminate_pool(stack: Stack) -> None:
+    """SIGTERM the transform pool (a scale-down); it is started again once it has exited."""
+    stack.stop("worker-transform", signal.SIGTERM, timeout=300)
     stack.start_pool("transform")
 
 
@@ -115,6 +125,9 @@ def lose_broker(stack: Stack) -> None:
     stack.stop("redis", signal.SIGKILL)
     time.sleep(3)
     stack.start_redis()
+    for _ in range(20):  # as the pools' supervisor: one that ended with the broker starts again
+        stack.restart_exited_pools()
+        time.sleep(0.5)
 
 
 def terminate_connections(stack: Stack) -> None:
@@ -133,6 +146,7 @@ def terminate_connections(stack: Stack) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", type=Path, default=default_dataset_path())
+    parser.add_argument("--images", type=int, default=None, help="select only the first N stored images")
     parser.add_argument("--only", nargs="*")
     args = parser.parse_args()
     name = f"quarry_faults_{uuid.uuid4().hex[:8]}"
@@ -148,8 +162,10 @@ def main() -> None:
         "DATASET_PATH": str(args.dataset),
         "RAW_BUCKET": "bench-raw",
         "OUTPUT_BUCKET": "bench-out",
-        "DISPATCH_INTERVAL_S": "0.2",
     }
+    query = (
+        WITH_IMAGES if args.images is None else f"{WITH_IMAGES} AND s.id <= {FIRST_IDS.format(n=args.images)}"
+    )
     bench = Bench(env, Path(tempfile.mkdtemp(prefix="quarry-faults-")), s3)
 
     def freeze_s3(_stack: Stack) -> None:
@@ -157,20 +173,15 @@ def main() -> None:
         time.sleep(30)
         os.kill(s3.pid, signal.SIGCONT)
 
-    def stop_upload(stack: Stack) -> None:
-        stack.stop("worker-upload")
-        time.sleep(60)
-        stack.start_pool("upload")
-
-    scenarios: dict[str, Callable[[], None]] = {
-        "none": lambda: bench.scenario("no fault (baseline)", lambda _s: None),
-        "pool": lambda: bench.scenario("transform pool SIGKILLed, back in 5 s", kill_pool),
-        "broker": lambda: bench.scenario("Redis killed, restarted empty", lose_broker),
-        "postgres": lambda: bench.scenario("PG connections killed for 10 s", terminate_connections),
-        "s3": lambda: bench.scenario("S3 server frozen 30 s", freeze_s3),
-        "upload": lambda: bench.scenario(
-            "upload pool stopped 60 s, 448 PNG x4", stop_upload, PNG_JOB, CHUNK_LEASE_S="120"
-        ),
+    scenarios: dict[str, tuple[str, Callable[[Stack], None]]] = {
+        "none": ("no fault (baseline)", lambda _s: None),
+        "transform": ("transform pool SIGKILLed, back in 5 s", kill_pool("transform")),
+        "upload": ("upload pool SIGKILLed, back in 5 s", kill_pool("upload")),
+        "inference": ("inference pool SIGKILLed, back in 5 s", kill_pool("inference")),
+        "broker": ("Redis killed, restarted empty", lose_broker),
+        "sigterm": ("transform pool sent SIGTERM, started again", terminate_pool),
+        "postgres": ("PG connections killed for 10 s", terminate_connections),
+        "s3": ("S3 server frozen 30 s", freeze_s3),
     }
     try:
         wait_until(
@@ -181,13 +192,16 @@ def main() -> None:
             [str(BIN / "producer"), "ingest"], env={**os.environ, **env}, check=True, capture_output=True
         )
         print(
-            f"machine: {platform.machine()}, {os.cpu_count()} cores; dataset {args.dataset};"
-            f" lease {LEASE_S} s"
-            " (120 s for the upload stop); pools: transform 2 processes, upload 8 threads, inference 1"
+            f"machine: {platform.machine()}, {os.cpu_count()} cores; dataset {args.dataset}"
+            f" ({'every stored image' if args.images is None else f'the first {args.images} stored images'});"
+            f" job {' '.join(JOB)}; default settings (lease 300 s); pools: transform 2 processes,"
+            " upload 8 threads, inference 1"
         )
-        for key, run in scenarios.items():
-            if not args.only or key in args.only:
-                run()
+        for key, (label, fault) in scenarios.items():
+            if not args.only or key in args.only or key == "none":
+                seconds = bench.scenario(label, fault, query)
+                if key == "none":
+                    bench.baseline_s = seconds
     finally:
         s3.terminate()
         with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:

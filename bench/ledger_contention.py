@@ -59,7 +59,7 @@ def record_all(url: str, work: list[Ticket], chunk_size: int) -> None:
 def run(url: str, threads: int, chunks: int, chunk_size: int, shared: bool) -> float:
     """Chunks finished per second by `threads` recorders, on one job (`shared`) or one each."""
     with connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE jobs, job_chunks, job_items, ingest_units")
+        conn.execute("TRUNCATE jobs, job_chunks, job_items, ingest_units, recorded_batches")
         jobs = make_jobs(conn, 1 if shared else threads, chunks, chunk_size)
         per_job = chunks // len(jobs)
         tickets = [Ticket(job, c, 1) for job in jobs for c in range(per_job)]

@@ -113,7 +113,7 @@ def first_dispatch(url: str, stop: threading.Event, seen: list[float]) -> None:
 
 def clear_jobs(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE jobs, job_chunks, job_items, ingest_units")
+        conn.execute("TRUNCATE jobs, job_chunks, job_items, ingest_units, recorded_batches")
 
 
 def producer_run(stack: Stack, label: str, where: str) -> Run:

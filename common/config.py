@@ -89,7 +89,20 @@ class Settings(BaseSettings):
         default=300, ge=5, description="a dispatcher whose loop stopped this long exits, to be restarted"
     )
     chunk_lease_s: int = Field(
-        default=300, ge=5, description="a chunk no stage touched for this long is dispatched again"
+        default=300,
+        ge=5,
+        description="a chunk no stage touched this long is dispatched again (last resort)",
+    )
+    worker_heartbeat_s: float = Field(
+        default=5, gt=0, le=60, description="a worker process says it is alive this often (holders)"
+    )
+    holder_timeout_s: float = Field(
+        default=15, gt=0, description="a worker process silent this long is lost: its chunks are sent again"
+    )
+    queue_quiet_s: float = Field(
+        default=10,
+        gt=0,
+        description="an unheld chunk untouched this long, with nothing in the broker: lost",
     )
     chunk_max_attempts: int = Field(
         default=3, ge=1, le=100, description="dispatches of a chunk before its items are failed"

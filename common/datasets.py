@@ -15,7 +15,7 @@ from common.sources import Source
 NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 RESERVED = frozenset(
     {"datasets", "shards", "locations", "images", "jobs", "job_chunks", "job_items", "dispatchers"}
-    | {"schema_version", "predictions", "ingest_units"}
+    | {"schema_version", "predictions", "ingest_units", "holders", "holds", "recorded_batches"}
 )
 FASHION = "styles"  # the Kaggle archive's dataset (and table) name
 FORMATS = ("kaggle", "folder", "csv", "jsonl", "parquet", "webdataset")  # what `producer ingest` reads

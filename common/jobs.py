@@ -101,10 +101,15 @@ def wake_dispatchers(conn: psycopg.Connection) -> None:
 
 PROGRESS = """
 SELECT j.id, CASE WHEN j.state = 'running' AND j.recorded_at IS NULL THEN 'recording' ELSE j.state END,
-       j.total, j.done + coalesce(f.done, 0), j.failed + coalesce(f.failed, 0),
+       (j.total + coalesce(r.items, 0))::bigint, j.done + coalesce(f.done, 0), j.failed + coalesce(f.failed, 0),
        extract(epoch FROM coalesce(j.finished_at, clock_timestamp()) - j.created_at),
-       j.chunks, coalesce(f.chunks, 0), to_char(j.created_at, 'YYYY-MM-DD HH24:MI:SS'), j.error, j.slicing
+       (j.chunks + coalesce(r.chunks, 0))::integer, coalesce(f.chunks, 0),
+       to_char(j.created_at, 'YYYY-MM-DD HH24:MI:SS'),
+       j.error, j.slicing
 FROM jobs j LEFT JOIN LATERAL (
+    -- what a recording job has committed so far (common/recording.py)
+    SELECT sum(b.chunks) AS chunks, sum(b.items) AS items FROM recorded_batches b WHERE b.job_id = j.id
+) r ON true LEFT JOIN LATERAL (
     -- items already recorded in the chunks now in flight (at most the dispatch budget)
     SELECT sum(c.done) AS done, sum(c.failed) AS failed, count(*) AS chunks
     FROM job_chunks c WHERE c.job_id = j.id AND c.state = 'dispatched'

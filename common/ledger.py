@@ -61,6 +61,8 @@ class OpenChunk:
 
     image_ids: list[int]
     done: int  # bitmap of the slots already done (a retry or re-dispatch skips them)
+    attempts: int = 1  # this one included
+    suspect: int | None = None  # the image a lost worker process was rendering (common/liveness.py)
 
 
 def bits_to_int(bits: str | None) -> int:
@@ -117,14 +119,14 @@ def open_chunk(conn: psycopg.Connection, ticket: Ticket, lease_s: int) -> OpenCh
         FROM jobs j
         WHERE j.id = c.job_id AND j.state = 'running' AND c.job_id = %(job)s AND c.chunk_index = %(chunk)s
           AND c.state = 'dispatched' AND (c.started_by IS NULL OR c.started_by = %(dispatch)s)
-        RETURNING c.image_ids, c.done_mask
+        RETURNING c.image_ids, c.done_mask, c.attempts, c.suspect
         """,
         {"lease": lease(lease_s), "job": ticket.job_id, "chunk": ticket.chunk, "dispatch": ticket.dispatch},
     ).fetchone()
     if row is None:
         job_state(conn, ticket.job_id)
         return None
-    return OpenChunk(list(row[0]), bits_to_int(row[1]))
+    return OpenChunk(list(row[0]), bits_to_int(row[1]), row[2], row[3])
 
 
 UPSERT_ITEMS = """

@@ -30,6 +30,9 @@ LEDGER = (
     "dispatchers",
     "schema_version",
     "ingest_units",
+    "holders",
+    "holds",
+    "recorded_batches",
 )  # never readable
 # role attributes that would let a session escape: none of them may be set
 ROLE_ATTRIBUTES = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS"

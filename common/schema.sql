@@ -76,7 +76,7 @@ ALTER TABLE jobs DROP CONSTRAINT IF EXISTS jobs_state_check;
 ALTER TABLE jobs ADD CONSTRAINT jobs_state_check CHECK (state IN ('running', 'finished', 'cancelled', 'failed'));
 
 CREATE TABLE IF NOT EXISTS job_chunks (
-    job_id      uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    job_id      uuid NOT NULL,             -- no foreign key: see jobs_delete_ledger below
     chunk_index integer NOT NULL,
     image_ids   bigint[] NOT NULL,
     items       integer NOT NULL,          -- cardinality(image_ids) x variants
@@ -93,12 +93,13 @@ CREATE TABLE IF NOT EXISTS job_chunks (
     last_error  text,
     PRIMARY KEY (job_id, chunk_index)
 );
+ALTER TABLE job_chunks ADD COLUMN IF NOT EXISTS suspect bigint;  -- schema 4: rendered on a careful retry
 CREATE INDEX IF NOT EXISTS job_chunks_pending ON job_chunks (job_id, chunk_index) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS job_chunks_dispatched ON job_chunks (job_id) WHERE state = 'dispatched';
 
 -- One row per failed item, and per finished item when the job keeps item rows ('all').
 CREATE TABLE IF NOT EXISTS job_items (
-    job_id     uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    job_id     uuid NOT NULL,              -- no foreign key: see jobs_delete_ledger below
     image_id   bigint NOT NULL,
     variant    integer NOT NULL,
     status     text NOT NULL CHECK (status IN ('done', 'failed')),
@@ -110,6 +111,32 @@ CREATE TABLE IF NOT EXISTS job_items (
     updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (job_id, image_id, variant)
 );
+
+-- Chunks and items a recording job has committed, a row per batch: insert-only, so nothing is
+-- updated under the recording's long-held snapshot; folded into `jobs` when the recording ends.
+CREATE TABLE IF NOT EXISTS recorded_batches (
+    job_id uuid NOT NULL,
+    chunks integer NOT NULL,
+    items  bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS recorded_batches_job ON recorded_batches (job_id);
+
+-- Schema 4: job_chunks, job_items and recorded_batches name their job without a foreign key. A
+-- selection is recorded under a snapshot held for the whole recording, so every update of the
+-- job's row meanwhile (counts) stays as a row version no one can prune; a foreign key checks the
+-- job's row for every chunk and item row inserted, walking all of those versions each time. A
+-- job's ledger rows are deleted with it by this trigger instead.
+ALTER TABLE job_chunks DROP CONSTRAINT IF EXISTS job_chunks_job_id_fkey;
+ALTER TABLE job_items DROP CONSTRAINT IF EXISTS job_items_job_id_fkey;
+CREATE OR REPLACE FUNCTION quarry_delete_job_ledger() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM job_chunks WHERE job_id = OLD.id;
+    DELETE FROM job_items WHERE job_id = OLD.id;
+    DELETE FROM recorded_batches WHERE job_id = OLD.id;
+    RETURN OLD;
+END $$;
+DROP TRIGGER IF EXISTS jobs_delete_ledger ON jobs;
+CREATE TRIGGER jobs_delete_ledger AFTER DELETE ON jobs FOR EACH ROW EXECUTE FUNCTION quarry_delete_job_ledger();
 
 -- An ingest through the pools is a job whose chunk i registers unit i: a manifest file (or one
 -- Parquet row group of it), or one tar shard. `counts` is what registering it did.
@@ -125,6 +152,22 @@ CREATE TABLE IF NOT EXISTS ingest_units (
     PRIMARY KEY (job_id, unit)
 );
 CREATE INDEX IF NOT EXISTS ingest_units_source ON ingest_units (source, etag);
+
+-- Liveness (common/liveness.py): each worker process that runs stage tasks says it is alive here
+-- every WORKER_HEARTBEAT_S, and keeps a row in `holds` per message it is working on; the
+-- dispatcher ends the lease of the chunks a silent holder held.
+CREATE TABLE IF NOT EXISTS holders (
+    name    text PRIMARY KEY,              -- host:pid:random
+    seen_at timestamptz NOT NULL
+);
+CREATE TABLE IF NOT EXISTS holds (
+    holder      text NOT NULL,
+    task_id     text NOT NULL,             -- the Celery message being worked on
+    job_id      uuid NOT NULL,
+    chunk_index integer NOT NULL,
+    PRIMARY KEY (holder, task_id)
+);
+CREATE INDEX IF NOT EXISTS holds_chunk ON holds (job_id, chunk_index);
 
 -- Each running dispatcher says it is alive here (`producer jobs`, `--wait` read it).
 CREATE TABLE IF NOT EXISTS dispatchers (

@@ -11,7 +11,7 @@ from common.datasets import Location
 from common.errors import PermanentError, QuarryError
 from common.images import ENCODINGS, decode, encode, sniff_format
 from common.jobspec import JobSpec
-from common.ledger import ItemResult
+from common.ledger import ItemResult, OpenChunk
 from common.sources import Source
 
 NO_IMAGE = "no image"
@@ -60,6 +60,23 @@ def wanted_variants(spec: JobSpec, position: int, done: int) -> list[int]:
     return [v for v in range(spec.variants) if not (done >> spec.slot(position, v)) & 1]
 
 
+def given_up_suspect(spec: JobSpec, chunk: OpenChunk, done: int, max_attempts: int) -> list[ItemResult]:
+    """On a chunk's last attempt, the failed items of the image a lost worker process was
+    rendering (common/liveness.py), not rendered again: one image that kills its worker must not
+    take the rest of its chunk down on every attempt."""
+    if chunk.suspect is None or chunk.attempts < max_attempts or chunk.suspect not in chunk.image_ids:
+        return []
+    position = chunk.image_ids.index(chunk.suspect)
+    error = (
+        f"transform: its worker process was lost while rendering this image"
+        f" ({chunk.attempts - 1} of {max_attempts} attempts); not tried again"
+    )
+    return [
+        ItemResult(chunk.suspect, v, spec.slot(position, v), "failed", error=error)
+        for v in wanted_variants(spec, position, done)
+    ]
+
+
 def transform_images(
     spec: JobSpec,
     image_ids: Sequence[int],
@@ -68,13 +85,15 @@ def transform_images(
     done: int = 0,
     *,
     keep_raw: bool = False,
+    before_each: Callable[[int], None] | None = None,
 ) -> TransformResult:
     """Render every variant of every id whose item is not in the `done` bitmap; a bad image
     fails its items, not the chunk.
 
     Raw objects are fetched together; a transient storage error is raised so that the task
     retries the chunk. `keep_raw` keeps each rendered image's raw bytes (for a model that reads
-    raws from a shard, so that nothing fetches them twice).
+    raws from a shard, so that nothing fetches them twice). `before_each(image_id)` is called
+    before each image is decoded.
     """
     pipeline = Pipeline.from_spec(spec.augment)
     todo = [
@@ -86,6 +105,8 @@ def transform_images(
     fetched = fetch_many(list(dict.fromkeys(sources)))
     result = TransformResult()
     for position, image_id, variants in todo:
+        if before_each is not None:
+            before_each(image_id)
         try:
             source, data, etag = raw_bytes(image_id, index, fetched)
             rendered = list(

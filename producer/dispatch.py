@@ -1,7 +1,8 @@
 """`producer dispatch`: the service that meters chunks from the ledger into the transform queue.
 
 Each tick, under a PostgreSQL advisory lock (so replicas take turns and never double-dispatch):
-fail recording jobs whose producer is gone, return chunks whose lease ran out to pending, fail
+fail recording jobs whose producer is gone, end the leases of chunks whose worker process or
+message was lost (common/liveness.py), return chunks whose lease ran out to pending, fail
 those out of attempts, then claim pending
 chunks up to the in-flight budget, shared fairly across running jobs. The claim is committed
 before the messages are published; chunks the broker refuses go back to pending at once, and a
@@ -26,12 +27,13 @@ from common.db import Database, first_line
 from common.errors import BrokerUnavailable, ConfigError, TransientError
 from common.jobspec import INGEST_KIND
 from common.ledger import Ticket, claim_chunks, fail_exhausted, return_expired, unclaim
+from common.liveness import heal_lost_holds, heal_lost_messages, live_holds
 from common.recording import fail_orphaned_recordings
 from producer.metrics import DispatcherMetrics
 from producer.wake import Wakeup
 from producer.watchdog import Watchdog
 from workers.base import BROKER_ERRORS, PUBLISH_RETRY, queue_length
-from workers.routes import INGEST, TRANSFORM
+from workers.routes import INGEST, TASK_ROUTES, TRANSFORM
 
 log = logging.getLogger(__name__)
 DISPATCH_LOCK_ID = 0x51A8  # advisory lock: one dispatcher tick at a time, over all replicas
@@ -52,6 +54,7 @@ class TickReport:
     failed_chunks: int = 0  # out of attempts
     waiting: int = 0  # pending chunks the budget had no room for (at most the budget per job)
     orphaned: int = 0  # recording jobs whose producer went away, failed
+    lost: int = 0  # chunks of lost worker processes or lost messages, their leases ended now
 
 
 def allocate(free: int, jobs: list[RunningJob]) -> dict[str, int]:
@@ -83,10 +86,20 @@ def running_jobs(conn: psycopg.Connection, cap: int) -> list[RunningJob]:
     return [RunningJob(str(row[0]), row[1], row[2], row[3]) for row in rows]
 
 
+@dataclass(frozen=True)
+class BrokerState:
+    """What waits in the broker: messages queued, and messages delivered but not acked yet."""
+
+    queued: int
+    unacked: int
+
+
 def claim(
-    conn: psycopg.Connection, settings: Settings
+    conn: psycopg.Connection, settings: Settings, broker: BrokerState | None = None
 ) -> tuple[TickReport, list[tuple[dict[str, object], Ticket]]]:
-    """One round of lease expiry and claiming, in one transaction under the dispatch lock."""
+    """One round of healing, lease expiry and claiming, in one transaction under the dispatch
+    lock. `broker`, when given, is read just before: when nothing waits in it that no one works
+    on, a chunk no one holds cannot be in it (common/liveness.py)."""
     report = TickReport()
     claimed: list[tuple[dict[str, object], Ticket]] = []
     with conn.transaction():
@@ -94,6 +107,9 @@ def claim(
         if not (locked and locked[0]):  # another dispatcher is mid-tick
             return report, claimed
         report.orphaned = fail_orphaned_recordings(conn)
+        report.lost = heal_lost_holds(conn, settings.holder_timeout_s)
+        if broker is not None and broker.queued == 0 and broker.unacked <= live_holds(conn):
+            report.lost += heal_lost_messages(conn, settings.queue_quiet_s, settings.chunk_lease_s)
         report.returned = return_expired(conn, settings.chunk_max_attempts)
         report.failed_chunks = fail_exhausted(conn, settings.chunk_max_attempts, settings.chunk_lease_s)
         budget = settings.dispatch_budget_chunks
@@ -108,11 +124,14 @@ def claim(
 
 
 def tick(
-    database: Database, publish: Callable[[dict[str, object], Ticket], None], settings: Settings
+    database: Database,
+    publish: Callable[[dict[str, object], Ticket], None],
+    settings: Settings,
+    broker: BrokerState | None = None,
 ) -> TickReport:
     """Claim chunks (committed first, so a worker never sees a message before its chunk is
     dispatched), then publish them; what the broker refuses is handed back to pending."""
-    report, claimed = database.run(claim, settings)
+    report, claimed = database.run(claim, settings, broker)
     for position, (spec, ticket) in enumerate(claimed):
         try:
             publish(spec, ticket)
@@ -133,6 +152,19 @@ def heartbeat(conn: psycopg.Connection, name: str) -> None:
 
 def dispatcher_name() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+QUEUES = tuple(sorted({route["queue"] for route in TASK_ROUTES.values()}))
+BROKER_CHECK_S = 1.0  # how often the dispatcher reads the broker's queues for lost messages
+
+
+def broker_state(app: Celery) -> BrokerState:
+    """Messages in every stage's queue, and kombu's unacked messages (delivered to a worker, not
+    acked: being worked on, or reserved by a worker that will)."""
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        queued = sum(int(channel.queue_declare(queue=queue).message_count) for queue in QUEUES)
+        return BrokerState(queued, int(channel.client.hlen(channel.unacked_key)))
 
 
 MIN_REDIS = (6, 2)  # the oldest Redis tested (the embedded one); 7 is the machine's
@@ -184,7 +216,7 @@ def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = N
     wakeup = Wakeup(settings.database_url)
     metrics = DispatcherMetrics(settings, lambda queue: queue_length(app, queue))
     metrics.serve()
-    ticks, beaten = 0, 0.0
+    ticks, beaten, checked = 0, 0.0, 0.0
     while max_ticks is None or ticks < max_ticks:
         ticks += 1
         report = TickReport()
@@ -193,10 +225,15 @@ def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = N
             if started - beaten >= settings.dispatch_interval_s:  # busy ticks come faster
                 database.run(heartbeat, name)
                 beaten = started
-            report = tick(database, publish, settings)
+            broker = None
+            if started - checked >= BROKER_CHECK_S:
+                broker, checked = broker_state(app), started
+            report = tick(database, publish, settings, broker)
             metrics.count(report.sent, report.returned, report.failed_chunks, time.monotonic() - started)
             if report.orphaned:
                 log.warning("%d recording jobs failed: their producer went away", report.orphaned)
+            if report.lost:
+                log.warning("%d chunks of lost workers or lost messages sent again", report.lost)
             if report.returned or report.failed_chunks:
                 log.info(
                     "sent %d chunks; %d leases ran out; %d chunks out of attempts",

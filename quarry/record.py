@@ -183,7 +183,8 @@ class Recording:
                         if not append_chunks(writer, self.job_id, rows, selection.variants):
                             self._halt()  # cancelled: nothing more is recorded
                             return
-                        self.outcome.committed.set()
+                        if rows:
+                            self.outcome.committed.set()
         except Exception as exc:  # a reader's loop boundary: the coordinator fails the job
             if not self._stop.is_set():  # a statement cancelled by _halt is no error of its own
                 self._note_error(exc)

@@ -112,7 +112,7 @@ def db(settings: Settings) -> Iterator[psycopg.Connection]:
         ensure_schema(conn)
         ensure_query_role(conn, settings)
         yield conn
-        conn.execute("TRUNCATE jobs, job_chunks, job_items, ingest_units")
+        conn.execute("TRUNCATE jobs, job_chunks, job_items, ingest_units, recorded_batches")
 
 
 @pytest.fixture

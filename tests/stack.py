@@ -119,21 +119,22 @@ class Stack:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
 
-    def kill_pool_mid_chunk(self, queue: str, timeout: float = 60) -> None:
+    def kill_pool_mid_chunk(self, queue: str, timeout: float = 60) -> list[dict[str, object]]:
         """SIGKILL a pool at a moment it holds a task whose chunk the ledger has not finished.
 
         The pool is frozen (SIGSTOP) before looking, so it can neither record nor take a task
         between the look and the kill. A taken task whose chunk is finished is not enough: the
         worker acks after it records, so such a task is already safe. An idle pool is thawed and
-        looked at again."""
+        looked at again. The tickets of the unfinished chunks it held."""
         name = f"worker-{queue}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.send_signal(name, signal.SIGSTOP)
             try:
-                if any(self.chunk_state(ticket) == "dispatched" for ticket in self.held_tickets(queue)):
+                held = [t for t in self.held_tickets(queue) if self.chunk_state(t) == "dispatched"]
+                if held:
                     self.stop(name, signal.SIGKILL)
-                    return
+                    return held
             finally:
                 if name in self.processes:  # not killed: thaw it, also when the look failed
                     self.send_signal(name, signal.SIGCONT)

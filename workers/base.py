@@ -18,6 +18,7 @@ from common.db import Database
 from common.errors import TRANSIENT_ERRORS, BrokerUnavailable, TransientError, UnknownJob
 from common.jobspec import JobSpec
 from common.ledger import ItemResult, Ticket, hand_back, note_failure, record_progress, touch
+from common.liveness import Heartbeat, hold, release
 from common.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,24 @@ class StageTask(Task):
     @cached_property
     def store(self) -> ObjectStore:
         return ObjectStore(self.settings, max_connections=32)
+
+    @cached_property
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(self.settings.database_url, self.settings.worker_heartbeat_s)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task holding its chunk (common/liveness.py): if this process is lost meanwhile,
+        the dispatcher sends the chunk again within HOLDER_TIMEOUT_S, not CHUNK_LEASE_S."""
+        ticket = Ticket.from_message(args[1])
+        holder, task_id = self.heartbeat.name, str(self.request.id)
+        self.ledger(hold, holder, task_id, ticket)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            try:
+                self.ledger(release, holder, task_id, self.settings.chunk_lease_s)
+            except Exception:  # the hold stays while this process lives; the lease still applies
+                log.exception("could not release job %s chunk %d", ticket.job_id, ticket.chunk)
 
     @cached_property
     def database(self) -> Database:

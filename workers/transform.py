@@ -13,8 +13,9 @@ from typing import Any
 from common.datasets import lookup_catalog, lookup_locations, pin_etags
 from common.jobspec import JobSpec
 from common.ledger import OpenChunk, Ticket, open_chunk
+from common.liveness import mark_suspect
 from common.shards import shard_from_transform, shard_key, store_shard, write_tar
-from common.transform import TransformResult, batch_by_bytes, transform_images
+from common.transform import TransformResult, batch_by_bytes, given_up_suspect, transform_images
 from workers.base import StageTask
 from workers.celery_app import app
 from workers.routes import INFERENCE_SHARD, TRANSFORM, UPLOAD, queue_of
@@ -31,7 +32,7 @@ def transform_chunk(self: StageTask, spec_message: dict[str, Any], ticket_messag
         return 0  # finished, dispatched again since, or its job stopped
     if spec.output == "webdataset":
         return write_shard(self, spec, ticket, chunk)
-    result = render(self, spec, chunk, done=chunk.done)
+    result = render(self, spec, ticket, chunk, done=chunk.done)
     if result.failures:
         self.record(spec, ticket, result.failures)
     for batch in batch_by_bytes(result.outputs, self.settings.message_byte_budget):
@@ -42,18 +43,24 @@ def transform_chunk(self: StageTask, spec_message: dict[str, Any], ticket_messag
 
 
 def render(
-    self: StageTask, spec: JobSpec, chunk: OpenChunk, *, done: int = 0, keep_raw: bool = False
+    self: StageTask, spec: JobSpec, ticket: Ticket, chunk: OpenChunk, *, done: int = 0, keep_raw: bool = False
 ) -> TransformResult:
     """Fetch the chunk's images where they are and render the items not in `done`; ETags read
-    from sources registered without one are pinned, so that a later read notices a rewrite."""
+    from sources registered without one are pinned, so that a later read notices a rewrite.
+    A retried chunk is rendered carefully: each image is marked the suspect first, and on the
+    last attempt the suspect of a lost worker process fails alone, unrendered."""
+    given_up = given_up_suspect(spec, chunk, done, self.settings.chunk_max_attempts)
+    careful = chunk.attempts > 1
     result = transform_images(
         spec,
         chunk.image_ids,
         self.ledger(lookup_locations, spec.dataset, chunk.image_ids),
         self.store.read_many,
-        done,
+        done | sum(1 << item.slot for item in given_up),
         keep_raw=keep_raw,
+        before_each=(lambda image_id: self.ledger(mark_suspect, ticket, image_id)) if careful else None,
     )
+    result.failures.extend(given_up)
     if result.etags:
         self.ledger(pin_etags, spec.dataset, result.etags)
     return result
@@ -64,7 +71,7 @@ def write_shard(self: StageTask, spec: JobSpec, ticket: Ticket, chunk: OpenChunk
     bytes) and store it: finished here, or staged for the inference pool."""
     started = time.monotonic()
     bucket = self.settings.output_bucket
-    result = render(self, spec, chunk, keep_raw=bool(spec.model) and spec.infer_on == "raw")
+    result = render(self, spec, ticket, chunk, keep_raw=bool(spec.model) and spec.infer_on == "raw")
     shard = shard_from_transform(spec, result, self.ledger(lookup_catalog, spec.dataset, chunk.image_ids))
     if not spec.model:
         self.record(

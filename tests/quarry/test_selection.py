@@ -96,7 +96,7 @@ def db(settings: Settings) -> Iterator[psycopg.Connection]:
     """The private database; its jobs removed after each test."""
     with connect(settings.database_url, autocommit=True) as conn:
         yield conn
-        conn.execute("TRUNCATE jobs, job_chunks, job_items, ingest_units")
+        conn.execute("TRUNCATE jobs, job_chunks, job_items, ingest_units, recorded_batches")
 
 
 def small_slices(settings: Settings, slice_ids: int = 250, **more: object) -> Settings:

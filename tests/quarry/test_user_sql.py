@@ -146,6 +146,7 @@ def test_honest_queries_work_through_the_cli_and_the_api(
     quarry = Quarry.from_env()
     assert len(quarry.sql(query)) >= expected
     job = quarry.run(query)
+    job.recorded()
     cancel_job(db, job.id)  # recorded is enough: the pools need not render it
     assert job.status().total == expected
     result = run_cli("run", "--query", query, env=ingested, check=False)
@@ -160,6 +161,7 @@ def test_a_selection_runs_as_the_query_role(ingested: dict[str, str], db: psycop
     quarry = Quarry.from_env()
     for user, expected in (("quarry_reader", catalogued), ("postgres", 0)):
         job = quarry.run(f"SELECT id FROM styles WHERE current_user = '{user}'")
+        job.recorded()
         cancel_job(db, job.id)
         assert job.status().total == expected, user
 

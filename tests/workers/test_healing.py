@@ -1,0 +1,207 @@
+"""Healing in seconds with the default settings (a 300 s lease): a worker process lost while it
+holds a chunk, or a message lost with the broker, has its chunk sent again within 30 s; a pool
+sent SIGTERM hands everything on; an image that kills its worker fails alone."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import psycopg
+import pytest
+
+from common.db import connect, ensure_database
+from common.storage import ObjectStore
+from tests.conftest import run_cli
+from tests.stack import Stack, wait_until
+
+pytestmark = pytest.mark.slow
+WITH_IMAGES = "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"
+IMAGES = 295  # stored images of the vendored sample
+JOB = ("--augment", "hflip | rotate(limit=15) | resize(224, 224)", "--variants", "2", "--chunk-size", "10")
+HEALED_S = 30  # the bound: a lost chunk is sent again this soon after its loss
+
+
+@pytest.fixture(scope="module")
+def heal_env(test_env: dict[str, str], store: ObjectStore) -> Iterator[dict[str, str]]:
+    """A database of its own (the session's dispatcher must not see these jobs), ingested; every
+    setting of the ledger at its default."""
+    name = f"quarry_heal_{uuid.uuid4().hex[:8]}"
+    env = {**test_env, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}"}
+    ensure_database(env["DATABASE_URL"])
+    run_cli("ingest", env=env)
+    yield env
+    with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def stack(heal_env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
+    stack = Stack(heal_env, tmp_path / "stack")
+    stack.start_redis()
+    stack.start_pools()
+    stack.start_dispatcher()
+    yield stack
+    stack.stop_all()
+
+
+def dispatches(stack: Stack) -> dict[tuple[str, int], tuple[str, int]]:
+    """(job, chunk) -> (state, dispatches) of every chunk."""
+    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+        rows = conn.execute("SELECT job_id::text, chunk_index, state, dispatches FROM job_chunks").fetchall()
+    return {(job, chunk): (state, count) for job, chunk, state, count in rows}
+
+
+def held(stack: Stack) -> set[tuple[str, int]]:
+    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+        return {(str(job), chunk) for job, chunk in conn.execute("SELECT job_id, chunk_index FROM holds")}
+
+
+def wait_sent_again(stack: Stack, lost: dict[tuple[str, int], int], since: float) -> float:
+    """Seconds from `since` until every chunk of `lost` (key -> its dispatches at the loss) was
+    dispatched again or finished; fails past HEALED_S."""
+
+    def healed() -> bool:
+        now = dispatches(stack)
+        return all(now[key][0] == "finished" or now[key][1] > count for key, count in lost.items())
+
+    wait_until(healed, HEALED_S + 5, f"chunks {sorted(lost)} to be sent again", interval=0.2)
+    return time.monotonic() - since
+
+
+def assert_finished_cleanly(stack: Stack, job_id: str) -> None:
+    wait_until(lambda: stack.progress(job_id).ended, 240, "the job to end", interval=0.5)
+    final = stack.progress(job_id)
+    assert (final.state, final.failed, final.done, final.total) == ("finished", 0, IMAGES * 2, IMAGES * 2), (
+        stack.logs()
+    )
+
+
+@pytest.mark.parametrize("queue", ["transform", "upload", "inference"])
+def test_a_pool_killed_holding_a_chunk_has_it_sent_again_within_30_s(stack: Stack, queue: str) -> None:
+    job_id = stack.submit(WITH_IMAGES, *JOB, "--model", "default")
+    wait_until(lambda: stack.progress(job_id).done > 0, 120, "the first items")
+    tickets = stack.kill_pool_mid_chunk(queue)
+    killed = time.monotonic()
+    lost = {(str(t["job_id"]), int(t["chunk"])): int(t["dispatch"]) for t in tickets}  # type: ignore[call-overload]
+    time.sleep(5)  # its supervisor restarts it
+    stack.start_pool(queue)
+    seconds = wait_sent_again(stack, lost, killed)
+    print(f"{queue} pool killed holding {len(lost)} chunks: sent again {seconds:.1f} s later")
+    assert seconds <= HEALED_S
+    assert_finished_cleanly(stack, job_id)
+
+
+def test_a_broker_restarted_empty_has_every_lost_chunk_sent_again_within_30_s(stack: Stack) -> None:
+    job_id = stack.submit(WITH_IMAGES, *JOB, "--model", "default")
+    wait_until(lambda: stack.progress(job_id).done >= 40, 120, "40 items")
+    stack.stop("redis", signal.SIGKILL)  # no persistence: every queued message is gone
+    before = {key: count for key, (state, count) in dispatches(stack).items() if state == "dispatched"}
+    time.sleep(3)
+    stack.start_redis()
+    answered = time.monotonic()
+    lost = {key: count for key, count in before.items() if key not in held(stack)}
+    for _ in range(10):  # its supervisor restarts a pool that ended with the broker
+        stack.restart_exited_pools()
+        time.sleep(0.5)
+    seconds = wait_sent_again(stack, lost, answered)
+    print(f"broker restarted empty: {len(lost)} chunks sent again {seconds:.1f} s after it answered")
+    assert seconds <= HEALED_S
+    assert_finished_cleanly(stack, job_id)
+
+
+def test_a_pool_sent_sigterm_hands_everything_on_and_nothing_waits(stack: Stack) -> None:
+    job_id = stack.submit(WITH_IMAGES, *JOB)
+    wait_until(lambda: stack.progress(job_id).done >= 40, 120, "40 items")
+    stopped = time.monotonic()
+    stack.stop("worker-transform", signal.SIGTERM)  # a warm shutdown: its tasks finish first
+    print(f"transform pool stopped by SIGTERM in {time.monotonic() - stopped:.1f} s")
+    stack.start_pool("transform")
+    assert_finished_cleanly(stack, job_id)
+    assert stack.redispatched(job_id) == 0  # nothing was lost: no chunk was sent twice
+
+
+POISON = 6  # the image of the poison dataset that "kills its worker" (large: 0.1-0.3 s to render)
+
+
+@pytest.fixture
+def poison_dataset(stack: Stack, tmp_path: Path) -> Iterator[str]:
+    """A folder of 12 images, one of them large, ingested as dataset `poison`."""
+    folder = tmp_path / "poison"
+    folder.mkdir()
+    small = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    for image_id in range(1, 13):
+        size = (8000, 6000) if image_id == POISON else (64, 64)
+        cv2.imwrite(str(folder / f"{image_id}.jpg"), cv2.resize(small, size, interpolation=cv2.INTER_LINEAR))
+    run_cli("ingest", str(folder), "--dataset", "poison", env=stack.env)
+    yield "poison"
+    with psycopg.connect(stack.env["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute("DROP TABLE poison")
+        conn.execute("DELETE FROM datasets WHERE name = 'poison'")
+
+
+def test_an_image_that_kills_its_worker_fails_alone_after_the_last_attempt(
+    stack: Stack, poison_dataset: str
+) -> None:
+    """The worker dies while rendering one image, on every attempt (SIGKILLed by the test while
+    it holds that image's chunk, and on the careful retry the moment that image is the one marked
+    as being rendered): on the last of CHUNK_MAX_ATTEMPTS that image's items fail with one line,
+    unrendered, and every other item of its chunk is done."""
+    job_id = stack.submit(
+        "SELECT id FROM poison",
+        "--dataset",
+        "poison",
+        "--variants",
+        "2",
+        "--augment",
+        "resize(224, 224)",
+        "--chunk-size",
+        "12",
+    )
+    for image_id in (None, POISON):
+        kill_transform_on(stack, job_id, 0, image_id)
+        time.sleep(2)  # its supervisor restarts it
+        stack.start_pool("transform")
+    wait_until(lambda: stack.progress(job_id).ended, 120, "the job to end", interval=0.5)
+    final = stack.progress(job_id)
+    assert (final.state, final.done, final.failed) == ("finished", 22, 2), stack.logs()
+    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+        failures = conn.execute(
+            "SELECT image_id, error FROM job_items WHERE job_id = %s AND status = 'failed'", (job_id,)
+        ).fetchall()
+    assert (
+        failures
+        == [
+            (
+                POISON,
+                "transform: its worker process was lost while rendering this image (2 of 3 attempts);"
+                " not tried again",
+            )
+        ]
+        * 2
+    )
+
+
+def kill_transform_on(stack: Stack, job_id: str, chunk: int, image_id: int | None) -> None:
+    """SIGKILL the transform pool once it holds `chunk` (and, when given, is rendering
+    `image_id`, as marked in the ledger), frozen first so that it cannot get past it."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        stack.send_signal("worker-transform", signal.SIGSTOP)
+        with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+            row = conn.execute(
+                """SELECT c.suspect FROM job_chunks c JOIN holds h USING (job_id, chunk_index)
+                   WHERE c.job_id = %s AND c.chunk_index = %s AND c.state = 'dispatched'""",
+                (job_id, chunk),
+            ).fetchone()
+        if row is not None and (image_id is None or row[0] == image_id):
+            stack.stop("worker-transform", signal.SIGKILL)
+            return
+        stack.send_signal("worker-transform", signal.SIGCONT)
+        time.sleep(0.01)
+    raise TimeoutError(f"the transform pool never rendered image {image_id} of chunk {chunk}")
