@@ -117,7 +117,7 @@ def kill_pool(queue: str) -> Callable[[Stack], None]:
 
 def terminate_pool(stack: Stack) -> None:
     """SIGTERM the transform pool (a scale-down); it is started again once it has exited."""
-    stack.stop("worker-transform", signal.SIGTERM, timeout=300)
+    stack.terminate("worker-transform")
     stack.start_pool("transform")
 
 

@@ -101,7 +101,8 @@ def wake_dispatchers(conn: psycopg.Connection) -> None:
 
 PROGRESS = """
 SELECT j.id, CASE WHEN j.state = 'running' AND j.recorded_at IS NULL THEN 'recording' ELSE j.state END,
-       (j.total + coalesce(r.items, 0))::bigint, j.done + coalesce(f.done, 0), j.failed + coalesce(f.failed, 0),
+       (j.total + coalesce(r.items, 0))::bigint, j.done + coalesce(f.done, 0),
+       j.failed + coalesce(f.failed, 0),
        extract(epoch FROM coalesce(j.finished_at, clock_timestamp()) - j.created_at),
        (j.chunks + coalesce(r.chunks, 0))::integer, coalesce(f.chunks, 0),
        to_char(j.created_at, 'YYYY-MM-DD HH24:MI:SS'),

@@ -5,12 +5,11 @@ Each worker process that runs a stage task is a *holder*: it says it is alive in
 WORKER_HEARTBEAT_S (a thread of its own), and keeps a row in `holds` for every chunk whose message
 it is working on (`StageTask.__call__`). The dispatcher ends the lease of every chunk a holder
 silent for HOLDER_TIMEOUT_S held (`heal_lost_holds`), and of every chunk no one holds and no
-message in the broker can be for (`heal_lost_messages`: the queues are empty and every unacked
-message is being worked on); the ledger's usual lease expiry then sends them again, counting an
-attempt where one had started. A retried chunk is rendered carefully: each image is marked the
-suspect before it is rendered, and on the chunk's last attempt a suspect is failed alone instead
-of taking the rest of its chunk down with it again (workers/transform.py). docs/decisions.md
-("Liveness").
+message in the broker can be for (`heal_lost_messages`: every queue is empty); the ledger's
+usual lease expiry then sends them again, counting an attempt where one had started. A retried
+chunk is rendered carefully: each image is marked the suspect before it is rendered, and on the
+chunk's last attempt a suspect is failed alone instead of taking the rest of its chunk down with
+it again (workers/transform.py). docs/decisions.md ("Liveness").
 """
 
 from __future__ import annotations
@@ -82,18 +81,19 @@ def hold(conn: psycopg.Connection, holder: str, task_id: str, ticket: Ticket) ->
     )
 
 
-def release(conn: psycopg.Connection, holder: str, task_id: str, lease_s: int) -> None:
-    """`holder` is done with message `task_id`. What it sent on is queued now, so the hand-off
-    counts as a touch of the chunk: it is not taken for lost before QUEUE_QUIET_S."""
+def release(conn: psycopg.Connection, task_id: str, lease_s: int) -> None:
+    """Message `task_id` is done with (by whichever process held it: a retried message holds on
+    through its retries). What it sent on is queued now, so the hand-off counts as a touch of the
+    chunk: it is not taken for lost before QUEUE_QUIET_S."""
     conn.execute(
         """
         WITH released AS (
-            DELETE FROM holds WHERE holder = %s AND task_id = %s RETURNING job_id, chunk_index
+            DELETE FROM holds WHERE task_id = %s RETURNING job_id, chunk_index
         )
         UPDATE job_chunks c SET lease_until = now() + %s::interval
         FROM released r WHERE c.job_id = r.job_id AND c.chunk_index = r.chunk_index AND c.state = 'dispatched'
         """,
-        (holder, task_id, lease(lease_s)),
+        (task_id, lease(lease_s)),
     )
 
 
@@ -128,15 +128,12 @@ def heal_lost_holds(conn: psycopg.Connection, timeout_s: float) -> int:
     ).rowcount
 
 
-def live_holds(conn: psycopg.Connection) -> int:
-    row = conn.execute("SELECT count(*) FROM holds").fetchone()
-    return int(row[0]) if row else 0
-
-
 def heal_lost_messages(conn: psycopg.Connection, quiet_s: float, lease_s: int) -> int:
     """End the lease of every dispatched chunk that no one holds and no stage touched for
-    `quiet_s` (its last touch set lease_until to then + `lease_s`): called only when the broker
-    holds no message that is not being worked on, so such a chunk's message was lost."""
+    `quiet_s` (its last touch set lease_until to then + `lease_s`): called only when every queue
+    is empty. A worker takes a message only when a process is free to run it
+    (`worker_disable_prefetch`), and holds it before it runs, so such a chunk's message is in no
+    queue and in no process: it was lost."""
     return conn.execute(
         """
         WITH lost AS (

@@ -27,7 +27,7 @@ from common.db import Database, first_line
 from common.errors import BrokerUnavailable, ConfigError, TransientError
 from common.jobspec import INGEST_KIND
 from common.ledger import Ticket, claim_chunks, fail_exhausted, return_expired, unclaim
-from common.liveness import heal_lost_holds, heal_lost_messages, live_holds
+from common.liveness import heal_lost_holds, heal_lost_messages
 from common.recording import fail_orphaned_recordings
 from producer.metrics import DispatcherMetrics
 from producer.wake import Wakeup
@@ -86,20 +86,12 @@ def running_jobs(conn: psycopg.Connection, cap: int) -> list[RunningJob]:
     return [RunningJob(str(row[0]), row[1], row[2], row[3]) for row in rows]
 
 
-@dataclass(frozen=True)
-class BrokerState:
-    """What waits in the broker: messages queued, and messages delivered but not acked yet."""
-
-    queued: int
-    unacked: int
-
-
 def claim(
-    conn: psycopg.Connection, settings: Settings, broker: BrokerState | None = None
+    conn: psycopg.Connection, settings: Settings, queued: int | None = None
 ) -> tuple[TickReport, list[tuple[dict[str, object], Ticket]]]:
     """One round of healing, lease expiry and claiming, in one transaction under the dispatch
-    lock. `broker`, when given, is read just before: when nothing waits in it that no one works
-    on, a chunk no one holds cannot be in it (common/liveness.py)."""
+    lock. `queued`, when given, is the messages in every stage's queue, read just before: when
+    there are none, a chunk no one holds has lost its message (common/liveness.py)."""
     report = TickReport()
     claimed: list[tuple[dict[str, object], Ticket]] = []
     with conn.transaction():
@@ -108,7 +100,7 @@ def claim(
             return report, claimed
         report.orphaned = fail_orphaned_recordings(conn)
         report.lost = heal_lost_holds(conn, settings.holder_timeout_s)
-        if broker is not None and broker.queued == 0 and broker.unacked <= live_holds(conn):
+        if queued == 0:
             report.lost += heal_lost_messages(conn, settings.queue_quiet_s, settings.chunk_lease_s)
         report.returned = return_expired(conn, settings.chunk_max_attempts)
         report.failed_chunks = fail_exhausted(conn, settings.chunk_max_attempts, settings.chunk_lease_s)
@@ -127,11 +119,11 @@ def tick(
     database: Database,
     publish: Callable[[dict[str, object], Ticket], None],
     settings: Settings,
-    broker: BrokerState | None = None,
+    queued: int | None = None,
 ) -> TickReport:
     """Claim chunks (committed first, so a worker never sees a message before its chunk is
     dispatched), then publish them; what the broker refuses is handed back to pending."""
-    report, claimed = database.run(claim, settings, broker)
+    report, claimed = database.run(claim, settings, queued)
     for position, (spec, ticket) in enumerate(claimed):
         try:
             publish(spec, ticket)
@@ -158,13 +150,9 @@ QUEUES = tuple(sorted({route["queue"] for route in TASK_ROUTES.values()}))
 BROKER_CHECK_S = 1.0  # how often the dispatcher reads the broker's queues for lost messages
 
 
-def broker_state(app: Celery) -> BrokerState:
-    """Messages in every stage's queue, and kombu's unacked messages (delivered to a worker, not
-    acked: being worked on, or reserved by a worker that will)."""
-    with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        queued = sum(int(channel.queue_declare(queue=queue).message_count) for queue in QUEUES)
-        return BrokerState(queued, int(channel.client.hlen(channel.unacked_key)))
+def queued_messages(app: Celery) -> int:
+    """Messages waiting in every stage's queue."""
+    return sum(queue_length(app, queue) for queue in QUEUES)
 
 
 MIN_REDIS = (6, 2)  # the oldest Redis tested (the embedded one); 7 is the machine's
@@ -225,10 +213,10 @@ def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = N
             if started - beaten >= settings.dispatch_interval_s:  # busy ticks come faster
                 database.run(heartbeat, name)
                 beaten = started
-            broker = None
+            queued = None
             if started - checked >= BROKER_CHECK_S:
-                broker, checked = broker_state(app), started
-            report = tick(database, publish, settings, broker)
+                queued, checked = queued_messages(app), started
+            report = tick(database, publish, settings, queued)
             metrics.count(report.sent, report.returned, report.failed_chunks, time.monotonic() - started)
             if report.orphaned:
                 log.warning("%d recording jobs failed: their producer went away", report.orphaned)

@@ -119,6 +119,13 @@ class Stack:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
 
+    def terminate(self, name: str, timeout: float = 300) -> None:
+        """SIGTERM the process alone, as `docker stop` and a Kubernetes scale-down do (the signal
+        goes to the container's first process, not to its children), and wait for it to exit."""
+        process = self.processes.pop(name)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout)
+
     def kill_pool_mid_chunk(self, queue: str, timeout: float = 60) -> list[dict[str, object]]:
         """SIGKILL a pool at a moment it holds a task whose chunk the ledger has not finished.
 

@@ -9,7 +9,7 @@ from functools import cached_property
 from typing import Any, TypeVar
 
 from celery import Celery, Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
@@ -60,15 +60,20 @@ class StageTask(Task):
         """Run the task holding its chunk (common/liveness.py): if this process is lost meanwhile,
         the dispatcher sends the chunk again within HOLDER_TIMEOUT_S, not CHUNK_LEASE_S."""
         ticket = Ticket.from_message(args[1])
-        holder, task_id = self.heartbeat.name, str(self.request.id)
-        self.ledger(hold, holder, task_id, ticket)
+        task_id = str(self.request.id)
+        self.ledger(hold, self.heartbeat.name, task_id, ticket)
+        retrying = False
         try:
             return super().__call__(*args, **kwargs)
+        except Retry:  # its retry message (the same task id) holds on, and releases when it ends
+            retrying = True
+            raise
         finally:
-            try:
-                self.ledger(release, holder, task_id, self.settings.chunk_lease_s)
-            except Exception:  # the hold stays while this process lives; the lease still applies
-                log.exception("could not release job %s chunk %d", ticket.job_id, ticket.chunk)
+            if not retrying:
+                try:
+                    self.ledger(release, task_id, self.settings.chunk_lease_s)
+                except Exception:  # the hold stays while this process lives; the lease still applies
+                    log.exception("could not release job %s chunk %d", ticket.job_id, ticket.chunk)
 
     @cached_property
     def database(self) -> Database:

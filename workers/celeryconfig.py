@@ -41,6 +41,10 @@ result_backend = None
 task_acks_late = True
 task_reject_on_worker_lost = False
 worker_prefetch_multiplier = 1
+# A worker takes a message only when one of its processes is free: every message delivered and not
+# acked is then being worked on, and held in the ledger (common/liveness.py), so a process lost
+# with messages reserved behind its task cannot leave them parked until the visibility timeout.
+worker_disable_prefetch = True
 
 worker_send_task_events = True  # for Flower
 task_send_sent_event = True

@@ -85,7 +85,6 @@ def assert_finished_cleanly(stack: Stack, job_id: str) -> None:
 @pytest.mark.parametrize("queue", ["transform", "upload", "inference"])
 def test_a_pool_killed_holding_a_chunk_has_it_sent_again_within_30_s(stack: Stack, queue: str) -> None:
     job_id = stack.submit(WITH_IMAGES, *JOB, "--model", "default")
-    wait_until(lambda: stack.progress(job_id).done > 0, 120, "the first items")
     tickets = stack.kill_pool_mid_chunk(queue)
     killed = time.monotonic()
     lost = {(str(t["job_id"]), int(t["chunk"])): int(t["dispatch"]) for t in tickets}  # type: ignore[call-overload]
@@ -119,7 +118,7 @@ def test_a_pool_sent_sigterm_hands_everything_on_and_nothing_waits(stack: Stack)
     job_id = stack.submit(WITH_IMAGES, *JOB)
     wait_until(lambda: stack.progress(job_id).done >= 40, 120, "40 items")
     stopped = time.monotonic()
-    stack.stop("worker-transform", signal.SIGTERM)  # a warm shutdown: its tasks finish first
+    stack.terminate("worker-transform")  # a warm shutdown: its running tasks finish first
     print(f"transform pool stopped by SIGTERM in {time.monotonic() - stopped:.1f} s")
     stack.start_pool("transform")
     assert_finished_cleanly(stack, job_id)
