@@ -113,7 +113,7 @@ def open_chunk(conn: psycopg.Connection, ticket: Ticket, lease_s: int) -> OpenCh
     job stopped)."""
     row = conn.execute(
         """
-        UPDATE job_chunks c SET lease_until = now() + %(lease)s::interval,
+        UPDATE job_chunks c SET lease_until = now() + %(lease)s::interval, rendering = NULL,
             attempts = c.attempts + (c.started_by IS NULL)::integer,
             started_by = coalesce(c.started_by, %(dispatch)s)
         FROM jobs j

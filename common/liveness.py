@@ -7,9 +7,10 @@ it is working on (`StageTask.__call__`). The dispatcher ends the lease of every 
 silent for HOLDER_TIMEOUT_S held (`heal_lost_holds`), and of every chunk no one holds and no
 message in the broker can be for (`heal_lost_messages`: every queue is empty); the ledger's
 usual lease expiry then sends them again, counting an attempt where one had started. A retried
-chunk is rendered carefully: each image is marked the suspect before it is rendered, and on the
-chunk's last attempt a suspect is failed alone instead of taking the rest of its chunk down with
-it again (workers/transform.py). docs/decisions.md ("Liveness").
+chunk is rendered carefully: each image is marked before it is rendered, the marked image of a
+lost process becomes the chunk's suspect, and on the chunk's last attempt a suspect is failed
+alone instead of taking the rest of its chunk down with it again (workers/transform.py).
+docs/decisions.md ("Liveness").
 """
 
 from __future__ import annotations
@@ -120,8 +121,8 @@ def heal_lost_holds(conn: psycopg.Connection, timeout_s: float) -> int:
             SELECT c.job_id, c.chunk_index FROM job_chunks c JOIN lost l USING (job_id, chunk_index)
             WHERE c.state = 'dispatched' ORDER BY c.job_id, c.chunk_index FOR UPDATE OF c SKIP LOCKED
         )
-        UPDATE job_chunks c SET lease_until = now(),
-            last_error = 'its worker process was lost' || coalesce(' rendering image ' || c.suspect, '')
+        UPDATE job_chunks c SET lease_until = now(), suspect = coalesce(c.rendering, c.suspect),
+            last_error = 'its worker process was lost' || coalesce(' rendering image ' || c.rendering, '')
         FROM chunks l WHERE c.job_id = l.job_id AND c.chunk_index = l.chunk_index
         """,
         (holders,),
@@ -153,10 +154,11 @@ def heal_lost_messages(conn: psycopg.Connection, quiet_s: float, lease_s: int) -
 # --- a chunk whose worker process was lost: which image was it on? ------------------------
 
 
-def mark_suspect(conn: psycopg.Connection, ticket: Ticket, image_id: int) -> None:
-    """On a retried chunk, the image about to be rendered: if the process dies now, it is the
-    suspect."""
+def mark_rendering(conn: psycopg.Connection, ticket: Ticket, image_id: int) -> None:
+    """On a retried chunk, the image about to be rendered: if the process is lost now, it
+    becomes the chunk's suspect (`heal_lost_holds`)."""
     conn.execute(
-        "UPDATE job_chunks SET suspect = %s WHERE job_id = %s AND chunk_index = %s AND state = 'dispatched'",
+        """UPDATE job_chunks SET rendering = %s
+           WHERE job_id = %s AND chunk_index = %s AND state = 'dispatched'""",
         (image_id, ticket.job_id, ticket.chunk),
     )

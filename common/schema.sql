@@ -93,7 +93,10 @@ CREATE TABLE IF NOT EXISTS job_chunks (
     last_error  text,
     PRIMARY KEY (job_id, chunk_index)
 );
-ALTER TABLE job_chunks ADD COLUMN IF NOT EXISTS suspect bigint;  -- schema 4: rendered on a careful retry
+-- schema 4: the image a careful retry is rendering, and the one it was rendering when its worker
+-- process was lost (common/liveness.py)
+ALTER TABLE job_chunks ADD COLUMN IF NOT EXISTS rendering bigint;
+ALTER TABLE job_chunks ADD COLUMN IF NOT EXISTS suspect bigint;
 CREATE INDEX IF NOT EXISTS job_chunks_pending ON job_chunks (job_id, chunk_index) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS job_chunks_dispatched ON job_chunks (job_id) WHERE state = 'dispatched';
 

@@ -13,7 +13,7 @@ from typing import Any
 from common.datasets import lookup_catalog, lookup_locations, pin_etags
 from common.jobspec import JobSpec
 from common.ledger import OpenChunk, Ticket, open_chunk
-from common.liveness import mark_suspect
+from common.liveness import mark_rendering
 from common.shards import shard_from_transform, shard_key, store_shard, write_tar
 from common.transform import TransformResult, batch_by_bytes, given_up_suspect, transform_images
 from workers.base import StageTask
@@ -47,8 +47,9 @@ def render(
 ) -> TransformResult:
     """Fetch the chunk's images where they are and render the items not in `done`; ETags read
     from sources registered without one are pinned, so that a later read notices a rewrite.
-    A retried chunk is rendered carefully: each image is marked the suspect first, and on the
-    last attempt the suspect of a lost worker process fails alone, unrendered."""
+    A retried chunk is rendered carefully: each image is marked first (the marked image of a lost
+    worker process is the chunk's suspect), and on the last attempt a suspect fails alone,
+    unrendered."""
     given_up = given_up_suspect(spec, chunk, done, self.settings.chunk_max_attempts)
     careful = chunk.attempts > 1
     result = transform_images(
@@ -58,7 +59,7 @@ def render(
         self.store.read_many,
         done | sum(1 << item.slot for item in given_up),
         keep_raw=keep_raw,
-        before_each=(lambda image_id: self.ledger(mark_suspect, ticket, image_id)) if careful else None,
+        before_each=(lambda image_id: self.ledger(mark_rendering, ticket, image_id)) if careful else None,
     )
     result.failures.extend(given_up)
     if result.etags:

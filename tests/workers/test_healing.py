@@ -194,7 +194,7 @@ def kill_transform_on(stack: Stack, job_id: str, chunk: int, image_id: int | Non
         stack.send_signal("worker-transform", signal.SIGSTOP)
         with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
             row = conn.execute(
-                """SELECT c.suspect FROM job_chunks c JOIN holds h USING (job_id, chunk_index)
+                """SELECT c.rendering FROM job_chunks c JOIN holds h USING (job_id, chunk_index)
                    WHERE c.job_id = %s AND c.chunk_index = %s AND c.state = 'dispatched'""",
                 (job_id, chunk),
             ).fetchone()
