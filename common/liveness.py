@@ -76,9 +76,9 @@ def beat(conn: psycopg.Connection, name: str) -> None:
 def hold(conn: psycopg.Connection, holder: str, task_id: str, ticket: Ticket) -> None:
     """`holder` works on message `task_id`, of the ticket's chunk, from now on."""
     conn.execute(
-        "INSERT INTO holds (holder, task_id, job_id, chunk_index) VALUES (%s, %s, %s, %s)"
+        "INSERT INTO holds (holder, task_id, job_id, chunk_index, dispatch) VALUES (%s, %s, %s, %s, %s)"
         " ON CONFLICT DO NOTHING",
-        (holder, task_id, ticket.job_id, ticket.chunk),
+        (holder, task_id, ticket.job_id, ticket.chunk, ticket.dispatch),
     )
 
 
@@ -103,7 +103,8 @@ def release(conn: psycopg.Connection, task_id: str, lease_s: int) -> None:
 
 def heal_lost_holds(conn: psycopg.Connection, timeout_s: float) -> int:
     """End the lease of every dispatched chunk a holder silent for `timeout_s` held, and forget
-    those holds and holders; how many chunks."""
+    those holds and holders; how many chunks. A chunk dispatched again since (its lease ran out
+    first) is left to its new dispatch."""
     holders = [
         row[0]
         for row in conn.execute(
@@ -116,10 +117,11 @@ def heal_lost_holds(conn: psycopg.Connection, timeout_s: float) -> int:
     return conn.execute(
         """
         WITH lost AS (
-            DELETE FROM holds WHERE holder = ANY (%s) RETURNING job_id, chunk_index
+            DELETE FROM holds WHERE holder = ANY (%s) RETURNING job_id, chunk_index, dispatch
         ), chunks AS (
             SELECT c.job_id, c.chunk_index FROM job_chunks c JOIN lost l USING (job_id, chunk_index)
-            WHERE c.state = 'dispatched' ORDER BY c.job_id, c.chunk_index FOR UPDATE OF c SKIP LOCKED
+            WHERE c.state = 'dispatched' AND c.dispatches = l.dispatch
+            ORDER BY c.job_id, c.chunk_index FOR UPDATE OF c SKIP LOCKED
         )
         UPDATE job_chunks c SET lease_until = now(), suspect = coalesce(c.rendering, c.suspect),
             last_error = 'its worker process was lost' || coalesce(' rendering image ' || c.rendering, '')

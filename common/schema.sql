@@ -168,6 +168,7 @@ CREATE TABLE IF NOT EXISTS holds (
     task_id     text NOT NULL,             -- the Celery message being worked on
     job_id      uuid NOT NULL,
     chunk_index integer NOT NULL,
+    dispatch    integer NOT NULL,          -- the chunk's dispatch the message belongs to
     PRIMARY KEY (holder, task_id)
 );
 CREATE INDEX IF NOT EXISTS holds_chunk ON holds (job_id, chunk_index);
