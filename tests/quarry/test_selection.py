@@ -225,9 +225,9 @@ def test_cancel_during_recording_stops_the_recording_and_the_job(
     recording = start_job(db, small_slices(settings, 250, selection_connections=1), query, spec, 50)
     assert recording.outcome.state == "recording"
     assert cancel_job(db, spec.job_id)
-    started = time.monotonic()
+    # ended, and cancelled: read through, the rest of this selection sleeps about 80 s (20 ms an
+    # id over about 4,000 ids), so ending within the wait means the slices' statements were cut off
     assert recording.wait(30).state == "cancelled"
-    assert time.monotonic() - started < 5  # the slice being read was cancelled, not waited out
     progress = job_progress(db, spec.job_id)
     assert progress is not None and progress.state == "cancelled"
     chunks = progress.chunks
