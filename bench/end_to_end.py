@@ -30,13 +30,15 @@ import numpy as np
 import psycopg
 
 from common.augment import parse_spec
+from common.augment.sizing import spec_floor
+from common.config import Settings
 from common.datasets import FASHION, lookup_catalog, lookup_locations
 from common.db import connect, ensure_database
 from common.jobspec import JobSpec
 from common.model import Classifier
 from common.paths import MODELS_DIR, default_dataset_path
 from common.shards import shard_from_transform, write_tar
-from common.transform import transform_images
+from common.transform import merged, transform_images
 from tests.stack import BIN, RequestLog, Stack, start_moto, wait_until
 
 QUERY = (
@@ -119,7 +121,10 @@ def opencv_pass(raws: list[bytes]) -> None:
 def transform_stage_rate(database_url: str, ids: list[int], raws: dict[int, bytes], shard_size: int) -> float:
     """img/s on one core of Quarry's transform stage for webdataset output (render + shard tar),
     raw bytes from memory: the storage ceiling removed."""
-    spec = JobSpec(job_id=str(uuid.uuid4()), augment=parse_spec(OPS).stages, output="webdataset")
+    settings = Settings()
+    stages = parse_spec(OPS).stages
+    floor = spec_floor(stages, exact=False)
+    spec = JobSpec(job_id=str(uuid.uuid4()), augment=stages, output="webdataset", decode_floor=floor)
     with psycopg.connect(database_url) as db:
         index, catalog = lookup_locations(db, FASHION, ids), lookup_catalog(db, FASHION, ids)
     held = {index[i].source: (raws[i], "") for i in ids}
@@ -127,8 +132,15 @@ def transform_stage_rate(database_url: str, ids: list[int], raws: dict[int, byte
     def one_pass() -> None:
         for start in range(0, len(ids), shard_size):
             chunk = ids[start : start + shard_size]
-            result = transform_images(spec, chunk, index, lambda sources: {s: held[s] for s in sources})
-            write_tar(shard_from_transform(spec, result, catalog))
+            groups = transform_images(
+                spec,
+                chunk,
+                index,
+                lambda sources: {s: held[s] for s in sources},
+                bytes_in_flight=settings.transform_bytes_in_flight,
+                max_pixels=settings.image_max_pixels,
+            )
+            write_tar(shard_from_transform(spec, merged(groups), catalog))
 
     return best_rate(len(ids), one_pass)
 

@@ -30,7 +30,7 @@ import psycopg
 
 from common.db import connect, ensure_database
 from common.paths import default_dataset_path
-from tests.stack import BIN, Stack, free_port, wait_until
+from tests.stack import BIN, POOLS, Stack, free_port, wait_until
 
 WITH_IMAGES = "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"
 JOB = ("--augment", "rotate(limit=15) | resize(224, 224)", "--variants", "2", "--model", "default")
@@ -66,8 +66,10 @@ class Bench:
                 count, size = count + 1, size + item["Size"]
         return count, size
 
-    def scenario(self, name: str, fault: Callable[[Stack], None], query: str) -> float:
-        """Run the job with `fault` a quarter of the way in; print its line; its seconds."""
+    def scenario(self, name: str, fault: Callable[[Stack], None], query: str, when: float) -> float:
+        """Run the job with `fault` once `when` of its items are done (the transform pool
+        renders a chunk far ahead of its inference, so a fault of that pool comes at the
+        start); print its line; its seconds."""
         stack = self.stack(name)
         peak = {"redis": 0}
         stop = threading.Event()
@@ -84,7 +86,7 @@ class Bench:
             started = time.monotonic()
             job_id = stack.submit(query, *JOB)
             total = stack.progress(job_id).total
-            wait_until(lambda: stack.progress(job_id).done >= total // 4, 600, "a quarter done", 0.2)
+            wait_until(lambda: stack.progress(job_id).done >= total * when, 600, f"{when:.0%} done", 0.2)
             fault(stack)
             wait_until(lambda: stack.progress(job_id).ended, 1800, "the job", 0.5)
             end = stack.progress(job_id)
@@ -113,6 +115,14 @@ def kill_pool(queue: str) -> Callable[[Stack], None]:
         stack.start_pool(queue)
 
     return fault
+
+
+def kill_node(stack: Stack) -> None:
+    """SIGKILL every pool at once, as a node that vanishes; its pools come back 5 s later."""
+    for queue in POOLS:
+        stack.stop(f"worker-{queue}", signal.SIGKILL)
+    time.sleep(5)
+    stack.start_pools()
 
 
 def terminate_pool(stack: Stack) -> None:
@@ -173,15 +183,16 @@ def main() -> None:
         time.sleep(30)
         os.kill(s3.pid, signal.SIGCONT)
 
-    scenarios: dict[str, tuple[str, Callable[[Stack], None]]] = {
-        "none": ("no fault (baseline)", lambda _s: None),
-        "transform": ("transform pool SIGKILLed, back in 5 s", kill_pool("transform")),
-        "upload": ("upload pool SIGKILLed, back in 5 s", kill_pool("upload")),
-        "inference": ("inference pool SIGKILLed, back in 5 s", kill_pool("inference")),
-        "broker": ("Redis killed, restarted empty", lose_broker),
-        "sigterm": ("transform pool sent SIGTERM, started again", terminate_pool),
-        "postgres": ("PG connections killed for 10 s", terminate_connections),
-        "s3": ("S3 server frozen 30 s", freeze_s3),
+    scenarios: dict[str, tuple[str, Callable[[Stack], None], float]] = {
+        "none": ("no fault (baseline)", lambda _s: None, 0),
+        "transform": ("transform pool SIGKILLed, back in 5 s", kill_pool("transform"), 0),
+        "upload": ("upload pool SIGKILLed, back in 5 s", kill_pool("upload"), 0.25),
+        "inference": ("inference pool SIGKILLed, back in 5 s", kill_pool("inference"), 0.25),
+        "node": ("every pool SIGKILLed at once, back in 5 s", kill_node, 0.1),
+        "broker": ("Redis killed, restarted empty", lose_broker, 0.25),
+        "sigterm": ("transform pool sent SIGTERM, started again", terminate_pool, 0),
+        "postgres": ("PG connections killed for 10 s", terminate_connections, 0.25),
+        "s3": ("S3 server frozen 30 s", freeze_s3, 0.25),
     }
     try:
         wait_until(
@@ -197,9 +208,9 @@ def main() -> None:
             f" job {' '.join(JOB)}; default settings (lease 300 s); pools: transform 2 processes,"
             " upload 8 threads, inference 1"
         )
-        for key, (label, fault) in scenarios.items():
+        for key, (label, fault, when) in scenarios.items():
             if not args.only or key in args.only or key == "none":
-                seconds = bench.scenario(label, fault, query)
+                seconds = bench.scenario(label, fault, query, when)
                 if key == "none":
                     bench.baseline_s = seconds
     finally:

@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     message_byte_budget: int = Field(
         default=4 * 1024 * 1024, ge=64 * 1024, description="largest transform→upload message, bytes"
     )
+    transform_bytes_in_flight: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="raw image bytes a transform process fetches ahead of rendering, per chunk",
+    )
+    image_max_pixels: int = Field(
+        default=100_000_000, ge=1, description="an image declaring more pixels fails alone, undecoded"
+    )
     default_model: str = Field(default="fashion-classifier", description="model NAME, PATH or s3:// URI")
     model_cache_dir: Path = Path("/tmp/quarry-models")
     task_max_retries: int = Field(default=5, ge=0, description="retries of a transient task failure")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import cv2
 import numpy as np
 
 from common.errors import ImageDecodeError
+from common.image_header import Header, read_header
 
 ENCODINGS = {  # format name -> (file extension, content type)
     "jpeg": (".jpg", "image/jpeg"),
@@ -15,6 +17,11 @@ ENCODINGS = {  # format name -> (file extension, content type)
     "webp": (".webp", "image/webp"),
 }
 ALPHA_BACKGROUND = 255  # transparent pixels are composited on white, like a product page
+REDUCED_READS = {  # libjpeg's DCT-domain scales, largest reduction first
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+}
 
 
 def checksum(data: bytes) -> str:
@@ -22,20 +29,44 @@ def checksum(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode(data: bytes) -> np.ndarray:
+def decode(data: bytes, floor: tuple[int, int] | None = None, max_pixels: int | None = None) -> np.ndarray:
     """Bytes to an HxWx3 uint8 BGR array: EXIF rotation applied, CMYK/gray/16-bit converted,
-    alpha composited on white."""
+    alpha composited on white. A JPEG is decoded at the smallest libjpeg scale that keeps at
+    least `floor` (width, height) pixels; None: in full. An image whose header declares more
+    than `max_pixels` is refused before any pixel is decoded."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    header = read_header(data)
+    if header is not None and max_pixels is not None and header.pixels > max_pixels:
+        raise ImageDecodeError(
+            f"image too large: {header.width}×{header.height} ({header.pixels:,} pixels;"  # noqa: RUF001
+            f" IMAGE_MAX_PIXELS is {max_pixels:,})"
+        )
     buffer = np.frombuffer(data, dtype=np.uint8)
     if has_alpha_container(data):
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
         if image is not None and image.ndim == 3 and image.shape[2] == 4:
             return composite_alpha(to_uint8(image))
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    scale = decode_scale(header, floor)
+    image = cv2.imdecode(buffer, REDUCED_READS[scale] if scale > 1 else cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
         raise ImageDecodeError(f"not a decodable image ({len(data)} bytes)")
     return image
+
+
+def decode_scale(header: Header | None, floor: tuple[int, int] | None) -> int:
+    """The largest libjpeg scale denominator (8, 4, 2) at which a JPEG still has `floor` pixels
+    on each side (libjpeg rounds a scaled side up); 1 for a full decode. Only JPEGs: OpenCV
+    decodes other formats in full and resizes them, which is slower than what the ops do."""
+    if floor is None or header is None or header.image_format != "jpeg":
+        return 1
+    for denominator in REDUCED_READS:
+        if (
+            math.ceil(header.width / denominator) >= floor[0]
+            and math.ceil(header.height / denominator) >= floor[1]
+        ):
+            return denominator
+    return 1
 
 
 def has_alpha_container(data: bytes) -> bool:

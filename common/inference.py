@@ -6,11 +6,12 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
 
+from common.augment.sizing import with_margin
 from common.errors import PermanentError, QuarryError
 from common.images import decode
 from common.jobspec import JobSpec
@@ -32,16 +33,29 @@ def decoding_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
 
 
-def decoded(data: bytes | QuarryError) -> np.ndarray | PermanentError:
+Decoder = Callable[[bytes | QuarryError], "np.ndarray | PermanentError"]
+
+
+def decoded(
+    data: bytes | QuarryError, floor: tuple[int, int] | None = None, max_pixels: int | None = None
+) -> np.ndarray | PermanentError:
     """The pixels of one image, or why it has none; a transient storage error is raised."""
     if isinstance(data, PermanentError):
         return data
     if isinstance(data, QuarryError):
         raise data  # transient or configuration: the task retries
     try:
-        return decode(data)
+        return decode(data, floor, max_pixels)
     except PermanentError as exc:
         return exc
+
+
+def model_decoder(classifier: Classifier, exact: bool, max_pixels: int) -> Decoder:
+    """How the model's images are decoded: JPEGs no larger than twice its input keeps on each
+    side (common/augment/sizing.py), or in full with `exact`."""
+    preprocess = classifier.info.preprocess
+    floor = None if exact else with_margin((preprocess.width, preprocess.height))
+    return partial(decoded, floor=floor, max_pixels=max_pixels)
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,7 @@ def infer_items(
     refs: Sequence[ItemRef],
     fetch_many: Callable[[list[str]], dict[str, bytes | QuarryError]],
     top_k: int,
+    decoder: Decoder = decoded,
 ) -> list[ItemResult]:
     """Classify every item in one batch; an unreadable image fails alone, a transient storage
     error is raised for the task to retry."""
@@ -84,7 +99,7 @@ def infer_items(
     pool = decoding_pool()
     results: list[ItemResult] = []
     ready: list[tuple[ItemRef, np.ndarray]] = []
-    for ref, image in zip(refs, pool.map(decoded, [fetched[ref.image_uri] for ref in refs]), strict=True):
+    for ref, image in zip(refs, pool.map(decoder, [fetched[ref.image_uri] for ref in refs]), strict=True):
         if isinstance(image, PermanentError):
             results.append(
                 ItemResult(
@@ -110,7 +125,9 @@ def infer_items(
     return results
 
 
-def classify_shard(classifier: Classifier, shard: Shard, infer_on: str, top_k: int) -> Shard:
+def classify_shard(
+    classifier: Classifier, shard: Shard, infer_on: str, top_k: int, decoder: Decoder = decoded
+) -> Shard:
     """The final shard: each rendered sample's record gains the model's label, score and top-k
     (from its own pixels, or its raw image's with `infer_on="raw"`, classified once per image);
     an image the model cannot read fails alone. The staging-only raws are dropped."""
@@ -127,7 +144,7 @@ def classify_shard(classifier: Classifier, shard: Shard, infer_on: str, top_k: i
     for start in range(0, len(names), SHARD_BATCH):
         ready: list[tuple[object, np.ndarray]] = []
         batch_names = names[start : start + SHARD_BATCH]
-        images = pool.map(decoded, [sources[name] for name in batch_names])
+        images = pool.map(decoder, [sources[name] for name in batch_names])
         for name, image in zip(batch_names, images, strict=True):
             if isinstance(image, PermanentError):
                 predictions[name] = f"inference: {image}"

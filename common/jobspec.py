@@ -32,6 +32,8 @@ class JobSpec:
     item_rows: ItemRows = "all"  # job_items rows for every item, or for failures only
     output: OutputFormat = "files"  # one object per item, or one tar shard per chunk
     key_layout: KeyLayout = "flat"  # files only: `hashed` spreads keys over 256 prefixes
+    exact_decode: bool = False  # decode every image in full (else JPEGs no larger than needed)
+    decode_floor: list[int] | None = None  # transform: JPEGs keep at least [width, height]; None: full
 
     def slot(self, index: int, variant: int) -> int:
         """An item's position in its chunk: image index x variants + variant."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 from common.augment import Pipeline
@@ -84,35 +85,85 @@ def transform_images(
     fetch_many: Callable[[list[Source]], Fetched],
     done: int = 0,
     *,
+    bytes_in_flight: int,
+    max_pixels: int,
     keep_raw: bool = False,
     before_each: Callable[[int], None] | None = None,
-) -> TransformResult:
+) -> Iterator[TransformResult]:
     """Render every variant of every id whose item is not in the `done` bitmap; a bad image
     fails its items, not the chunk.
 
-    Raw objects are fetched together; a transient storage error is raised so that the task
-    retries the chunk. `keep_raw` keeps each rendered image's raw bytes (for a model that reads
-    raws from a shard, so that nothing fetches them twice). `before_each(image_id)` is called
-    before each image is decoded.
+    The chunk streams through in groups whose raw bytes stay within `bytes_in_flight` (sizes
+    the catalog does not know are guessed from the group before): each group's raw objects are
+    fetched together, rendered one image at a time and yielded as one result, then let go. A
+    transient storage error is raised so that the task retries the chunk. `keep_raw` keeps each
+    rendered image's raw bytes (for a model that reads raws from a shard, so that nothing
+    fetches them twice). `before_each(image_id)` is called before each image is decoded. An
+    image whose header declares more than `max_pixels` fails alone, undecoded.
     """
     pipeline = Pipeline.from_spec(spec.augment)
     todo = [
         (position, image_id, wanted_variants(spec, position, done))
         for position, image_id in enumerate(image_ids)
     ]
-    todo = [entry for entry in todo if entry[2]]
-    sources = [entry.source for entry in (index.get(i) for _, i, _ in todo) if entry and entry.source]
-    fetched = fetch_many(list(dict.fromkeys(sources)))
+    pending = [entry for entry in todo if entry[2]]
+    read_bytes = read_count = 0
+    while pending:
+        guess = read_bytes // read_count if read_count else FIRST_GUESS_BYTES
+        group, pending = take_by_bytes(pending, partial(raw_size, index, guess=guess), bytes_in_flight)
+        sources = [entry.source for entry in (index.get(i) for _, i, _ in group) if entry and entry.source]
+        fetched = fetch_many(list(dict.fromkeys(sources)))
+        got = [value[0] for value in fetched.values() if isinstance(value, tuple)]
+        read_bytes, read_count = read_bytes + sum(map(len, got)), read_count + len(got)
+        yield render_group(spec, pipeline, group, index, fetched, max_pixels, keep_raw, before_each)
+        del fetched, got
+
+
+FIRST_GUESS_BYTES = 1024 * 1024  # an unknown raw size before any is read: a large photograph's
+Todo = tuple[int, int, list[int]]  # (position in the chunk, image id, variants to render)
+
+
+def raw_size(index: ImageIndex, todo: Todo, guess: int) -> int:
+    """The bytes an image's read brings: its length where the catalog has it, else `guess`."""
+    entry = index.get(todo[1])
+    if entry is None or entry.source is None:
+        return 0
+    return entry.source.length if entry.source.length is not None else guess
+
+
+def take_by_bytes(
+    todo: list[Todo], size_of: Callable[[Todo], int], budget: int
+) -> tuple[list[Todo], list[Todo]]:
+    """The first entries whose sizes add up to at most `budget` (at least one), and the rest."""
+    total = 0
+    for count, entry in enumerate(todo):
+        total += size_of(entry)
+        if count and total > budget:
+            return todo[:count], todo[count:]
+    return todo, []
+
+
+def render_group(
+    spec: JobSpec,
+    pipeline: Pipeline,
+    group: list[Todo],
+    index: ImageIndex,
+    fetched: Fetched,
+    max_pixels: int,
+    keep_raw: bool,
+    before_each: Callable[[int], None] | None,
+) -> TransformResult:
+    """The outputs and failures of one group of fetched images."""
     result = TransformResult()
-    for position, image_id, variants in todo:
+    for position, image_id, variants in group:
         if before_each is not None:
             before_each(image_id)
         try:
             source, data, etag = raw_bytes(image_id, index, fetched)
-            rendered = list(
-                render_variants(spec, pipeline, position, image_id, variants, source.locator, data)
+            variant_outputs = render_variants(
+                spec, pipeline, position, image_id, variants, source.locator, data, max_pixels
             )
-            result.outputs.extend(rendered)  # all of an image's variants, or none
+            result.outputs.extend(list(variant_outputs))  # all of an image's variants, or none
             if source.etag is None and source.offset is None:
                 result.etags[image_id] = etag
             if keep_raw:
@@ -123,6 +174,17 @@ def transform_images(
                 for v in variants
             )
     return result
+
+
+def merged(results: Iterable[TransformResult]) -> TransformResult:
+    """One result of a whole chunk's groups (a shard is written whole)."""
+    whole = TransformResult()
+    for result in results:
+        whole.outputs.extend(result.outputs)
+        whole.failures.extend(result.failures)
+        whole.raws.update(result.raws)
+        whole.etags.update(result.etags)
+    return whole
 
 
 def raw_bytes(image_id: int, index: ImageIndex, fetched: Fetched) -> tuple[Source, bytes, str]:
@@ -147,8 +209,10 @@ def render_variants(
     variants: Sequence[int],
     source: str,
     data: bytes,
+    max_pixels: int,
 ) -> Iterator[Output]:
-    """Some variants of one image: the source bytes where untouched, else augmented and encoded."""
+    """Some variants of one image: the source bytes where untouched, else augmented and encoded
+    (a JPEG decoded no larger than `spec.decode_floor` keeps)."""
     pixels = None
     for variant in variants:
         slot = spec.slot(position, variant)
@@ -156,7 +220,8 @@ def render_variants(
             yield Output(image_id, variant, slot, data, sniff_format(data), source)
             continue
         if pixels is None:
-            pixels = decode(data)
+            floor = spec.decode_floor
+            pixels = decode(data, (floor[0], floor[1]) if floor else None, max_pixels)
         augmented = pipeline.apply(pixels, seed=(spec.seed, image_id, variant))
         image_format = spec.image_format or "jpeg"
         encoded = encode(augmented, image_format, spec.quality)

@@ -145,6 +145,12 @@ def augment_options(command: F) -> F:
         ),
         click.option("--quality", default=90, show_default=True, type=click.IntRange(1, 100)),
         click.option("--keep-original", is_flag=True, help="Variant 0 is the untouched original."),
+        click.option(
+            "--exact-decode",
+            is_flag=True,
+            help="Decode every image in full (default: JPEGs at 1/2-1/8 scale where the first resize"
+            " or crop keeps twice its size).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)

@@ -231,12 +231,15 @@ class Quarry:
         chunk_size: int | None = None,
         key_layout: Literal["flat", "hashed"] = "flat",
         dataset: str | None = None,
+        exact_decode: bool = False,
     ) -> Job:
         """Select images of `dataset` (default: the only one ingested) with SQL and record the
         job; the dispatcher sends its chunks through the pools as they are recorded. Every option
         is checked before anything is recorded. Returns once the first chunks are in the ledger;
         the rest of the selection is recorded on threads of this process (`Job.recorded()`
-        waits for it; the job's state is `recording` until then)."""
+        waits for it; the job's state is `recording` until then). JPEGs are decoded no larger
+        than the spec's first resize or crop needs (`spec.decode_floor`); `exact_decode=True`
+        decodes every image in full."""
         spec = self.job_spec(
             augment=augment,
             variants=variants,
@@ -250,6 +253,7 @@ class Quarry:
             item_rows=item_rows,
             output=output,
             key_layout=key_layout,
+            exact_decode=exact_decode,
         )
         size = job_chunk_size(spec, chunk_size, shard_size, self.settings)
         with self.connection() as conn:
@@ -269,6 +273,7 @@ class Quarry:
         check_choice("key_layout", options["key_layout"], ("flat", "hashed"))
         check_choice("image_format", options["image_format"], (None, "jpeg", "png", "webp"))
         from common.augment import parse_spec
+        from common.augment.sizing import spec_floor
 
         augment = parse_spec(options["augment"]) if options["augment"] else None
         keep_original = options["keep_original"] or bool(augment and augment.keep_original)
@@ -288,6 +293,8 @@ class Quarry:
             item_rows=options["item_rows"] or self.settings.item_rows,
             output=options["output"],
             key_layout=options["key_layout"],
+            exact_decode=options["exact_decode"],
+            decode_floor=spec_floor(augment.stages if augment else [], options["exact_decode"]),
         )
 
     def model_reference(self, model: str | None) -> str | None:
@@ -338,6 +345,7 @@ class Quarry:
         image_format: str | None = None,
         quality: int = 90,
         keep_original: bool = False,
+        exact_decode: bool = False,
     ) -> Preview:
         """The image and its variants exactly as a job with these options renders them."""
         spec = self.job_spec(
@@ -353,11 +361,12 @@ class Quarry:
             item_rows=None,
             output="files",
             key_layout="flat",
+            exact_decode=exact_decode,
         )
         from quarry.preview import contact_sheet, read_dataset_image
 
         data = read_dataset_image(self.settings.dataset_path, image_id)
-        return Preview(image_id, contact_sheet(spec, image_id, data))
+        return Preview(image_id, contact_sheet(spec, image_id, data, self.settings.image_max_pixels))
 
     def sql(self, query: str, limit: int | None = SQL_ROW_LIMIT) -> pd.DataFrame:
         """A read-only query on the catalog as a DataFrame of at most `limit` rows, with the same

@@ -18,11 +18,12 @@ LABEL_HEIGHT = 28
 MARGIN = 8
 
 
-def contact_sheet(spec: JobSpec, image_id: int, data: bytes) -> np.ndarray:
+def contact_sheet(spec: JobSpec, image_id: int, data: bytes, max_pixels: int) -> np.ndarray:
     """The original and each variant, exactly as a job with this spec would render them."""
     pipeline = Pipeline.from_spec(spec.augment)
-    tiles = [("original", decode(data))]
-    for output in render_variants(spec, pipeline, 0, image_id, range(spec.variants), "preview", data):
+    tiles = [("original", decode(data, max_pixels=max_pixels))]
+    variants = range(spec.variants)
+    for output in render_variants(spec, pipeline, 0, image_id, variants, "preview", data, max_pixels):
         tiles.append((f"variant {output.variant}", decode(output.data)))
     cells = [label_tile(name, image) for name, image in tiles]
     height = max(cell.shape[0] for cell in cells)

@@ -14,7 +14,7 @@ from celery.signals import celeryd_after_setup
 
 from common.config import get_settings
 from common.errors import QuarryError
-from common.inference import ItemRef, classify_shard, infer_items
+from common.inference import ItemRef, classify_shard, infer_items, model_decoder
 from common.jobspec import JobSpec
 from common.ledger import Ticket
 from common.model import Classifier, locate_model, require_cuda
@@ -63,11 +63,13 @@ def infer_batch(
     assert spec.model, "inference tasks are only sent for jobs with a model"
     if not self.is_live(ticket):
         return 0
+    classifier = self.classifier(spec.model)
     results = infer_items(
-        self.classifier(spec.model),
+        classifier,
         [ItemRef.from_message(ref) for ref in refs],
         self.fetch_many,
         spec.top_k,
+        model_decoder(classifier, spec.exact_decode, self.settings.image_max_pixels),
     )
     self.record(spec, ticket, results)
     return sum(result.status == "done" for result in results)
@@ -86,8 +88,13 @@ def infer_shard(
         return 0
     started = time.monotonic()
     bucket = self.settings.output_bucket
+    classifier = self.classifier(spec.model)
     shard = classify_shard(
-        self.classifier(spec.model), read_tar(self.store.get(bucket, staging_key)), spec.infer_on, spec.top_k
+        classifier,
+        read_tar(self.store.get(bucket, staging_key)),
+        spec.infer_on,
+        spec.top_k,
+        model_decoder(classifier, spec.exact_decode, self.settings.image_max_pixels),
     )
     results = store_shard(self.store, bucket, spec, ticket.chunk, shard, time.monotonic() - started)
     self.record(spec, ticket, results)

@@ -8,6 +8,7 @@ the inference pool reads once and finishes.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from common.datasets import lookup_catalog, lookup_locations, pin_etags
@@ -15,7 +16,7 @@ from common.jobspec import JobSpec
 from common.ledger import OpenChunk, Ticket, open_chunk
 from common.liveness import mark_rendering
 from common.shards import shard_from_transform, shard_key, store_shard, write_tar
-from common.transform import TransformResult, batch_by_bytes, given_up_suspect, transform_images
+from common.transform import TransformResult, batch_by_bytes, given_up_suspect, merged, transform_images
 from workers.base import StageTask
 from workers.celery_app import app
 from workers.routes import INFERENCE_SHARD, TRANSFORM, UPLOAD, queue_of
@@ -32,39 +33,45 @@ def transform_chunk(self: StageTask, spec_message: dict[str, Any], ticket_messag
         return 0  # finished, dispatched again since, or its job stopped
     if spec.output == "webdataset":
         return write_shard(self, spec, ticket, chunk)
-    result = render(self, spec, ticket, chunk, done=chunk.done)
-    if result.failures:
-        self.record(spec, ticket, result.failures)
-    for batch in batch_by_bytes(result.outputs, self.settings.message_byte_budget):
-        if not self.wait_for_room(queue_of(UPLOAD), ticket, started):
-            return 0
-        self.hand_off(UPLOAD, [spec_message, ticket_message, [output.to_message() for output in batch]])
-    return len(result.outputs)
+    rendered = 0
+    for result in render(self, spec, ticket, chunk, done=chunk.done):
+        if result.failures:
+            self.record(spec, ticket, result.failures)
+        for batch in batch_by_bytes(result.outputs, self.settings.message_byte_budget):
+            if not self.wait_for_room(queue_of(UPLOAD), ticket, started):
+                return 0
+            self.hand_off(UPLOAD, [spec_message, ticket_message, [output.to_message() for output in batch]])
+        rendered += len(result.outputs)
+    return rendered
 
 
 def render(
     self: StageTask, spec: JobSpec, ticket: Ticket, chunk: OpenChunk, *, done: int = 0, keep_raw: bool = False
-) -> TransformResult:
-    """Fetch the chunk's images where they are and render the items not in `done`; ETags read
-    from sources registered without one are pinned, so that a later read notices a rewrite.
-    A retried chunk is rendered carefully: each image is marked first (the marked image of a lost
-    worker process is the chunk's suspect), and on the last attempt a suspect fails alone,
-    unrendered."""
+) -> Iterator[TransformResult]:
+    """Fetch the chunk's images where they are and render the items not in `done`, a group of
+    at most TRANSFORM_BYTES_IN_FLIGHT raw bytes at a time; ETags read from sources registered
+    without one are pinned, so that a later read notices a rewrite. A retried chunk is rendered
+    carefully: each image is marked first (the marked image of a lost worker process is the
+    chunk's suspect), and on the last attempt a suspect fails alone, unrendered."""
     given_up = given_up_suspect(spec, chunk, done, self.settings.chunk_max_attempts)
     careful = chunk.attempts > 1
-    result = transform_images(
+    groups = transform_images(
         spec,
         chunk.image_ids,
         self.ledger(lookup_locations, spec.dataset, chunk.image_ids),
         self.store.read_many,
         done | sum(1 << item.slot for item in given_up),
+        bytes_in_flight=self.settings.transform_bytes_in_flight,
+        max_pixels=self.settings.image_max_pixels,
         keep_raw=keep_raw,
         before_each=(lambda image_id: self.ledger(mark_rendering, ticket, image_id)) if careful else None,
     )
-    result.failures.extend(given_up)
-    if result.etags:
-        self.ledger(pin_etags, spec.dataset, result.etags)
-    return result
+    for result in groups:
+        result.failures.extend(given_up)
+        given_up = []
+        if result.etags:
+            self.ledger(pin_etags, spec.dataset, result.etags)
+        yield result
 
 
 def write_shard(self: StageTask, spec: JobSpec, ticket: Ticket, chunk: OpenChunk) -> int:
@@ -72,7 +79,7 @@ def write_shard(self: StageTask, spec: JobSpec, ticket: Ticket, chunk: OpenChunk
     bytes) and store it: finished here, or staged for the inference pool."""
     started = time.monotonic()
     bucket = self.settings.output_bucket
-    result = render(self, spec, ticket, chunk, keep_raw=bool(spec.model) and spec.infer_on == "raw")
+    result = merged(render(self, spec, ticket, chunk, keep_raw=bool(spec.model) and spec.infer_on == "raw"))
     shard = shard_from_transform(spec, result, self.ledger(lookup_catalog, spec.dataset, chunk.image_ids))
     if not spec.model:
         self.record(

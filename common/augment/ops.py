@@ -25,18 +25,26 @@ def interpolation(source: tuple[int, int], target: tuple[int, int]) -> int:
     return cv2.INTER_AREA if target[0] * target[1] < source[0] * source[1] else cv2.INTER_LINEAR
 
 
-@register("hflip")
+def crop_window_floor(width: int, height: int, scale: list[float], ratio: list[float]) -> tuple[int, int]:
+    """The short side an image must keep for random_resized_crop's smallest window (area
+    fraction scale[0], at either end of `ratio`) to still hold width x height pixels."""
+    side = max(width / math.sqrt(scale[0] * ratio[0]), height * math.sqrt(ratio[1] / scale[0]))
+    return math.ceil(side), math.ceil(side)
+
+
+@register("hflip", scale_free=True)
 def hflip(image: Image, rng: np.random.Generator) -> Image:
     return cv2.flip(image, 1)
 
 
-@register("vflip")
+@register("vflip", scale_free=True)
 def vflip(image: Image, rng: np.random.Generator) -> Image:
     return cv2.flip(image, 0)
 
 
 @register(
     "rotate",
+    scale_free=True,
     limit=Param("float", 15.0, 0, 180),
     border=Param("str", "reflect", choices=tuple(BORDERS)),
     fill=FILL,
@@ -78,6 +86,7 @@ def crop(image: Image, rng: np.random.Generator, width: int, height: int, positi
 
 @register(
     "random_resized_crop",
+    makes_size=lambda args: crop_window_floor(args["width"], args["height"], args["scale"], args["ratio"]),
     width=Param("int", low=1, high=16384),
     height=Param("int", low=1, high=16384),
     scale=Param("float_pair", (0.08, 1.0), 0.001, 1.0),
@@ -111,6 +120,7 @@ def random_resized_crop(
 
 @register(
     "resize",
+    makes_size=lambda args: (args["width"], args["height"]),
     width=Param("int", low=1, high=16384),
     height=Param("int", low=1, high=16384),
     keep_aspect=Param("bool", False),
@@ -143,6 +153,7 @@ def resize(
 
 @register(
     "brightness_contrast",
+    scale_free=True,
     brightness=Param("float", 0.2, 0, 1),
     contrast=Param("float", 0.2, 0, 1),
 )
@@ -156,6 +167,7 @@ def brightness_contrast(image: Image, rng: np.random.Generator, brightness: floa
 
 @register(
     "hsv_shift",
+    scale_free=True,
     hue=Param("float", 10.0, 0, 90),
     saturation=Param("float", 20.0, 0, 255),
     value=Param("float", 20.0, 0, 255),
@@ -202,6 +214,7 @@ def gaussian_noise(image: Image, rng: np.random.Generator, std: list[float]) -> 
 
 @register(
     "cutout",
+    scale_free=True,
     holes=Param("int", 4, 1, 100),
     size=Param("float", 0.1, 0.001, 1),
     fill=FILL,
@@ -218,7 +231,7 @@ def cutout(image: Image, rng: np.random.Generator, holes: int, size: float, fill
     return out
 
 
-@register("grayscale")
+@register("grayscale", scale_free=True)
 def grayscale(image: Image, rng: np.random.Generator) -> Image:
     """Luma, kept as three equal channels."""
     return cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)

@@ -64,23 +64,36 @@ class Param:
         return value
 
 
+Size = tuple[int, int]  # width, height
+Needs = Callable[[dict[str, Any]], Size]  # (normalised arguments) -> the size an op makes
+
+
 @dataclass(frozen=True)
 class OpDef:
-    """A registered op: its function and parameters, in positional order."""
+    """A registered op: its function and parameters, in positional order, and how it relates to
+    the scale an image is decoded at (common/augment/sizing.py): `scale_free` when running it on
+    a smaller decode gives a smaller copy of its output (flips, turns, colour, holes sized as a
+    fraction), `makes_size` when it sets the output's size from its arguments (with what each
+    side must keep at least for the output to be made by shrinking). An op with neither (pixel-
+    sized kernels, noise, crops in source pixels) needs the image at full size."""
 
     name: str
     function: OpFunction
     params: dict[str, Param] = field(default_factory=dict)
+    scale_free: bool = False
+    makes_size: Needs | None = None
 
 
 OPS: dict[str, OpDef] = {}
 
 
-def register(name: str, **params: Param) -> Callable[[OpFunction], OpFunction]:
+def register(
+    name: str, *, scale_free: bool = False, makes_size: Needs | None = None, **params: Param
+) -> Callable[[OpFunction], OpFunction]:
     """Register `function(image, rng, **params)` as op `name`; params in positional order."""
 
     def decorator(function: OpFunction) -> OpFunction:
-        OPS[name] = OpDef(name, function, params)
+        OPS[name] = OpDef(name, function, params, scale_free, makes_size)
         return function
 
     return decorator
