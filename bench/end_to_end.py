@@ -118,15 +118,24 @@ def opencv_pass(raws: list[bytes]) -> None:
         cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
-def transform_stage_rate(database_url: str, ids: list[int], raws: dict[int, bytes], shard_size: int) -> float:
+def transform_stage_rate(
+    database_url: str,
+    ids: list[int],
+    raws: dict[int, bytes],
+    shard_size: int,
+    *,
+    dataset: str = FASHION,
+    exact_decode: bool = False,
+) -> float:
     """img/s on one core of Quarry's transform stage for webdataset output (render + shard tar),
-    raw bytes from memory: the storage ceiling removed."""
+    raw bytes from memory: the storage ceiling removed. The default settings' byte budget and
+    pixel limit; JPEGs decoded no larger than needed unless `exact_decode`."""
     settings = Settings()
     stages = parse_spec(OPS).stages
-    floor = spec_floor(stages, exact=False)
+    floor = spec_floor(stages, exact_decode)
     spec = JobSpec(job_id=str(uuid.uuid4()), augment=stages, output="webdataset", decode_floor=floor)
     with psycopg.connect(database_url) as db:
-        index, catalog = lookup_locations(db, FASHION, ids), lookup_catalog(db, FASHION, ids)
+        index, catalog = lookup_locations(db, dataset, ids), lookup_catalog(db, dataset, ids)
     held = {index[i].source: (raws[i], "") for i in ids}
 
     def one_pass() -> None:

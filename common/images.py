@@ -39,7 +39,7 @@ def decode(data: bytes, floor: tuple[int, int] | None = None, max_pixels: int | 
     header = read_header(data)
     if header is not None and max_pixels is not None and header.pixels > max_pixels:
         raise ImageDecodeError(
-            f"image too large: {header.width}×{header.height} ({header.pixels:,} pixels;"  # noqa: RUF001
+            f"image too large: {header.width}×{header.height} ({header.pixels:,} pixels;"
             f" IMAGE_MAX_PIXELS is {max_pixels:,})"
         )
     buffer = np.frombuffer(data, dtype=np.uint8)

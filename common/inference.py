@@ -51,7 +51,7 @@ def decoded(
 
 
 def model_decoder(classifier: Classifier, exact: bool, max_pixels: int) -> Decoder:
-    """How the model's images are decoded: JPEGs no larger than twice its input keeps on each
+    """How the model's images are decoded: JPEGs no larger than 1.5 times its input on each
     side (common/augment/sizing.py), or in full with `exact`."""
     preprocess = classifier.info.preprocess
     floor = None if exact else with_margin((preprocess.width, preprocess.height))

@@ -48,6 +48,18 @@ class JobSpec:
         """Rebuild from `to_message()`'s dict."""
         return cls(**message)
 
+    def decoding(self) -> str:
+        """How the transform stage decodes the job's images, in words (`producer run` prints it)."""
+        if self.decode_floor is not None:
+            width, height = self.decode_floor
+            return (
+                f"JPEGs decoded at 1/2, 1/4 or 1/8 scale where that keeps at least {width}x{height}"
+                " (--exact-decode: in full)"
+            )
+        if self.exact_decode:
+            return "images decoded in full (--exact-decode)"
+        return "images decoded in full (no resize or crop shrinks them first)"
+
     def is_passthrough(self, variant: int) -> bool:
         """Whether this variant is the source bytes unchanged."""
         return (self.keep_original and variant == 0) or (not self.augment and self.image_format is None)

@@ -197,6 +197,7 @@ def run(sql: str, wait: bool, wait_timeout: float | None, as_json: bool, **optio
     """Select images with SQL and record the job; the dispatcher sends it through the pools."""
     job = Quarry.from_env().run(sql, **options)
     click.echo(f"job {job.id}: recording its selection ({job.status().slicing})", err=True)
+    click.echo(f"job {job.id}: {job.spec().decoding()}", err=True)
     if not wait:
         progress = job.recorded()  # this process records the selection: it exits when that is done
         click.echo(f"job {job.id}: {progress.total} items in {progress.chunks} chunks", err=True)

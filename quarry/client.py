@@ -71,6 +71,12 @@ class Job:
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
 
+    def spec(self) -> JobSpec:
+        """What the job asks for, as stored with it (augment stages, model, decode floor, ...)."""
+        self.status()
+        with self.quarry.connection() as conn:
+            return JobSpec.from_message(job_spec(conn, self.id))
+
     def status(self) -> JobProgress:
         """Counts, state and seconds; NoSuchJob if the id is not a job."""
         with self.quarry.connection() as conn:

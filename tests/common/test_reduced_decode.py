@@ -3,8 +3,6 @@ libjpeg scale chosen, and outputs that stay the same bytes run to run and close 
 decode's. Photographs here are mosaics of the vendored sample's real photographs at their native
 resolution (never upscaled)."""
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
@@ -17,30 +15,12 @@ from common.images import decode, decode_scale
 from common.jobspec import JobSpec
 from common.sources import Source
 from common.transform import merged, transform_images
+from tests.photographs import jpeg, mosaic
 
-SAMPLE_IMAGES = sorted((Path(__file__).resolve().parents[2] / "data" / "sample" / "images").glob("*.jpg"))
 PIPELINE = "hflip | rotate(limit=15) | resize(224, 224)"
 EXIF_TURNED = (
     b"MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"
 )
-
-
-def mosaic(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """Real photographs tiled at their native size (the sample's 60x80 product shots)."""
-    rng = np.random.default_rng(seed)
-    tiles = [cv2.imread(str(path)) for path in rng.choice(SAMPLE_IMAGES, 64)]  # type: ignore[arg-type]
-    tile_height, tile_width = 80, 60
-    rows = []
-    for row in range(-(-height // tile_height)):
-        picks = [tiles[(row * 7 + column) % len(tiles)] for column in range(-(-width // tile_width))]
-        rows.append(
-            np.hstack([cv2.copyMakeBorder(t, 0, 80 - t.shape[0], 0, 60 - t.shape[1], 0) for t in picks])
-        )
-    return np.ascontiguousarray(np.vstack(rows)[:height, :width])
-
-
-def jpeg(image: np.ndarray, quality: int = 90) -> bytes:
-    return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
 
 
 @pytest.mark.parametrize("extension", [".jpg", ".png", ".webp"])
@@ -69,17 +49,17 @@ def test_unreadable_headers_leave_the_decoder_the_last_word() -> None:
 @pytest.mark.parametrize(
     ("spec", "floor"),
     [
-        (PIPELINE, (448, 448)),
-        ("resize(300, 100, keep_aspect=True)", (600, 200)),
-        ("brightness_contrast | cutout | resize(64, 32)", (128, 64)),
-        ("random_resized_crop(224, 224)", (1830, 1830)),
+        (PIPELINE, (336, 336)),
+        ("resize(300, 100, keep_aspect=True)", (450, 150)),
+        ("brightness_contrast | cutout | resize(64, 33)", (96, 50)),
+        ("random_resized_crop(224, 224)", (1373, 1373)),
         ("resize(224, 224, p=0.5)", None),  # may leave the image at its full size
         ("gaussian_blur | resize(224, 224)", None),  # a kernel in source pixels
         ("crop(224, 224) | resize(112, 112)", None),  # a window in source pixels
         ("hflip", None),  # no op sets a size: the output is as large as the source
     ],
 )
-def test_the_floor_is_twice_what_the_first_size_setting_op_keeps(
+def test_the_floor_is_one_and_a_half_times_what_the_first_size_setting_op_keeps(
     spec: str, floor: tuple[int, int] | None
 ) -> None:
     assert decode_floor(parse_spec(spec).stages) == floor
@@ -87,7 +67,7 @@ def test_the_floor_is_twice_what_the_first_size_setting_op_keeps(
 
 def test_exact_decode_has_no_floor() -> None:
     assert spec_floor(parse_spec(PIPELINE).stages, exact=True) is None
-    assert spec_floor(parse_spec(PIPELINE).stages, exact=False) == [448, 448]
+    assert spec_floor(parse_spec(PIPELINE).stages, exact=False) == [336, 336]
 
 
 @pytest.mark.parametrize(
@@ -115,9 +95,12 @@ def render(spec: JobSpec, data: bytes) -> list[bytes]:
     return [output.data for output in merged(groups).outputs]
 
 
-def job(spec: str, exact: bool = False) -> JobSpec:
+def job(spec: str, exact: bool = False, image_format: str | None = None) -> JobSpec:
     stages = parse_spec(spec).stages
-    return JobSpec(job_id="j", variants=3, seed=5, augment=stages, decode_floor=spec_floor(stages, exact))
+    floor = spec_floor(stages, exact)
+    return JobSpec(
+        job_id="j", variants=3, seed=5, augment=stages, decode_floor=floor, image_format=image_format
+    )
 
 
 def psnr(first: bytes, second: bytes) -> float:
@@ -125,16 +108,21 @@ def psnr(first: bytes, second: bytes) -> float:
     return float(cv2.PSNR(*decoded))
 
 
-def test_reduced_decode_outputs_are_the_same_bytes_every_run_and_close_to_a_full_decode() -> None:
-    data = jpeg(mosaic(2400, 1600))
-    reduced, again, full = (
-        render(job(PIPELINE), data),
-        render(job(PIPELINE), data),
-        render(job(PIPELINE, True), data),
-    )
+@pytest.mark.parametrize(("width", "height"), [(2400, 1600), (1024, 683)])
+def test_reduced_decode_outputs_are_the_same_bytes_every_run_and_close_to_a_full_decode(
+    width: int, height: int
+) -> None:
+    """Rendered pixels (PNG output: the output encoding's own loss left out) close to a full
+    decode's. A collage of 60x80 thumbnails is the worst case there is: every output pixel
+    spans edges of several photographs, so a turn on the smaller decode shows most; it stays
+    above 30 dB here, and photographs above 35 dB (bench/photographs.py, docs/benchmarks.md)."""
+    data = jpeg(mosaic(width, height))
+    reduced = render(job(PIPELINE, image_format="png"), data)
+    again = render(job(PIPELINE, image_format="png"), data)
+    full = render(job(PIPELINE, exact=True, image_format="png"), data)
     assert reduced == again
-    assert reduced != full  # decoded at 1/2: not the full decode's pixels ...
-    assert min(psnr(r, f) for r, f in zip(reduced, full, strict=True)) >= 35  # ... but close to them
+    assert reduced != full  # decoded at 1/4 or 1/2: not the full decode's pixels ...
+    assert min(psnr(r, f) for r, f in zip(reduced, full, strict=True)) >= 30  # ... but close to them
 
 
 def test_a_spec_whose_output_is_larger_than_the_source_decodes_in_full() -> None:

@@ -10,6 +10,7 @@ from common.errors import ObjectMissing, StorageUnavailable
 from common.jobspec import JobSpec
 from common.sources import Source
 from common.transform import Fetched, Output, TransformResult, batch_by_bytes, merged, transform_images
+from tests.photographs import bomb
 
 _, JPEG = cv2.imencode(".jpg", np.full((8, 6, 3), 100, dtype=np.uint8))
 RAW = JPEG.tobytes()
@@ -161,17 +162,14 @@ def test_unknown_sizes_are_guessed_from_the_group_before() -> None:
 
 
 def test_an_image_past_the_pixel_limit_fails_alone_undecoded() -> None:
-    bomb = bytearray(RAW)
-    frame = bomb.index(b"\xff\xc0")  # SOF0: length, precision, height, width
-    bomb[frame + 5 : frame + 9] = (30000).to_bytes(2, "big") * 2
     index = {1: Location(ONE), 2: Location(Source("s3://raw/bomb.jpg"))}
 
     def fetch(sources: list[Source]) -> Fetched:
-        return {s: ((RAW if s == ONE else bytes(bomb)), '"etag"') for s in sources}
+        return {s: ((RAW if s == ONE else bomb()), '"etag"') for s in sources}
 
     spec = JobSpec(job_id="j", augment=[{"op": "hflip", "p": 1.0, "args": {}}])
     result = render_all(spec, [1, 2], index, fetch)
     assert [o.image_id for o in result.outputs] == [1]
     assert [f.error for f in result.failures] == [
-        "transform: image too large: 30000×30000 (900,000,000 pixels; IMAGE_MAX_PIXELS is 100,000,000)"  # noqa: RUF001
+        "transform: image too large: 30000×30000 (900,000,000 pixels; IMAGE_MAX_PIXELS is 100,000,000)"
     ]

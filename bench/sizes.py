@@ -1,0 +1,189 @@
+"""Real photographs at three sizes (256, 1,024 and 3,000 pixels on the long side; bench/photographs.py),
+the same pipeline as bench/end_to_end.py (`hflip(p=0.5) | rotate(limit=15) | resize(224, 224)` +
+the default model), in one run on one S3 server (moto's, on loopback):
+
+1. the transform stage on one core with the raw bytes in memory (render + shard tar), decoding in
+   full (`--exact-decode`) and no larger than needed (the default), the best of 3 passes each;
+   the PSNR of the reduced-decode outputs against the full-decode ones, on the rendered pixels
+   (PNG output) and on the JPEG files a job writes (quality 90);
+2. end to end: the plain loop (bench/end_to_end.py: one image at a time, batch-1 model), Quarry
+   with --exact-decode, Quarry by default, each with webdataset output and default settings.
+
+Run: python -m bench.sizes [--counts 256=2000 1024=3000 3000=250]
+Needs the bench extra (`.venv/bin/pip install -e '.[bench]'`: scikit-image's photographs).
+Uses PostgreSQL at 127.0.0.1:5432 (a scratch database, dropped after) and a private redis-server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import psycopg
+
+from bench.end_to_end import OPS, plain_loop, quarry_run, s3_client, transform_stage_rate
+from bench.photographs import jpeg_photographs
+from bench.scratch import scratch_database
+from common.augment import parse_spec
+from common.augment.sizing import spec_floor
+from common.config import Settings
+from common.datasets import lookup_locations
+from common.jobspec import JobSpec
+from common.transform import merged, transform_images
+from tests.stack import BIN, RequestLog, Stack, start_moto
+
+COUNTS = {256: 2000, 1024: 3000, 3000: 250}  # long side -> photographs
+PSNR_IMAGES = 40  # photographs per size whose outputs are compared
+STAGE_SHARD = 1000  # the default shard size
+
+
+def prepare(
+    env: dict[str, str], root: Path, long_side: int, count: int
+) -> tuple[str, list[int], dict[int, bytes]]:
+    """Write the photographs as a folder, ingest it as dataset `photos_{long_side}`, and put each
+    as an object of its own for the plain loop; (dataset, ids, raw bytes by id)."""
+    folder = root / f"photos_{long_side}"
+    folder.mkdir()
+    raws = {}
+    for image_id, data in enumerate(jpeg_photographs(long_side, count), start=1):
+        (folder / f"{image_id}.jpg").write_bytes(data)
+        raws[image_id] = data
+    dataset = f"photos_{long_side}"
+    subprocess.run(
+        [str(BIN / "producer"), "ingest", str(folder), "--dataset", dataset],
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+    )
+    client = s3_client(env)
+    for image_id, data in raws.items():
+        client.put_object(Bucket=env["RAW_BUCKET"], Key=f"objects/{long_side}/{image_id}.jpg", Body=data)
+    return dataset, sorted(raws), raws
+
+
+def psnr(
+    database_url: str, dataset: str, ids: list[int], raws: dict[int, bytes]
+) -> dict[str, tuple[float, float]]:
+    """(mean, min) PSNR of reduced-decode outputs against full-decode ones: rendered pixels
+    (PNG) and JPEG files (quality 90)."""
+    settings = Settings()
+    stages = parse_spec(OPS).stages
+    with psycopg.connect(database_url) as db:
+        index = lookup_locations(db, dataset, ids)
+    held = {index[i].source: (raws[i], "") for i in ids}
+    figures = {}
+    for image_format in ("png", "jpeg"):
+
+        def render(exact: bool, image_format: str = image_format) -> list[np.ndarray]:
+            spec = JobSpec(
+                job_id="psnr",
+                augment=stages,
+                image_format=image_format,
+                decode_floor=spec_floor(stages, exact),
+            )
+            groups = transform_images(
+                spec,
+                ids,
+                index,
+                lambda sources: {s: held[s] for s in sources},
+                bytes_in_flight=settings.transform_bytes_in_flight,
+                max_pixels=settings.image_max_pixels,
+            )
+            return [
+                cv2.imdecode(np.frombuffer(o.data, np.uint8), cv2.IMREAD_COLOR)
+                for o in merged(groups).outputs
+            ]
+
+        values = [min(cv2.PSNR(r, f), 99.0) for r, f in zip(render(False), render(True), strict=True)]
+        figures["pixels" if image_format == "png" else "files"] = (
+            float(np.mean(values)),
+            float(np.min(values)),
+        )
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--counts", nargs="*", default=[f"{k}={v}" for k, v in COUNTS.items()])
+    args = parser.parse_args()
+    counts = {int(k): int(v) for k, v in (item.split("=") for item in args.counts)}
+    root = Path(tempfile.mkdtemp(prefix="quarry-sizes-"))
+    s3, endpoint = start_moto(root / "moto.log")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()};"
+        f" ops {OPS}; model default; webdataset output; default settings; S3: moto_server"
+    )
+    try:
+        with scratch_database("quarry_sizes") as database_url:
+            env = {
+                "DATABASE_URL": database_url,
+                "S3_ENDPOINT_URL": endpoint,
+                "RAW_BUCKET": "bench-raw",
+                "OUTPUT_BUCKET": "bench-out",
+            }
+            prepared = {size: prepare(env, root, size, count) for size, count in counts.items()}
+            cv2.setNumThreads(1)  # one core: OpenCV would spread resize and warpAffine over both
+            print("\n1. transform stage, one core, raws in memory (best of 3 passes):")
+            for size, (dataset, ids, raws) in prepared.items():
+                full = transform_stage_rate(
+                    database_url, ids, raws, STAGE_SHARD, dataset=dataset, exact_decode=True
+                )
+                reduced = transform_stage_rate(database_url, ids, raws, STAGE_SHARD, dataset=dataset)
+                quality = psnr(database_url, dataset, ids[:PSNR_IMAGES], raws)
+                mean_bytes = sum(map(len, raws.values())) / len(raws)
+                print(
+                    f"  {size:>4} px ({len(ids)} JPEGs, {mean_bytes / 1024:7.1f} KiB each):"
+                    f" full decode {full:7.1f} img/s, reduced {reduced:7.1f} img/s = {reduced / full:4.2f}x;"
+                    f" PSNR pixels {quality['pixels'][0]:4.1f} dB (min {quality['pixels'][1]:4.1f}),"
+                    f" files {quality['files'][0]:4.1f} dB (min {quality['files'][1]:4.1f})",
+                    flush=True,
+                )
+            cv2.setNumThreads(0)
+            print("\n2. end to end (one run, same S3 server):")
+            stack = Stack(env, root / "stack")
+            stack.start_redis()
+            stack.start_pools()
+            stack.start_dispatcher()
+            log = RequestLog(root / "moto.log")
+            try:
+                for size, (dataset, ids, _) in prepared.items():
+                    started = time.monotonic()
+                    keys = {image_id: f"objects/{size}/{image_id}.jpg" for image_id in ids}
+                    loop_rate = plain_loop(env, keys) / (time.monotonic() - started)
+                    rates = {}
+                    for label, extra in (("full decode", ["--exact-decode"]), ("reduced", [])):
+                        seconds, outputs, _ = quarry_run(
+                            stack,
+                            log,
+                            "--dataset",
+                            dataset,
+                            "--output",
+                            "webdataset",
+                            *extra,
+                            query=f"SELECT id FROM {dataset}",
+                        )
+                        rates[label] = outputs / seconds
+                    full, reduced = rates["full decode"], rates["reduced"]
+                    print(
+                        f"  {size:>4} px, {len(ids)} photographs: plain loop {loop_rate:6.1f} img/s;"
+                        f" Quarry full decode {full:6.1f} img/s ({full / loop_rate:4.1f}x loop);"
+                        f" Quarry {reduced:6.1f} img/s ({reduced / loop_rate:4.1f}x loop,"
+                        f" {reduced / full:4.2f}x full decode)",
+                        flush=True,
+                    )
+            finally:
+                stack.stop_all()
+    finally:
+        s3.terminate()
+        print(f"logs: {root}")
+
+
+if __name__ == "__main__":
+    main()
