@@ -1,7 +1,8 @@
 """The job-ledger faults on the sample, with figures: each scenario runs the same job on real
 processes (moto's S3 server, a private redis-server, the three pools, the dispatcher), with every
 ledger setting at its default (a 300 s lease), and injects one fault mid-job; each line says how
-much longer the job took than the same job without a fault, in the same run.
+much longer the job took than the same job without a fault, in the same run. The fault-free job
+runs first and again last: the difference between the two is the run's own noise.
 
 Run: python -m bench.faults [--dataset ../shared/fashion-sample] [--images N] [--only NAME ...].
 Uses PostgreSQL at 127.0.0.1:5432 (a scratch database, dropped after). Process handling comes
@@ -213,6 +214,7 @@ def main() -> None:
                 seconds = bench.scenario(label, fault, query, when)
                 if key == "none":
                     bench.baseline_s = seconds
+        bench.scenario("no fault again (the run's noise)", lambda _s: None, query, 0)
     finally:
         s3.terminate()
         with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
