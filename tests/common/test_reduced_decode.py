@@ -129,3 +129,19 @@ def test_a_spec_whose_output_is_larger_than_the_source_decodes_in_full() -> None
     data = jpeg(mosaic(600, 400))
     spec = "hflip | resize(800, 800)"
     assert render(job(spec), data) == render(job(spec, exact=True), data)
+
+
+def test_the_model_reads_jpegs_no_larger_than_its_input_needs() -> None:
+    """The default classifier takes 60x80 (width x height): a 3,000x2,000 JPEG is decoded at
+    1/8 (375x250 keeps 1.5 times that), unless the job asked for an exact decode."""
+    from common.inference import model_decoder
+    from common.model import Classifier
+    from common.paths import MODELS_DIR
+
+    classifier = Classifier(MODELS_DIR / "fashion-classifier.onnx")
+    preprocess = classifier.info.preprocess
+    data = jpeg(mosaic(3000, 2000))
+    reduced = model_decoder(classifier, exact=False, max_pixels=10**8)(data)
+    full = model_decoder(classifier, exact=True, max_pixels=10**8)(data)
+    assert (preprocess.width, preprocess.height) == (60, 80)
+    assert reduced.shape == (250, 375, 3) and full.shape == (2000, 3000, 3)
