@@ -38,7 +38,7 @@ from common.jobspec import JobSpec
 from common.model import Classifier
 from common.paths import MODELS_DIR, default_dataset_path
 from common.shards import shard_from_transform, write_tar
-from common.transform import merged, transform_images
+from common.transform import Fetched, ImageIndex, TransformResult, merged, transform_images
 from tests.stack import BIN, RequestLog, Stack, start_moto, wait_until
 
 QUERY = (
@@ -141,17 +141,26 @@ def transform_stage_rate(
     def one_pass() -> None:
         for start in range(0, len(ids), shard_size):
             chunk = ids[start : start + shard_size]
-            groups = transform_images(
-                spec,
-                chunk,
-                index,
-                lambda sources: {s: held[s] for s in sources},
-                bytes_in_flight=settings.transform_bytes_in_flight,
-                max_pixels=settings.image_max_pixels,
+            write_tar(
+                shard_from_transform(spec, render_in_memory(spec, chunk, index, held, settings), catalog)
             )
-            write_tar(shard_from_transform(spec, merged(groups), catalog))
 
     return best_rate(len(ids), one_pass)
+
+
+def render_in_memory(
+    spec: JobSpec, ids: list[int], index: ImageIndex, held: Fetched, settings: Settings
+) -> TransformResult:
+    """A chunk through the transform stage with its raw bytes already in memory (`held`)."""
+    groups = transform_images(
+        spec,
+        ids,
+        index,
+        lambda sources: {s: held[s] for s in sources},
+        bytes_in_flight=settings.transform_bytes_in_flight,
+        max_pixels=settings.image_max_pixels,
+    )
+    return merged(groups)
 
 
 def quarry_run(

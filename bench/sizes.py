@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import psycopg
 
-from bench.end_to_end import OPS, plain_loop, quarry_run, s3_client, transform_stage_rate
+from bench.end_to_end import OPS, plain_loop, quarry_run, render_in_memory, s3_client, transform_stage_rate
 from bench.photographs import jpeg_photographs
 from bench.scratch import scratch_database
 from common.augment import parse_spec
@@ -37,7 +37,6 @@ from common.augment.sizing import spec_floor
 from common.config import Settings
 from common.datasets import lookup_locations
 from common.jobspec import JobSpec
-from common.transform import merged, transform_images
 from tests.stack import BIN, RequestLog, Stack, start_moto
 
 COUNTS = {256: 6000, 1024: 6000, 3000: 400}  # long side -> photographs, the Quarry jobs' selection
@@ -95,17 +94,9 @@ def psnr(
                 image_format=image_format,
                 decode_floor=spec_floor(stages, exact),
             )
-            groups = transform_images(
-                spec,
-                ids,
-                index,
-                lambda sources: {s: held[s] for s in sources},
-                bytes_in_flight=settings.transform_bytes_in_flight,
-                max_pixels=settings.image_max_pixels,
-            )
             return [
                 cv2.imdecode(np.frombuffer(o.data, np.uint8), cv2.IMREAD_COLOR)
-                for o in merged(groups).outputs
+                for o in render_in_memory(spec, ids, index, held, settings).outputs
             ]
 
         values = [min(cv2.PSNR(r, f), 99.0) for r, f in zip(render(False), render(True), strict=True)]

@@ -72,6 +72,8 @@ def render(
         if result.etags:
             self.ledger(pin_etags, spec.dataset, result.etags)
         yield result
+    if given_up:  # nothing else was left to render: the suspect's failures still go on record
+        yield TransformResult(failures=given_up)
 
 
 def write_shard(self: StageTask, spec: JobSpec, ticket: Ticket, chunk: OpenChunk) -> int:
