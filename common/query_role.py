@@ -119,9 +119,11 @@ def grant_reads(conn: psycopg.Connection, role: str) -> None:
 
 
 def grant_dataset(conn: psycopg.Connection, settings: Settings, table: str) -> None:
-    """SELECT on a dataset's catalog table for the query role (when it lacks it)."""
+    """SELECT on a dataset's catalog table for the query role (when the table is there and the
+    role lacks it)."""
     role = settings.query_role
-    if table and not has_privilege(conn, role, table, "SELECT"):
+    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone() if table else None
+    if exists and exists[0] and not has_privilege(conn, role, table, "SELECT"):
         with conn.transaction():
             conn.execute(
                 sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(table), sql.Identifier(role))

@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS datasets (
     format       text NOT NULL,             -- kaggle, csv, jsonl, parquet, webdataset, folder
     created_at   timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE datasets ADD COLUMN IF NOT EXISTS source text;  -- what its last ingest read
 
 -- Tar shards holding images as members: packed by Quarry or registered where they are.
 CREATE TABLE IF NOT EXISTS shards (

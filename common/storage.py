@@ -167,10 +167,29 @@ class ObjectStore:
             raise self._translate(exc, f"s3://{bucket}/{key}") from exc
         return int(response["ContentLength"]), str(response["ETag"])
 
-    def upload_file(self, path: str, bucket: str, key: str, *, content_type: str) -> None:
-        """Store a local file, in parts when large (boto3's managed transfer)."""
+    def metadata(self, bucket: str, key: str) -> dict[str, str] | None:
+        """An object's user metadata (x-amz-meta-*); None when there is no such object."""
         try:
-            self._client.upload_file(path, bucket, key, ExtraArgs={"ContentType": content_type})
+            return dict(self._client.head_object(Bucket=bucket, Key=key)["Metadata"])
+        except (ClientError, BotoCoreError, ConnectionError) as exc:
+            error = self._translate(exc, f"s3://{bucket}/{key}")
+            if isinstance(error, ObjectMissing):
+                return None
+            raise error from exc
+
+    def upload_file(
+        self,
+        path: str,
+        bucket: str,
+        key: str,
+        *,
+        content_type: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """Store a local file, in parts when large (boto3's managed transfer)."""
+        extra = {"ContentType": content_type, "Metadata": dict(metadata or {})}
+        try:
+            self._client.upload_file(path, bucket, key, ExtraArgs=extra)
         except (ClientError, BotoCoreError, ConnectionError) as exc:
             raise self._translate(exc, f"s3://{bucket}/{key}") from exc
         except boto3.exceptions.S3UploadFailedError as exc:

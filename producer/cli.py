@@ -20,7 +20,7 @@ from common.db import connect, ensure_schema
 from common.errors import ConfigError, QuarryError, UserError
 from common.ingest.summary import IngestSummary
 from quarry.client import DEFAULT_SHARD_SIZE, Quarry
-from quarry.progress import TerminalBar
+from quarry.progress import TerminalBar, render_ingest
 
 EXIT_FAILED_ITEMS = 1
 EXIT_REFUSED = 2
@@ -78,7 +78,11 @@ def init() -> None:
 @cli.command()
 @click.argument("source", required=False)
 @click.option("--dataset", help="Its name, and its catalog table's [styles for the fashion archive].")
-@click.option("--id-column", help="The column naming each image: integers, or string keys (ids assigned).")
+@click.option(
+    "--id-column",
+    help="The column naming each image: integers, or string keys (ids assigned); for a WebDataset, an"
+    " integer column of its parquet tables (else ids are assigned).",
+)
 @click.option("--image-column", help="Manifests: the column of each image's s3://bucket/key.")
 @click.option("--format", "source_format", type=click.Choice(FORMATS), help="Default: told by SOURCE.")
 @click.option(
@@ -88,11 +92,13 @@ def init() -> None:
 @one_line_errors
 def ingest(source: str | None, column_types: tuple[str, ...], as_json: bool, **options: Any) -> None:
     """Register a dataset: the fashion archive's folder [DATASET_PATH], a folder of {id}.jpg, a
-    CSV/JSONL/Parquet manifest (file, s3:// object or prefix) of s3:// image URIs, or an s3:// prefix
-    of WebDataset tars. Images in s3:// stay where they are; a local folder is packed into shards."""
+    CSV/JSONL/Parquet manifest (file, s3:// object or prefix) of s3:// image URIs, or WebDataset
+    tars (an s3:// prefix, or a local folder such as img2dataset's output). Images in s3:// stay
+    where they are; a local folder of images is packed into shards, one of shards uploaded as it is."""
     quarry = Quarry.from_env()
     types = dict(parse_column_type(text) for text in column_types)
-    s = quarry.ingest(source, show_ingest, column_types=types, display=TerminalBar(), **options)
+    line = TerminalBar(line=lambda progress: render_ingest(progress, quarry.registered_so_far(progress)))
+    s = quarry.ingest(source, show_ingest, column_types=types, display=line, **options)
     if sys.stderr.isatty():
         click.echo("", err=True)  # end the progress line
     for problem in s.problems:
@@ -103,7 +109,8 @@ def ingest(source: str | None, column_types: tuple[str, ...], as_json: bool, **o
     click.echo(
         f"ingested {source or quarry.settings.dataset_path} as dataset {s.dataset}: {s.rows} rows"
         f" ({s.repaired} repaired, {s.rejected} rejected, {s.duplicate_ids} duplicate ids); images"
-        f" {s.images} registered ({s.packed} packed into {s.shards} shards), {s.present} already"
+        f" {s.images} registered ({s.packed} packed into {s.shards} shards), {s.files_uploaded} files"
+        f" uploaded, {s.present} already"
         f" registered, {s.missing} missing, {s.bad} bad, {s.unrecognised_files} other files ignored;"
         f" {s.problem_count} problems; {s.seconds:.1f} s"
         + (f"; ingest job {s.job_id}: {s.units_failed} units failed" if s.job_id else "")
@@ -124,8 +131,9 @@ def show_ingest(summary: IngestSummary) -> None:
     if sys.stderr.isatty():
         seconds = time.monotonic() - summary.started
         click.echo(
-            f"\r{summary.rows} rows · {summary.images} images registered · {summary.shards} shards · "
-            f"{summary.bad} bad · {summary.images_seen / seconds:.0f} img/s",
+            f"\r{summary.rows:,} rows · {summary.images:,} images registered"
+            f" ({summary.images_seen / seconds:,.0f} img/s) · {summary.shards:,} shards · {summary.bad} bad"
+            f" · {seconds:.1f} s",
             err=True,
             nl=False,
         )
@@ -159,7 +167,7 @@ def augment_options(command: F) -> F:
 
 @cli.command()
 @click.option("--query", "sql", required=True, help="SELECT returning an `id` column.")
-@click.option("--dataset", help="The dataset the ids are of [the only one ingested].")
+@click.option("--dataset", help="The dataset the ids are of [the one whose table the query reads].")
 @click.option("--chunk-size", type=click.IntRange(1, 10_000), help="Ids per task [CHUNK_SIZE].")
 @augment_options
 @click.option("--model", help="Classify outputs: `default`, a NAME in models/, a PATH or s3:// URI.")
@@ -208,6 +216,46 @@ def run(sql: str, wait: bool, wait_timeout: float | None, as_json: bool, **optio
         job.recorded()  # raises JobFailed: one line, exit 1
     click.echo(json.dumps(progress.as_dict()) if as_json else job.id)
     sys.exit(0 if progress.finished and progress.failed == 0 else EXIT_FAILED_ITEMS)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@one_line_errors
+def datasets(as_json: bool) -> None:
+    """The datasets: name, format, source, rows, images, shards, size and when registered."""
+    listed = Quarry.from_env().list_datasets()
+    if as_json:
+        for info in listed:
+            click.echo(json.dumps(info.as_dict()))
+        return
+    click.echo(
+        f"{'name':20}  {'format':10}  {'rows':>11}  {'images':>11}  {'shards':>7}  {'size':>9}"
+        f"  {'registered':19}  source"
+    )
+    for d in listed:
+        size = "-" if d.size is None else human_bytes(d.size)
+        registered = d.registered.strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(
+            f"{d.name:20}  {d.format:10}  {d.rows:>11,}  {d.images:>11,}  {d.shards:>7,}  {size:>9}"
+            f"  {registered:19}  {d.source or '-'}"
+        )
+
+
+def human_bytes(size: int) -> str:
+    scaled, units = float(size), ["B", "KiB", "MiB", "GiB", "TiB"]
+    while scaled >= 1024 and len(units) > 1:
+        scaled, units = scaled / 1024, units[1:]
+    return f"{size} B" if units[0] == "B" else f"{scaled:.1f} {units[0]}"
+
+
+@cli.command("drop-dataset")
+@click.argument("name")
+@one_line_errors
+def drop_dataset(name: str) -> None:
+    """Remove dataset NAME: its catalog table, locations, and the shards and files Quarry wrote
+    for it (images registered where they are stay); refused while a job on it runs."""
+    deleted = Quarry.from_env().drop_dataset(name)
+    click.echo(f"dataset {name} dropped ({deleted} objects Quarry wrote for it deleted)")
 
 
 @cli.command()

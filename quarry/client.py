@@ -4,7 +4,7 @@ tree (`common.errors`) with one clear message; a refused job records nothing."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -18,8 +18,9 @@ from common.ingest.summary import IngestSummary
 from common.jobs import JobProgress, cancel_job, iter_results, job_progress, job_spec, list_jobs, retry_job
 from common.jobspec import JobSpec
 from common.query_role import ensure_query_role, grant_dataset
+from quarry.datasets import DatasetInfo
 from quarry.progress import Display, follow
-from quarry.query import check_query, run_user_query
+from quarry.query import check_query, run_user_query, tables_named
 from quarry.record import Recording
 from quarry.submit import new_job_id, start_job
 
@@ -213,10 +214,45 @@ class Quarry:
                 self.settings.raw_bucket,
                 self.settings.ingest_concurrency,
                 on_progress,
-                lambda job_id: Job(self, job_id).wait(progress, display=display),
+                lambda job_id: Job(self, job_id).wait(progress, display=display or self.ingest_bar(progress)),
             )
             grant_dataset(conn, self.settings, summary.dataset)
             return summary
+
+    def list_datasets(self) -> list[DatasetInfo]:
+        """Every dataset with its format, source, rows, images, shards, size and when registered."""
+        from quarry.datasets import list_datasets
+
+        with self.connection() as conn:
+            self.ensure_ready(conn)
+            return list_datasets(conn)
+
+    def datasets(self) -> pd.DataFrame:
+        """`list_datasets()` as a DataFrame, one row per dataset."""
+        import pandas as pd
+
+        columns = [f.name for f in fields(DatasetInfo)]
+        return pd.DataFrame([info.as_dict() for info in self.list_datasets()], columns=columns)
+
+    def drop_dataset(self, name: str) -> int:
+        """Remove a dataset: its catalog table, locations, and the shards and files Quarry wrote
+        for it (sources registered where they are stay); UserError while a job on it runs. How
+        many objects were deleted."""
+        from quarry.datasets import drop_dataset
+
+        with self.connection() as conn:
+            self.ensure_ready(conn)
+            return drop_dataset(conn, self.store(), name, self.settings.raw_bucket)
+
+    def registered_so_far(self, progress: JobProgress) -> dict[str, int]:
+        """Rows, images and shards an ingest job has registered so far (its finished units)."""
+        from common.ingest.units import registered_so_far
+
+        with self.connection() as conn:
+            return registered_so_far(conn, progress.job_id)
+
+    def ingest_bar(self, progress: bool) -> Display:
+        return ProgressBar("unit", self.registered_so_far) if progress else Silent()
 
     def run(
         self,
@@ -265,7 +301,8 @@ class Quarry:
         with self.connection() as conn:
             self.ensure_ready(conn)
             check_query(query)  # a refused query is said before anything else
-            spec = replace(spec, dataset=get_dataset(conn, dataset or default_dataset(conn)).name)
+            named = dataset or default_dataset(conn, tables_named(query))
+            spec = replace(spec, dataset=get_dataset(conn, named).name)
             recording = start_job(conn, self.settings, query, spec, size)
         return Job(self, spec.job_id, recording)
 
@@ -438,18 +475,22 @@ class Silent:
 
 
 class ProgressBar:
-    """tqdm.auto: a widget in Jupyter, text in a terminal; counts finished items."""
+    """tqdm.auto: a widget in Jupyter, text in a terminal; counts finished items (images, or an
+    ingest's units), with `extra(progress)`'s counts beside them."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, unit: str = "img", extra: Callable[[JobProgress], dict[str, int]] = lambda progress: {}
+    ) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=0, unit="img", desc="job")
+        self.bar = tqdm(total=0, unit=unit, desc="job")
+        self.extra = extra
 
     def update(self, progress: JobProgress) -> None:
         self.bar.total = progress.total  # grows while the selection is recorded
         self.bar.n = progress.done + progress.failed
         self.bar.set_description(progress.state, refresh=False)
-        self.bar.set_postfix(failed=progress.failed, refresh=False)
+        self.bar.set_postfix(failed=progress.failed, **self.extra(progress), refresh=False)
         self.bar.refresh()
 
     def warn(self, message: str) -> None:

@@ -2,8 +2,9 @@
 
 SOURCE is the fashion archive's folder (`styles.csv` + `images/`, its quirks repaired), a folder
 of `{id}.jpg` images, a manifest (CSV, JSON Lines, Parquet: a local file or an s3:// object or
-prefix) whose rows locate their images by s3:// URI, or an s3:// prefix of WebDataset tar
-shards. The catalog becomes a table named like the dataset; see docs/datasets.md.
+prefix) whose rows locate their images by s3:// URI, or WebDataset tar shards (an s3:// prefix,
+or a local folder such as img2dataset's output, uploaded as it is). The catalog becomes a table
+named like the dataset; see docs/datasets.md.
 """
 
 from __future__ import annotations
@@ -19,19 +20,23 @@ from pathlib import Path
 
 import psycopg
 import pyarrow as pa
+import pyarrow.parquet as pq
 from psycopg import sql
 
-from common.catalog import COLUMNS, CatalogStats, RejectedLine, read_styles
-from common.datasets import FASHION, FORMATS, check_name, register_dataset
+from common.catalog import COLUMNS, STYLE_TYPES, CatalogStats, RejectedLine, read_styles
+from common.datasets import FASHION, FORMATS, check_name, dataset_names, register_dataset
 from common.errors import UserError
 from common.ingest.manifest import format_of
 from common.ingest.register import add_catalog_rows, load_rows
 from common.ingest.summary import IngestSummary
 from common.ingest.tables import check_column_types, create_catalog
 from common.ingest.units import IngestPlan, add_unit_counts
+from common.ingest.webdataset import catalog_for, keyed_table
 from common.storage import ObjectStore
-from quarry.ingest_plan import ManifestRequest, check_webdataset_request, plan_manifest, plan_shards
+from quarry.datasets import drop_if_empty
+from quarry.ingest_plan import ManifestRequest, plan_manifest, plan_shards
 from quarry.packing import forget_lost_shards, pack_images
+from quarry.shard_upload import shard_files, upload_shards
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +67,39 @@ def ingest(
     wait: Callable[[str], object] = lambda job_id: None,
 ) -> IngestSummary:
     """Ingest one SOURCE (re-runnable: what was registered before is skipped). A local folder is
-    packed here; a manifest or a WebDataset prefix is recorded as an ingest job for the pools,
-    and `wait(job_id)` follows it to its end before the counts are read."""
+    packed here; a manifest or a WebDataset (a local folder of shards is uploaded as it is first)
+    is recorded as an ingest job for the pools, and `wait(job_id)` follows it to its end before
+    the counts are read. A dataset this ingest created and left without a row is dropped."""
     source_format = request.source_format or infer_format(store, request.source)
     if source_format not in FORMATS:
         raise UserError(f"--format {source_format!r}: one of {', '.join(FORMATS)}")
     summary = IngestSummary()
-    if source_format == "kaggle":
-        ingest_fashion(conn, store, Path(request.source), raw_bucket, concurrency, summary, on_progress)
-    elif source_format == "folder":
-        ingest_folder(conn, store, request, raw_bucket, concurrency, summary, on_progress)
-    else:
-        plan = plan_through_pools(conn, store, request, source_format, raw_bucket, summary)
-        if plan is not None:
-            summary.job_id = plan.job_id
-            wait(plan.job_id)
-            add_unit_counts(conn, plan.job_id, summary)
+    existed = set(dataset_names(conn))
+    try:
+        if source_format == "kaggle":
+            ingest_fashion(conn, store, Path(request.source), raw_bucket, concurrency, summary, on_progress)
+        elif source_format == "folder":
+            ingest_folder(conn, store, request, raw_bucket, concurrency, summary, on_progress)
+        else:
+            plan = plan_through_pools(conn, store, request, source_format, raw_bucket, concurrency, summary)
+            if plan is not None:
+                summary.job_id = plan.job_id
+                wait(plan.job_id)
+                add_unit_counts(conn, plan.job_id, summary)
+    finally:
+        if summary.dataset and summary.dataset not in existed:
+            drop_if_empty(conn, summary.dataset)
     summary.dataset = summary.dataset or dataset_name(request)
     summary.missing = count_missing(conn, summary.dataset)
+    conn.execute(
+        "UPDATE datasets SET source = %s WHERE name = %s", (described(request.source), summary.dataset)
+    )
     return summary.finish()
+
+
+def described(source: str) -> str:
+    """SOURCE as `producer datasets` shows it: an s3:// URI as given, a local path made absolute."""
+    return source if source.startswith("s3://") else str(Path(source).resolve())
 
 
 def plan_through_pools(
@@ -89,22 +108,39 @@ def plan_through_pools(
     request: IngestRequest,
     source_format: str,
     raw_bucket: str,
+    concurrency: int,
     summary: IngestSummary,
 ) -> IngestPlan | None:
-    """Record the ingest job of a manifest or a WebDataset prefix; None when nothing is new."""
+    """Record the ingest job of a manifest or a WebDataset; None when nothing is new."""
     name = dataset_name(request)
     summary.dataset = name
     overrides = check_column_types(request.column_types)
     job_id = str(uuid.uuid4())
     if source_format == "webdataset":
-        check_webdataset_request(request.id_column)
-        return plan_shards(conn, store, request.source, name, overrides, job_id, summary)
+        prefix = request.source
+        if not prefix.startswith("s3://"):
+            with conn.transaction():  # a dataset's columns are checked before anything is uploaded
+                catalog_for(conn, name, local_metadata(Path(prefix)), request.id_column, overrides, prefix)
+            prefix = upload_shards(conn, store, Path(prefix), raw_bucket, name, concurrency, summary)
+        return plan_shards(conn, store, prefix, name, request.id_column, overrides, job_id, summary)
     if not request.id_column:
         raise UserError("name the manifest's id column with --id-column")
     if not request.image_column:
         raise UserError("name the column of each image's s3:// URI with --image-column")
     wanted = ManifestRequest(name, request.id_column, request.image_column, overrides)
     return plan_manifest(conn, store, request.source, wanted, raw_bucket, job_id, summary)
+
+
+def local_metadata(folder: Path) -> pa.Table | None:
+    """The first parquet table of a local WebDataset folder (None without one); UserError for a
+    folder without .tar shards."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: a WebDataset is an s3:// prefix or a local folder of .tar shards")
+    files = shard_files(folder)
+    if not any(path.suffix == ".tar" for path in files):
+        raise UserError(f"{folder}: no .tar shards there")
+    first = next((path for path in files if path.suffix == ".parquet"), None)
+    return None if first is None else keyed_table(pq.read_table(first), str(first))
 
 
 def infer_format(store: ObjectStore, source: str) -> str:
@@ -121,7 +157,9 @@ def infer_format(store: ObjectStore, source: str) -> str:
         raise UserError(f"{source}: no .tar shards or manifest files (.csv, .jsonl, .parquet) there")
     path = Path(source)
     if path.is_dir():
-        return "kaggle" if (path / "styles.csv").is_file() else "folder"
+        if (path / "styles.csv").is_file():
+            return "kaggle"
+        return "webdataset" if next(path.glob("*.tar"), None) else "folder"
     if path.is_file() and format_of(path.name):
         return str(format_of(path.name))
     if not path.exists():
@@ -154,6 +192,7 @@ def ingest_fashion(
         raise UserError(f"dataset {folder}: no images/ folder")
     summary.dataset = FASHION
     with conn.transaction():
+        create_catalog(conn, FASHION, STYLE_TYPES, "id", None)  # made by the schema; again after a drop
         dataset = register_dataset(conn, FASHION, "id", None, None, "kaggle")
     load_styles(conn, csv_path, summary)
     store.ensure_bucket(raw_bucket)
@@ -174,12 +213,14 @@ def ingest_folder(
 ) -> None:
     """A folder of `{id}.jpg` images without a table: the catalog is (id, file)."""
     name = dataset_name(request)
+    files = scan_images(Path(request.source), summary)
+    if not files:
+        raise UserError(nothing_to_ingest(Path(request.source)))
     summary.dataset = name
     columns = {"id": "bigint", "file": "text"}
     with conn.transaction():
         create_catalog(conn, name, columns, "id", None)
         dataset = register_dataset(conn, name, "id", None, None, "folder")
-        files = scan_images(Path(request.source), summary)
         table = pa.table(
             {"id": pa.array([i for i, _ in files], pa.int64()), "file": [p.name for _, p in files]}
         )
@@ -233,7 +274,8 @@ def scan_images(images_dir: Path, summary: IngestSummary) -> list[tuple[int, Pat
     """(id, path) of the `{id}.jpg`-style files in id order, counting the others. Packed in id
     order, a dataset's storage order is its id order: a job's chunks (cut by id) then read
     neighbouring bytes of few shards. The names are held (about 100 bytes a file)."""
-    found = []
+    found: list[tuple[int, Path]] = []
+    others: list[str] = []
     with os.scandir(images_dir) as entries:
         for entry in entries:
             match = IMAGE_NAME.match(entry.name)
@@ -241,5 +283,25 @@ def scan_images(images_dir: Path, summary: IngestSummary) -> list[tuple[int, Pat
                 found.append((int(match.group(1)), Path(entry.path)))
             else:
                 summary.unrecognised_files += 1
-                log.warning("ignoring %s: not named {id}.jpg", entry.path)
+                others += [entry.path][: REJECTED_SHOWN - len(others)]
+    for path in others if found else []:  # a folder of nothing to ingest is refused in one line
+        log.warning("ignoring %s: not named {id}.jpg", path)
     return sorted(found)
+
+
+def nothing_to_ingest(folder: Path) -> str:
+    """What a folder without a single `{id}.jpg` holds, and what to run instead."""
+    files = [path for path in folder.iterdir() if path.is_file()]
+    tars = [path for path in files if path.suffix == ".tar"]
+    if tars:
+        return (
+            f"{folder} holds {len(tars)} WebDataset shards and no {{id}}.jpg files:"
+            " run with --format webdataset"
+        )
+    manifests = [path for path in files if format_of(path.name)]
+    if manifests:
+        return (
+            f"{folder} holds {len(manifests)} manifest files ({manifests[0].name}, ...) and no {{id}}.jpg"
+            f" files: ingest a manifest with --id-column and --image-column"
+        )
+    return f"{folder} holds {len(files)} files and no {{id}}.jpg, .tar or manifest files: nothing to ingest"

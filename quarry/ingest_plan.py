@@ -19,10 +19,9 @@ from common.ingest.manifest import BadLines, format_of, local_copy, manifest_sou
 from common.ingest.summary import IngestSummary
 from common.ingest.tables import create_catalog, table_columns
 from common.ingest.units import IngestPlan, Unit, record_ingest, registered_before
-from common.ingest.webdataset import KEY_COLUMN, plan_webdataset
+from common.ingest.webdataset import ASSIGNED_ID, plan_webdataset
 from common.storage import ObjectStore, parse_s3_uri
 
-ASSIGNED_ID = "id"  # the column of the ids Quarry assigns to string keys
 STAGED = "_quarry/manifests"  # where a local manifest file is put for the pools to read
 
 
@@ -77,12 +76,13 @@ def plan_shards(
     store: ObjectStore,
     prefix: str,
     name: str,
+    id_column: str | None,
     overrides: dict[str, str],
     job_id: str,
     summary: IngestSummary,
 ) -> IngestPlan | None:
     """One unit per tar not registered before; None when there is none."""
-    _, tars = plan_webdataset(conn, store, prefix, name, overrides, summary)
+    _, tars = plan_webdataset(conn, store, prefix, name, id_column, overrides, summary)
     units = [Unit(uri, size, etag, None, companion) for uri, size, etag, companion in tars]
     return record_units(conn, IngestPlan(job_id, name, "webdataset"), f"ingest {prefix}", units, summary)
 
@@ -106,11 +106,9 @@ def stage(store: ObjectStore, bucket: str, dataset: str, name: str) -> tuple[str
         size, etag = store.head(*parse_s3_uri(name))
         return name, size, etag
     path = Path(name)
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        while block := handle.read(1024 * 1024):
-            digest.update(block)
-    key = f"{STAGED}/{dataset}/{digest.hexdigest()[:32]}/{path.name}"  # its name shows in messages
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    key = f"{STAGED}/{dataset}/{digest[:32]}/{path.name}"  # its name shows in messages
     try:
         size, etag = store.head(bucket, key)
     except ObjectMissing:
@@ -159,8 +157,3 @@ def manifest_dataset(
     key_column = request.id_column if keyed else None
     create_catalog(conn, request.name, columns, id_column, key_column)
     return register_dataset(conn, request.name, id_column, key_column, request.image_column, source_format)
-
-
-def check_webdataset_request(id_column: str | None) -> None:
-    if id_column not in (None, KEY_COLUMN):
-        raise UserError(f"a WebDataset's samples are named by their {KEY_COLUMN!r}: drop --id-column")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Protocol, TextIO
 
 import psycopg
@@ -36,22 +37,36 @@ def render(progress: JobProgress) -> str:
     )
 
 
+def render_ingest(progress: JobProgress, registered: dict[str, int]) -> str:
+    """`ingest: 3/10 units · 1,234,567 rows · 41,152 rows/s · 1,200,000 images · 3 shards ·
+    0 failed · 30.0 s`: an ingest job's units, and the rows, images and shards its finished units
+    registered (`registered`, from common.ingest.units.registered_so_far)."""
+    rows = registered.get("rows", 0)
+    rate = rows / progress.seconds if progress.seconds > 0 else 0.0
+    return (
+        f"ingest: {progress.done + progress.failed}/{progress.total} units · {rows:,} rows"
+        f" · {rate:,.0f} rows/s · {registered.get('images', 0):,} images"
+        f" · {registered.get('shards', 0):,} shards · {progress.failed} failed · {progress.seconds:.1f} s"
+    )
+
+
 class TerminalBar:
     """The CLI's display: a refreshed line on a terminal, the last line only otherwise."""
 
-    def __init__(self, out: TextIO = sys.stderr) -> None:
+    def __init__(self, out: TextIO = sys.stderr, line: Callable[[JobProgress], str] = render) -> None:
         self.out = out
+        self.line = line
 
     def update(self, progress: JobProgress) -> None:
         if self.out.isatty():
-            self.out.write("\r" + render(progress))
+            self.out.write("\r" + self.line(progress))
             self.out.flush()
 
     def warn(self, message: str) -> None:
         self.out.write(f"\n{message}\n")
 
     def close(self, progress: JobProgress) -> None:
-        self.out.write(("\r" if self.out.isatty() else "") + render(progress) + "\n")
+        self.out.write(("\r" if self.out.isatty() else "") + self.line(progress) + "\n")
 
 
 def follow(

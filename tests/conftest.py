@@ -192,7 +192,8 @@ def relocate(db: psycopg.Connection, image_id: int, uri: str, dataset: str = "st
 @pytest.fixture(scope="session")
 def img2dataset_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """WebDataset shards written by img2dataset itself, fetching sample images from a loopback
-    HTTP server: 25 images and one URL that is not there, 10 samples per shard."""
+    HTTP server: 25 images and one URL that is not there, 10 samples per shard; each row has a
+    caption, a score and an integer `sku` of its own (5000 + its line)."""
     if not IMG2DATASET.exists():
         pytest.fail(f"{IMG2DATASET} is missing: `make test` installs it")
     root = tmp_path_factory.mktemp("img2dataset")
@@ -203,12 +204,12 @@ def img2dataset_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(www)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
-    lines = ["url,caption,score"]
+    lines = ["url,caption,score,sku"]
     lines += [
-        f"http://127.0.0.1:{port}/{p.name},caption of {p.stem},{i / 25:.3f}"
+        f"http://127.0.0.1:{port}/{p.name},caption of {p.stem},{i / 25:.3f},{5000 + i}"
         for i, p in enumerate(sorted(www.iterdir()))
     ]
-    lines.append(f"http://127.0.0.1:{port}/not-there.jpg,missing,0.5")
+    lines.append(f"http://127.0.0.1:{port}/not-there.jpg,missing,0.5,5025")
     (root / "urls.csv").write_text("\n".join(lines) + "\n")
     try:
         subprocess.run(
@@ -223,7 +224,7 @@ def img2dataset_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "--caption_col",
                 "caption",
                 "--save_additional_columns",
-                '["score"]',
+                '["score", "sku"]',
                 "--output_format",
                 "webdataset",
                 "--output_folder",

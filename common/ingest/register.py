@@ -67,7 +67,35 @@ def load_rows(
         raise UserError(
             f"duplicate {dataset.key_column or dataset.id_column} values in the manifest: {shown}{more}"
         )
+    if dataset.key_column and dataset.id_column in columns:
+        check_own_ids(conn, dataset)
     return int(counts[0])
+
+
+def check_own_ids(conn: psycopg.Connection, dataset: Dataset) -> None:
+    """Rows matched by key whose ids are a column of the source's own (a WebDataset with
+    --id-column): every row has one, given once, and not already the id of another key."""
+    ids, key = sql.Identifier(dataset.id_column), sql.Identifier(dataset.key_column or "")
+    name = dataset.id_column
+    empty = conn.execute(sql.SQL("SELECT count(*) FROM load WHERE {} IS NULL").format(ids)).fetchone()
+    if empty and empty[0]:
+        raise UserError(f"{empty[0]} rows have no {name} (no parquet row for their key, or an empty {name})")
+    twice = conn.execute(
+        sql.SQL("SELECT {i} FROM load GROUP BY {i} HAVING count(*) > 1 LIMIT %s").format(i=ids), (SHOWN_IDS,)
+    ).fetchall()
+    if twice:
+        values = ", ".join(str(row[0]) for row in twice)
+        raise UserError(f"{name} is not unique: {values} given twice or more")
+    taken = conn.execute(
+        sql.SQL(
+            "SELECT l.{i}, c.{k} FROM load l JOIN {t} c ON c.{i} = l.{i} WHERE c.{k} <> l.{k}"
+            " ORDER BY 1 LIMIT %s"
+        ).format(i=ids, k=key, t=dataset.table),
+        (SHOWN_IDS,),
+    ).fetchall()
+    if taken:
+        shown = ", ".join(f"{value} (of {other!r})" for value, other in taken)
+        raise UserError(f"{name} is not unique: already the id of another key: {shown}")
 
 
 def add_catalog_rows(conn: psycopg.Connection, dataset: Dataset, columns: Sequence[str]) -> int:

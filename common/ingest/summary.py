@@ -23,6 +23,7 @@ class IngestSummary:
     packed: int = 0  # images packed into Quarry's shards by this run
     shards: int = 0  # shards written or registered by this run
     shards_present: int = 0  # shards registered before, skipped
+    files_uploaded: int = 0  # files of a local WebDataset folder uploaded by this run
     present: int = 0  # rows or images registered before, skipped
     missing: int = 0  # catalog rows with no image location
     bad: int = 0  # images found unreadable (recorded: their items fail)

@@ -176,6 +176,18 @@ def counts_of(summary: IngestSummary) -> dict[str, Any]:
     return {**{name: getattr(summary, name) for name in COUNTED}, "problems": summary.problems}
 
 
+def registered_so_far(conn: psycopg.Connection, job_id: str) -> dict[str, int]:
+    """Rows, images and shards an ingest job's finished units registered, summed (for progress)."""
+    row = conn.execute(
+        """SELECT coalesce(sum((counts->>'rows')::bigint), 0), coalesce(sum((counts->>'images')::bigint), 0),
+                  coalesce(sum((counts->>'shards')::bigint), 0)
+           FROM ingest_units WHERE job_id = %s AND counts IS NOT NULL""",
+        (job_id,),
+    ).fetchone()
+    rows, images, shards = row or (0, 0, 0)
+    return {"rows": int(rows), "images": int(images), "shards": int(shards)}
+
+
 def add_unit_counts(conn: psycopg.Connection, job_id: str, summary: IngestSummary) -> None:
     """Fold every registered unit's counts, and every failed unit's error, into `summary`."""
     for (counts,) in conn.execute(

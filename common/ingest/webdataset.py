@@ -10,7 +10,7 @@ import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.datasets import Dataset, dataset_names, get_dataset, register_dataset
+from common.datasets import Dataset, get_dataset, register_dataset
 from common.errors import UserError
 from common.ingest.manifest import local_copy
 from common.ingest.register import (
@@ -29,6 +29,7 @@ from common.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 KEY_COLUMN = "key"  # img2dataset's (and WebDataset's) name for a sample's key
+ASSIGNED_ID = "id"  # the column of the ids Quarry assigns to keys
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
 
@@ -37,14 +38,14 @@ def plan_webdataset(
     store: ObjectStore,
     prefix: str,
     name: str,
+    id_column: str | None,
     overrides: dict[str, str],
     summary: IngestSummary,
 ) -> tuple[Dataset, list[tuple[str, int, str, str | None]]]:
-    """The dataset (its table from the first shard's parquet columns) and the tars under an
-    s3:// prefix still to register: (uri, size, ETag, its parquet's uri or None). Compressed tars
-    are reported; tars registered before are counted and left out."""
-    if not prefix.startswith("s3://"):
-        raise UserError(f"{prefix}: a WebDataset is registered where it is: give its s3:// prefix")
+    """The dataset (its table from the first shard's parquet columns; an existing one must have
+    the same) and the tars under an s3:// prefix still to register: (uri, size, ETag, its
+    parquet's uri or None). Compressed tars are reported; tars registered before are counted and
+    left out. `id_column`: an integer column of the parquet to use as ids (else ids are assigned)."""
     listed = list(store.list_objects(prefix))
     tars = [(uri, size, etag) for uri, size, etag in listed if uri.endswith(".tar")]
     for uri, _, _ in listed:
@@ -61,11 +62,13 @@ def plan_webdataset(
     todo = [
         (uri, size, etag, parquets.get(uri[: -len(".tar")])) for uri, size, etag in tars if uri not in known
     ]
-    if not todo or name in dataset_names(conn):  # registered before: its table stays as it is
+    if not todo:
         return get_dataset(conn, name), todo
-    first_table = next((companion for *_, companion in todo if companion), None)
+    first_table = next(
+        (parquets[uri[: -len(".tar")]] for uri, _, _ in tars if uri[: -len(".tar")] in parquets), None
+    )
     with conn.transaction():
-        dataset = catalog_for(conn, name, read_metadata(store, first_table), overrides, prefix)
+        dataset = catalog_for(conn, name, read_metadata(store, first_table), id_column, overrides, prefix)
     return dataset, todo
 
 
@@ -107,24 +110,52 @@ def read_metadata(store: ObjectStore, uri: str | None) -> pa.Table | None:
     if uri is None:
         return None
     with local_copy(store, uri) as path:
-        table = pq.read_table(path)
+        return keyed_table(pq.read_table(path), uri)
+
+
+def keyed_table(table: pa.Table, where: str) -> pa.Table:
+    """A shard's parquet table with its keys as strings; UserError when it has none."""
     if KEY_COLUMN not in table.column_names:
-        raise UserError(f"{uri}: no {KEY_COLUMN!r} column to join the shard's members by")
+        raise UserError(f"{where}: no {KEY_COLUMN!r} column to join the shard's members by")
     return table.set_column(
         table.column_names.index(KEY_COLUMN), KEY_COLUMN, table[KEY_COLUMN].cast(pa.string())
     )
 
 
 def catalog_for(
-    conn: psycopg.Connection, name: str, metadata: pa.Table | None, overrides: dict[str, str], prefix: str
+    conn: psycopg.Connection,
+    name: str,
+    metadata: pa.Table | None,
+    id_column: str | None,
+    overrides: dict[str, str],
+    prefix: str,
 ) -> Dataset:
-    """The dataset's table: `id` (assigned), `key`, and the parquet's columns."""
+    """The dataset's table: `key`, the parquet's columns, and `id` (assigned) unless `id_column`
+    names an integer column of the parquet to be the ids."""
     schema = metadata.schema if metadata is not None else pa.schema([(KEY_COLUMN, pa.string())])
     columns = table_columns(schema, overrides)
-    create_catalog(conn, name, columns, "id", KEY_COLUMN)
-    dataset = register_dataset(conn, name, "id", KEY_COLUMN, None, "webdataset")
+    own_ids = id_column not in (None, KEY_COLUMN)
+    if own_ids:
+        check_id_column(schema, str(id_column), columns, prefix)
+    ids = str(id_column) if own_ids else ASSIGNED_ID
+    create_catalog(conn, name, columns, ids, KEY_COLUMN)
+    dataset = register_dataset(conn, name, ids, KEY_COLUMN, None, "webdataset")
     log.info("dataset %s from %s: columns %s", name, prefix, ", ".join(columns))
     return dataset
+
+
+def check_id_column(schema: pa.Schema, id_column: str, columns: dict[str, str], prefix: str) -> None:
+    """--id-column of a WebDataset: an integer column of its parquet tables."""
+    if id_column not in schema.names:
+        raise UserError(
+            f"{prefix}: --id-column {id_column!r} is not a column of the shards' parquet"
+            f" (columns: {', '.join(schema.names)})"
+        )
+    if columns[id_column] not in ("smallint", "integer", "bigint"):
+        raise UserError(
+            f"{prefix}: --id-column {id_column!r} is {schema.field(id_column).type}, not integers;"
+            " leave --id-column out and Quarry assigns ids"
+        )
 
 
 def register_shard(

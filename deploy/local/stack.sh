@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The stack as local processes, for machines without a Docker engine: PostgreSQL and Redis (the
 # machine's where they answer, else embedded ones from pip wheels: producer/embedded.py), moto's
-# S3 server, the dispatcher, the three pools and Flower.
+# S3 server, the dispatcher, the three pools, Flower and JupyterLab on examples/ (its URL, with a
+# token kept in RUN_DIR/notebook-token, is the last line `up` prints).
 # Usage: deploy/local/stack.sh up|down|status. Honours DATABASE_URL, CELERY_BROKER_URL,
 # S3_ENDPOINT_URL, RAW_BUCKET, OUTPUT_BUCKET; QUARRY_RUN_DIR (pids, logs), FLOWER_PORT,
-# TRANSFORM_CONCURRENCY, UPLOAD_CONCURRENCY, INFERENCE_CONCURRENCY.
+# NOTEBOOK_PORT, TRANSFORM_CONCURRENCY, UPLOAD_CONCURRENCY, INFERENCE_CONCURRENCY.
 # More worker nodes: `stack.sh node-up NAME` starts another set of the three pools, as a node of
 # its own (worker names POOL.NAME@host, pids and logs in RUN_DIR/nodes/NAME) on the same
 # PostgreSQL, Redis and S3; `stack.sh node-down NAME` stops it; `up`/`down` leave nodes alone.
@@ -17,6 +18,7 @@ RUN_DIR=${QUARRY_RUN_DIR:-.run}
 STACK=${QUARRY_STACK:-$(basename "$RUN_DIR" | tr -c 'a-zA-Z0-9\n' '-' | sed -E 's/^-+//; s/-+$//')}
 STACK=${STACK:-local}
 FLOWER_PORT=${FLOWER_PORT:-5555}
+NOTEBOOK_PORT=${NOTEBOOK_PORT:-8888}
 S3_ENDPOINT_URL=${S3_ENDPOINT_URL:-http://127.0.0.1:9000}
 export S3_ENDPOINT_URL
 mkdir -p "$RUN_DIR"
@@ -30,8 +32,8 @@ start() {  # start NAME CMD...: run in the background, pid and log in RUN_DIR
   echo $! >"$RUN_DIR/$name.pid"
 }
 
-wait_for_url() {
-  for _ in $(seq 1 50); do
+wait_for_url() {  # wait_for_url URL [TRIES]: 0.2 s apart
+  for _ in $(seq 1 "${2:-50}"); do
     "$PY" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "$1" \
       2>/dev/null && return 0
     sleep 0.2
@@ -53,6 +55,23 @@ up() {
   start flower "$BIN/celery" -A workers flower --address=127.0.0.1 --port="$FLOWER_PORT"
   wait_for_pools "$STACK"
   echo "Quarry is up: S3 at $S3_ENDPOINT_URL, Flower at http://127.0.0.1:$FLOWER_PORT, logs in $RUN_DIR/"
+  start_notebook
+}
+
+start_notebook() {  # JupyterLab on examples/, with the stack's settings; prints its URL
+  if [ ! -x "$BIN/jupyter-lab" ]; then
+    echo "no notebook: JupyterLab is not installed in $(dirname "$BIN") (make install)" >&2; return 1
+  fi
+  [ -s "$RUN_DIR/notebook-token" ] || "$PY" -c "import secrets; print(secrets.token_hex(24))" >"$RUN_DIR/notebook-token"
+  local token root=()
+  token=$(cat "$RUN_DIR/notebook-token")
+  [ "$(id -u)" = 0 ] && root=(--allow-root)
+  start notebook env JUPYTER_TOKEN="$token" JUPYTER_RUNTIME_DIR="$RUN_DIR/jupyter" \
+    "$BIN/jupyter-lab" --no-browser --ip=127.0.0.1 --port="$NOTEBOOK_PORT" --ServerApp.port_retries=0 \
+    --ServerApp.root_dir=examples "${root[@]}"
+  wait_for_url "http://127.0.0.1:$NOTEBOOK_PORT/api/status?token=$token" 150 \
+    || { echo "JupyterLab did not start: $RUN_DIR/notebook.log" >&2; return 1; }
+  echo "Notebook at http://127.0.0.1:$NOTEBOOK_PORT/lab/tree/quickstart.ipynb?token=$token"
 }
 
 start_pools() {  # start_pools NODE: the three pools, named POOL.NODE@host
@@ -102,13 +121,13 @@ node-down() {
 }
 
 down() {
-  for name in flower dispatcher worker-inference worker-upload worker-transform s3; do stop "$name"; done
+  for name in notebook flower dispatcher worker-inference worker-upload worker-transform s3; do stop "$name"; done
   QUARRY_RUN_DIR="$RUN_DIR" "$PY" -m producer.embedded down
   echo "Quarry is down"
 }
 
 status() {
-  for name in s3 dispatcher worker-transform worker-upload worker-inference flower; do
+  for name in s3 dispatcher worker-transform worker-upload worker-inference flower notebook; do
     if running "$name"; then echo "$name: running (pid $(cat "$RUN_DIR/$name.pid"))"; else echo "$name: stopped"; fi
   done
   for name in postgresql redis; do

@@ -21,7 +21,7 @@ SCHEMAS = ROOT / "tests" / "schemas"
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("base", "overlays/example", "overlays/gpu")
 QUEUES = sorted({route["queue"] for route in TASK_ROUTES.values()})
-COMPOSE_ENV = {"FLOWER_BASIC_AUTH": "admin:test-password"}
+COMPOSE_ENV = {"FLOWER_BASIC_AUTH": "admin:test-password", "NOTEBOOK_TOKEN": "test-token"}
 EMPTY_ENV_FILE = SCHEMAS / "empty.env"
 
 

@@ -148,7 +148,8 @@ def test_bad_manifests_are_refused_whole_with_one_line(
     refused = quarry.ingest(tmp_path / "dupes.csv", dataset=name, id_column="id", image_column="uri")
     assert refused.units_failed == 1 and len(refused.problems) == 1
     assert refused.problems[0].endswith("dupes.csv: duplicate id values in the manifest: 1 (2x)")
-    assert db.execute(f"SELECT count(*) FROM {name}").fetchone() == (0,)  # nothing half-written
+    assert db.execute("SELECT to_regclass(%s)", (name,)).fetchone() == (None,)  # no empty dataset left
+    assert db.execute("SELECT count(*) FROM datasets WHERE name = %s", (name,)).fetchone() == (0,)
     with pytest.raises(UserError, match=r"no column 'image_id' \(columns: id, uri\)"):
         quarry.ingest(tmp_path / "dupes.csv", dataset=name, id_column="image_id", image_column="uri")
     with pytest.raises(UserError, match="name the dataset with --dataset"):

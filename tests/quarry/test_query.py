@@ -3,7 +3,7 @@ import uuid
 import psycopg
 import pytest
 
-from common.errors import QueryError
+from common.errors import QueryError, UserError
 from common.jobspec import JobSpec
 from quarry.query import check_query
 from quarry.submit import submit_job
@@ -105,3 +105,39 @@ def test_cli_refuses_a_bad_spec_and_a_bad_model_with_exit_2(test_env, db) -> Non
 )
 def test_check_query_returns_the_statement_whatever_the_characters(text: str, statement: str) -> None:
     assert check_query(text) == statement
+
+
+def test_the_tables_a_query_reads_come_from_its_parse_tree() -> None:
+    from quarry.query import tables_named
+
+    assert tables_named("SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'") == {
+        "styles",
+        "images",
+    }
+    assert tables_named("WITH picked AS (SELECT id FROM lookbook) SELECT id FROM picked") == {"lookbook"}
+    assert tables_named("SELECT id FROM other.lookbook UNION SELECT 1 AS id") == set()  # another schema
+    assert tables_named("SELECT id FROM styles WHERE id IN (SELECT id FROM lookbook2)") == {
+        "styles",
+        "lookbook2",
+    }
+
+
+def test_a_job_names_its_dataset_by_the_table_its_query_reads(db: psycopg.Connection) -> None:
+    """With two datasets and no --dataset, the one whose table the query reads; else one line."""
+    from common.datasets import dataset_names, default_dataset
+
+    names = ["probe_a", "probe_b"]
+    for name in names:
+        db.execute(f"CREATE TABLE {name} (id bigint PRIMARY KEY)")
+        db.execute("INSERT INTO datasets (name, id_column, format) VALUES (%s, 'id', 'folder')", (name,))
+    try:
+        others = [n for n in dataset_names(db) if n not in names]
+        assert default_dataset(db, {"probe_b", "images"}) == "probe_b"
+        with pytest.raises(UserError, match=r"reads 2 datasets' tables \(probe_a, probe_b\)"):
+            default_dataset(db, {"probe_a", "probe_b"})
+        with pytest.raises(UserError, match=rf"{2 + len(others)} datasets \(.*\) and the query reads none"):
+            default_dataset(db, {"pg_class"})
+    finally:
+        for name in names:
+            db.execute("DELETE FROM datasets WHERE name = %s", (name,))
+            db.execute(f"DROP TABLE {name}")

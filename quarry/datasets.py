@@ -1,0 +1,122 @@
+"""Datasets as things a user manages: listed with their sizes, dropped with what Quarry made for
+them. A dataset an ingest created and left without a row is dropped by that ingest."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import sql
+
+from common.datasets import get_dataset
+from common.errors import UserError
+
+if TYPE_CHECKING:
+    from common.storage import ObjectStore
+
+# where Quarry puts a dataset's objects in RAW_BUCKET: packed image folders, uploaded local
+# WebDataset shards, staged local manifest files (quarry/packing.py, shard_upload.py, ingest_plan.py)
+QUARRY_PREFIXES = ("packed", "webdataset", "_quarry/manifests")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One row of `producer datasets`."""
+
+    name: str
+    format: str
+    source: str | None  # what its last ingest read
+    rows: int  # catalog rows
+    images: int  # rows with an image location (not a recorded failure)
+    shards: int  # tar shards holding its images
+    size: int | None  # bytes of those shards; None when its images are objects of their own
+    registered: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "registered": self.registered.isoformat(timespec="seconds")}
+
+
+def list_datasets(conn: psycopg.Connection) -> list[DatasetInfo]:
+    """Every dataset, by name, with its counts (each read in full: a count of its table and of
+    its locations)."""
+    found = []
+    for dataset_id, name, source_format, source, registered in conn.execute(
+        "SELECT id, name, format, source, created_at FROM datasets ORDER BY name"
+    ).fetchall():
+        rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(name))).fetchone()
+        images, shards, size = conn.execute(
+            """SELECT count(*) FILTER (WHERE l.error IS NULL), count(DISTINCT l.shard),
+                      (SELECT sum(s.size) FROM shards s
+                       WHERE s.id IN (SELECT shard FROM locations WHERE dataset = %(d)s))
+               FROM locations l WHERE l.dataset = %(d)s""",
+            {"d": dataset_id},
+        ).fetchone() or (0, 0, None)
+        found.append(
+            DatasetInfo(
+                name,
+                source_format,
+                source,
+                int(rows[0]) if rows else 0,
+                int(images),
+                int(shards),
+                None if size is None else int(size),
+                registered,
+            )
+        )
+    return found
+
+
+def drop_dataset(conn: psycopg.Connection, store: ObjectStore, name: str, raw_bucket: str) -> int:
+    """Remove a dataset: its table, its locations, its shards' records, its ingest units (a later
+    ingest of the same sources registers them again) and the objects Quarry wrote for it in
+    `raw_bucket`; sources registered where they are stay. UserError while a job on it runs.
+    How many objects were deleted."""
+    with conn.transaction():
+        dataset = get_dataset(conn, name)
+        conn.execute("SELECT FROM datasets WHERE id = %s FOR UPDATE", (dataset.id,))
+        running = conn.execute(
+            "SELECT id FROM jobs WHERE spec->>'dataset' = %s AND state = 'running' ORDER BY created_at",
+            (name,),
+        ).fetchall()
+        if running:
+            jobs = ", ".join(str(row[0]) for row in running)
+            raise UserError(f"dataset {name} is in use by running job {jobs}: cancel it or let it end first")
+        shards = [
+            row[0]
+            for row in conn.execute(
+                "SELECT DISTINCT shard FROM locations WHERE dataset = %s AND shard IS NOT NULL", (dataset.id,)
+            )
+        ]
+        conn.execute(
+            "DELETE FROM ingest_units WHERE job_id IN (SELECT id FROM jobs WHERE spec->>'dataset' = %s)",
+            (name,),
+        )
+        conn.execute("DELETE FROM datasets WHERE id = %s", (dataset.id,))  # its locations cascade
+        conn.execute(
+            "DELETE FROM shards s WHERE s.id = ANY (%s)"
+            " AND NOT EXISTS (SELECT FROM locations l WHERE l.shard = s.id)",
+            (shards,),
+        )
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(dataset.table))
+    deleted = 0
+    for prefix in QUARRY_PREFIXES:
+        for key in store.list_keys(raw_bucket, f"{prefix}/{name}/"):
+            store.delete(raw_bucket, key)
+            deleted += 1
+    return deleted
+
+
+def drop_if_empty(conn: psycopg.Connection, name: str) -> bool:
+    """Drop a dataset that has no catalog row (an ingest that registered nothing); True if it did."""
+    with conn.transaction():
+        row = conn.execute("SELECT id FROM datasets WHERE name = %s FOR UPDATE", (name,)).fetchone()
+        if row is None:
+            return False
+        table = sql.Identifier(name)
+        if conn.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(table)).fetchone() != (False,):
+            return False
+        conn.execute("DELETE FROM datasets WHERE id = %s", (row[0],))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
+    return True
