@@ -34,7 +34,11 @@ def project_version() -> str:
 def docker_compose(*files: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`docker-compose -f FILE... config`: Compose's own parsing, interpolation and merging."""
     assert shutil.which("docker-compose"), "docker-compose is not installed (.ci/run installs it)"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWER_", "QUARRY_", "POSTGRES_"))}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FLOWER_", "QUARRY_", "POSTGRES_", "NOTEBOOK_"))
+    }
     arguments = [item for name in files for item in ("-f", str(ROOT / name))]
     return subprocess.run(
         # an empty --env-file: a developer's .env (written by `make up`) does not leak into tests

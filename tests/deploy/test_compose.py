@@ -74,9 +74,24 @@ def test_flower_asks_for_a_password_and_listens_on_loopback() -> None:
 
 
 def test_flower_without_a_password_is_refused_in_one_line() -> None:
-    result = docker_compose("docker-compose.yml", env={})
+    result = docker_compose("docker-compose.yml", env={"NOTEBOOK_TOKEN": "test-token"})
     assert result.returncode != 0
     assert "set FLOWER_BASIC_AUTH=user:password" in result.stderr
+
+
+def test_the_notebook_runs_jupyterlab_on_the_examples_with_the_stacks_settings_and_a_token() -> None:
+    services = compose_config("docker-compose.yml")["services"]
+    notebook = services["notebook"]
+    assert notebook["image"] == f"quarry-notebook:{project_version()}"
+    assert notebook["build"]["args"] == {"EXTRAS": "notebook"}
+    assert command_of(notebook).startswith("jupyter lab --ip=0.0.0.0 --port=8888")
+    assert "--ServerApp.root_dir=/app/examples" in command_of(notebook)
+    assert notebook["environment"]["JUPYTER_TOKEN"] == "test-token"
+    settings = {k: v for k, v in notebook["environment"].items() if k not in ("JUPYTER_TOKEN", "HOME")}
+    assert settings == services["dispatcher"]["environment"]  # the same stack, the same network
+    assert all(port.startswith("127.0.0.1:") for port in notebook["ports"])
+    refused = docker_compose("docker-compose.yml", env={"FLOWER_BASIC_AUTH": "admin:x"})
+    assert refused.returncode != 0 and "set NOTEBOOK_TOKEN" in refused.stderr
 
 
 def test_s3_is_published_on_loopback_only() -> None:

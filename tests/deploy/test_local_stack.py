@@ -11,12 +11,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import nbformat
 import psutil
 import pytest
+from jupyter_client import BlockingKernelClient
 
 from common.db import connect, postgres_too_old
 from producer.dispatch import redis_too_old
@@ -27,7 +31,13 @@ ROOT = Path(__file__).resolve().parents[2]
 USER = "quarrytest"
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 SYSTEM_PYTHON_EXTRAS = ["async-timeout>=4.0.3,<6"]  # redis-py needs it below Python 3.11.3
-SCRIPTS = {"producer": "producer.cli", "celery": "celery.__main__", "moto_server": "moto.server"}
+SCRIPTS = {
+    "producer": "producer.cli",
+    "celery": "celery.__main__",
+    "moto_server": "moto.server",
+    "jupyter-lab": "jupyterlab.labapp",
+}
+NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"
 
 
 def as_user(
@@ -200,9 +210,17 @@ def test_a_remote_address_that_does_not_answer_is_an_error(tmp_path: Path) -> No
     assert result.stderr.strip() == "error: Redis does not answer at 192.0.2.1:6379 (CELERY_BROKER_URL)"
 
 
-def test_the_machines_servers_are_used_where_they_answer(test_env: dict[str, str], tmp_path: Path) -> None:
+def test_make_up_uses_the_machines_servers_and_its_notebook_url_runs_the_quickstart(
+    test_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`make up` where PostgreSQL and Redis answer: no embedded servers, and a JupyterLab URL whose
+    token opens it; the quickstart notebook, run on a kernel of that server, adds up."""
     run_dir = tmp_path / "run"
     database = f"quarry_stack_{uuid.uuid4().hex[:8]}"  # its own: this stack's dispatcher sees no test's jobs
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
+        "commit the notebook without outputs"
+    )
     env = {
         **os.environ,
         **test_env,
@@ -210,11 +228,13 @@ def test_the_machines_servers_are_used_where_they_answer(test_env: dict[str, str
         "DATABASE_URL": test_env["DATABASE_URL"].rsplit("/", 1)[0] + f"/{database}",
         "CELERY_BROKER_URL": "redis://127.0.0.1:6379/12",
         "FLOWER_PORT": str(free_port()),
+        "NOTEBOOK_PORT": str(free_port()),
         "PYTHON": sys.executable,
+        "QUARRY_FIGURES": str(tmp_path),  # the notebook's kernel inherits the server's environment
     }
     try:
-        up = as_user(None, "deploy/local/stack.sh", "up", env=env)
-        assert up.returncode == 0, up.stderr
+        up = as_user(None, "make", "up", env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
         assert "started PostgreSQL" not in up.stdout and "started Redis" not in up.stdout
         embedded = [
             " ".join(p.info["cmdline"] or [])
@@ -223,10 +243,74 @@ def test_the_machines_servers_are_used_where_they_answer(test_env: dict[str, str
         ]
         assert embedded == []
         assert not list(run_dir.glob("embedded-*"))
+
+        url = up.stdout.strip().splitlines()[-1].removeprefix("Notebook at ")
+        base, _, token = url.partition("/lab/tree/quickstart.ipynb?token=")
+        assert base == f"http://127.0.0.1:{env['NOTEBOOK_PORT']}" and len(token) == 48, up.stdout
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert page.status == 200 and b"JupyterLab" in page.read()
+        with pytest.raises(urllib.error.HTTPError, match="403"):  # no token, no kernel
+            start_session(base, "wrong-token")
+        outputs = run_on_server_kernel(base, token, run_dir / "jupyter", notebook)
     finally:
-        as_user(None, "deploy/local/stack.sh", "down", env=env)
+        down = as_user(None, "make", "down", env=env)
         with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    assert down.returncode == 0 and not port_answers(int(env["NOTEBOOK_PORT"]))
+
+    summary = json.loads(outputs[-1].strip().splitlines()[-1])
+    assert summary["state"] == "finished"
+    assert summary["rows"] == summary["items"] > 0
+    assert summary["failed"] == 0 and summary["classified"] == summary["items"]
+    assert len(summary["selected"]) >= 2 and summary["matrix_rows"] == summary["selected"]
+    for figure in ("preview.png", "confusion.png"):
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def start_session(base: str, token: str) -> str:
+    """A kernel for quickstart.ipynb started by the Jupyter server (its REST API); the kernel's id."""
+    request = urllib.request.Request(
+        f"{base}/api/sessions",
+        data=json.dumps(
+            {"path": "quickstart.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+        ).encode(),
+        headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return str(json.load(response)["kernel"]["id"])
+
+
+def run_on_server_kernel(
+    base: str, token: str, runtime_dir: Path, notebook: nbformat.NotebookNode
+) -> list[str]:
+    """Each code cell run in turn on the server's kernel (its connection file in the server's
+    runtime folder); each cell's printed text. A cell that raises fails the test."""
+    kernel = start_session(base, token)
+    client = BlockingKernelClient(connection_file=str(runtime_dir / f"kernel-{kernel}.json"))
+    client.load_connection_file()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=60)
+        outputs = [run_cell(client, cell.source) for cell in notebook.cells if cell.cell_type == "code"]
+    finally:
+        client.stop_channels()
+    return outputs
+
+
+def run_cell(client: BlockingKernelClient, source: str) -> str:
+    """One cell's printed text; AssertionError with its traceback when it raises."""
+    texts: list[str] = []
+
+    def keep(message: dict) -> None:  # type: ignore[type-arg]
+        if message["msg_type"] == "stream":
+            texts.append(message["content"]["text"])
+        elif message["msg_type"] == "error":
+            texts.append("\n".join(message["content"]["traceback"]))
+
+    reply = client.execute_interactive(source, timeout=300, output_hook=keep)
+    assert reply["content"]["status"] == "ok", f"{source[:300]}\n{''.join(texts)}"
+    return "".join(texts)
 
 
 def port_answers(port: int) -> bool:
@@ -258,3 +342,11 @@ def test_redis_older_than_6_2_is_refused_in_one_line(version: str, refused: bool
     assert (
         refusal is None or refusal == "Redis 6.2 or newer is needed; the broker at CELERY_BROKER_URL is 6.0.9"
     )
+
+
+def test_make_build_without_a_docker_engine_builds_the_virtualenv_the_local_stack_runs_from() -> None:
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        pytest.skip("a Docker engine answers here: `make build` builds the images")
+    built = as_user(None, "make", "build", env={**os.environ})
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.splitlines()[0] == "no Docker engine answers: the local stack runs from .venv"
