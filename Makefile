@@ -56,6 +56,9 @@ $(TOOLS)/bin/img2dataset:
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install -q 'img2dataset>=1.47,<1.48'
 
+docs: install ## the documentation site into site/ (MkDocs, --strict: broken links fail)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 lint: install ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

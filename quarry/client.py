@@ -104,7 +104,8 @@ class Job:
 
     def results(self, catalog: bool = False) -> pd.DataFrame:
         """The item rows as a DataFrame; `catalog=True` joins each row with its dataset's catalog
-        row (the columns of `styles` for the fashion archive)."""
+        row (the columns of `styles` for the fashion archive); a catalog column named like an item
+        column (img2dataset's `status`, `error`) gets the suffix `_catalog`."""
         import pandas as pd
 
         frame = pd.DataFrame(
@@ -116,7 +117,7 @@ class Job:
                 found = lookup_catalog(conn, dataset, [int(i) for i in frame["image_id"].unique()])
             rows = pd.DataFrame([{"image_id": i, **fields} for i, fields in found.items()])
             if not rows.empty:
-                frame = frame.merge(rows, on="image_id", how="left")
+                frame = frame.merge(rows, on="image_id", how="left", suffixes=("", "_catalog"))
         return frame
 
     def failures(self) -> pd.DataFrame:

@@ -10,7 +10,7 @@ import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.datasets import Dataset, get_dataset, register_dataset
+from common.datasets import Dataset, dataset_names, get_dataset, register_dataset
 from common.errors import UserError
 from common.ingest.manifest import local_copy
 from common.ingest.register import (
@@ -63,6 +63,11 @@ def plan_webdataset(
         (uri, size, etag, parquets.get(uri[: -len(".tar")])) for uri, size, etag in tars if uri not in known
     ]
     if not todo:
+        if name not in dataset_names(conn):
+            raise UserError(
+                f"{prefix}: its {len(tars)} shards are registered already, by another dataset"
+                " (`producer datasets`): one dataset per set of shards"
+            )
         return get_dataset(conn, name), todo
     first_table = next(
         (parquets[uri[: -len(".tar")]] for uri, _, _ in tars if uri[: -len(".tar")] in parquets), None
