@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 IMAGE_NAME = re.compile(r"^(\d+)\.(jpe?g|png|webp)$", re.IGNORECASE)
 REJECTED_SHOWN = 20  # malformed CSV lines printed one by one before only counting
+OWN_IDS = {  # formats whose ids are fixed by their layout
+    "kaggle": "the fashion archive's ids are styles.csv's id column",
+    "folder": "a folder of images takes its ids from the file names ({id}.jpg)",
+}
 LISTED_TO_INFER = 1000  # objects of an s3:// prefix looked at to tell its format (one LIST page)
 
 
@@ -73,6 +77,7 @@ def ingest(
     source_format = request.source_format or infer_format(store, request.source)
     if source_format not in FORMATS:
         raise UserError(f"--format {source_format!r}: one of {', '.join(FORMATS)}")
+    check_options(request, source_format)
     summary = IngestSummary()
     existed = set(dataset_names(conn))
     try:
@@ -95,6 +100,14 @@ def ingest(
         "UPDATE datasets SET source = %s WHERE name = %s", (described(request.source), summary.dataset)
     )
     return summary.finish()
+
+
+def check_options(request: IngestRequest, source_format: str) -> None:
+    """UserError for an option this kind of source has no use for (never silently ignored)."""
+    if request.id_column and source_format in OWN_IDS:
+        raise UserError(f"{request.source}: {OWN_IDS[source_format]}: drop --id-column")
+    if request.image_column and source_format in ("kaggle", "folder", "webdataset"):
+        raise UserError(f"{request.source}: it holds its images itself: drop --image-column")
 
 
 def described(source: str) -> str:

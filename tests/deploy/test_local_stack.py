@@ -45,9 +45,11 @@ def as_user(
 ) -> subprocess.CompletedProcess[str]:
     prefix = ["runuser", "-u", user, "--"] if user else []
     # an outer `make test` must not turn the stack's `make` into a sub-make that prints directories
-    unset = ["-u", "MAKELEVEL", "-u", "MAKEFLAGS", "-u", "MFLAGS"]
+    outer = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")
+    unset = [option for name in outer for option in ("-u", name)]
+    settings = [f"{k}={v}" for k, v in env.items() if k not in outer]
     return subprocess.run(
-        [*prefix, "env", *unset, *(f"{k}={v}" for k, v in env.items()), *command],
+        [*prefix, "env", *unset, *settings, *command],
         cwd=ROOT,
         capture_output=True,
         text=True,

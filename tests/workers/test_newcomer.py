@@ -158,7 +158,16 @@ def test_bad_paths_are_refused_in_one_line_and_leave_no_dataset_or_job(
     ]
 
     name = f"photos_{uuid.uuid4().hex[:6]}"
-    run_cli("ingest", str(image_folder(tmp_path, 4)), "--dataset", name, env=test_env)
+    photos = image_folder(tmp_path, 4)
+    unused = run_cli(
+        "ingest", str(photos), "--dataset", name, "--id-column", "sku", env=test_env, check=False
+    )
+    assert unused.returncode == 2
+    assert unused.stderr.splitlines() == [
+        f"error: {photos}: a folder of images takes its ids from the file names ({{id}}.jpg):"
+        " drop --id-column"
+    ]
+    run_cli("ingest", str(photos), "--dataset", name, env=test_env)
     s3_requests.mark()
     differing = run_cli("ingest", str(img2dataset_shards), "--dataset", name, env=test_env, check=False)
     assert differing.returncode == 2
