@@ -94,7 +94,8 @@ def ingest(source: str | None, column_types: tuple[str, ...], as_json: bool, **o
     """Register a dataset: the fashion archive's folder [DATASET_PATH], a folder of {id}.jpg, a
     CSV/JSONL/Parquet manifest (file, s3:// object or prefix) of s3:// image URIs, or WebDataset
     tars (an s3:// prefix, or a local folder such as img2dataset's output). Images in s3:// stay
-    where they are; a local folder of images is packed into shards, one of shards uploaded as it is."""
+    where they are; a local folder of images is packed into shards, a local folder of shards is
+    uploaded as it is."""
     quarry = Quarry.from_env()
     types = dict(parse_column_type(text) for text in column_types)
     line = TerminalBar(line=lambda progress: render_ingest(progress, quarry.registered_so_far(progress)))

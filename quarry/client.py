@@ -18,10 +18,11 @@ from common.ingest.summary import IngestSummary
 from common.jobs import JobProgress, cancel_job, iter_results, job_progress, job_spec, list_jobs, retry_job
 from common.jobspec import JobSpec
 from common.query_role import ensure_query_role, grant_dataset
-from quarry.datasets import DatasetInfo
+from quarry.datasets import DatasetInfo, drop_dataset, list_datasets
 from quarry.progress import Display, follow
-from quarry.query import check_query, run_user_query, tables_named
+from quarry.query import check_query, run_user_query
 from quarry.record import Recording
+from quarry.slicing import parse_tree, relations
 from quarry.submit import new_job_id, start_job
 
 if TYPE_CHECKING:
@@ -222,8 +223,6 @@ class Quarry:
 
     def list_datasets(self) -> list[DatasetInfo]:
         """Every dataset with its format, source, rows, images, shards, size and when registered."""
-        from quarry.datasets import list_datasets
-
         with self.connection() as conn:
             self.ensure_ready(conn)
             return list_datasets(conn)
@@ -239,8 +238,6 @@ class Quarry:
         """Remove a dataset: its catalog table, locations, and the shards and files Quarry wrote
         for it (sources registered where they are stay); UserError while a job on it runs. How
         many objects were deleted."""
-        from quarry.datasets import drop_dataset
-
         with self.connection() as conn:
             self.ensure_ready(conn)
             return drop_dataset(conn, self.store(), name, self.settings.raw_bucket)
@@ -301,8 +298,8 @@ class Quarry:
         size = job_chunk_size(spec, chunk_size, shard_size, self.settings)
         with self.connection() as conn:
             self.ensure_ready(conn)
-            check_query(query)  # a refused query is said before anything else
-            named = dataset or default_dataset(conn, tables_named(query))
+            body = check_query(query)  # a refused query is said before anything else
+            named = dataset or default_dataset(conn, set(relations(parse_tree(body))))
             spec = replace(spec, dataset=get_dataset(conn, named).name)
             recording = start_job(conn, self.settings, query, spec, size)
         return Job(self, spec.job_id, recording)

@@ -46,12 +46,12 @@ def list_datasets(conn: psycopg.Connection) -> list[DatasetInfo]:
         "SELECT id, name, format, source, created_at FROM datasets ORDER BY name"
     ).fetchall():
         rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(name))).fetchone()
-        images, shards, size = conn.execute(
-            """SELECT count(*) FILTER (WHERE l.error IS NULL), count(DISTINCT l.shard),
-                      (SELECT sum(s.size) FROM shards s
-                       WHERE s.id IN (SELECT shard FROM locations WHERE dataset = %(d)s))
-               FROM locations l WHERE l.dataset = %(d)s""",
-            {"d": dataset_id},
+        images, shards, size = conn.execute(  # one pass over the dataset's locations, by shard
+            """SELECT coalesce(sum(g.images), 0), count(g.shard), sum(s.size)
+               FROM (SELECT shard, count(*) FILTER (WHERE error IS NULL) AS images
+                     FROM locations WHERE dataset = %s GROUP BY shard) g
+               LEFT JOIN shards s ON s.id = g.shard""",
+            (dataset_id,),
         ).fetchone() or (0, 0, None)
         found.append(
             DatasetInfo(
@@ -76,13 +76,10 @@ def drop_dataset(conn: psycopg.Connection, store: ObjectStore, name: str, raw_bu
     with conn.transaction():
         dataset = get_dataset(conn, name)
         conn.execute("SELECT FROM datasets WHERE id = %s FOR UPDATE", (dataset.id,))
-        running = conn.execute(
-            "SELECT id FROM jobs WHERE spec->>'dataset' = %s AND state = 'running' ORDER BY created_at",
-            (name,),
-        ).fetchall()
-        if running:
-            jobs = ", ".join(str(row[0]) for row in running)
-            raise UserError(f"dataset {name} is in use by running job {jobs}: cancel it or let it end first")
+        if running := running_jobs(conn, name):
+            raise UserError(
+                f"dataset {name} is in use by running job {', '.join(running)}: cancel it or let it end first"
+            )
         shards = [
             row[0]
             for row in conn.execute(
@@ -108,11 +105,20 @@ def drop_dataset(conn: psycopg.Connection, store: ObjectStore, name: str, raw_bu
     return deleted
 
 
+def running_jobs(conn: psycopg.Connection, name: str) -> list[str]:
+    """The ids of the running jobs (image or ingest) on a dataset, oldest first."""
+    rows = conn.execute(
+        "SELECT id FROM jobs WHERE spec->>'dataset' = %s AND state = 'running' ORDER BY created_at", (name,)
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
 def drop_if_empty(conn: psycopg.Connection, name: str) -> bool:
-    """Drop a dataset that has no catalog row (an ingest that registered nothing); True if it did."""
+    """Drop a dataset that has no catalog row (an ingest that registered nothing) and no running
+    job (an ingest interrupted while its units still register keeps it); True if it did."""
     with conn.transaction():
         row = conn.execute("SELECT id FROM datasets WHERE name = %s FOR UPDATE", (name,)).fetchone()
-        if row is None:
+        if row is None or running_jobs(conn, name):
             return False
         table = sql.Identifier(name)
         if conn.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(table)).fetchone() != (False,):

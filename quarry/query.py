@@ -88,29 +88,6 @@ def check_query(text: str) -> str:
     return encoded[start : start + length if length else None].decode().strip()
 
 
-def tables_named(text: str) -> set[str]:
-    """The tables (and views) a query reads by name, from its parse tree: every relation it names
-    without a schema or in `public`, less the names its WITH clauses define."""
-    tree = json.loads(pg_parser.parse_sql_json(text))
-    relations: set[str] = set()
-    defined: set[str] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "RangeVar" and value.get("schemaname", "public") == "public":
-                    relations.add(value["relname"])
-                if key == "CommonTableExpr":
-                    defined.add(value["ctename"])
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(tree)
-    return relations - defined
-
-
 def refusals(node: Any) -> Iterator[str]:
     """Why a parsed statement is refused: every writing, locking or session-changing part."""
     if isinstance(node, dict):

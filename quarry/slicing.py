@@ -122,9 +122,15 @@ def walk(node: Any) -> Iterator[tuple[str, Any]]:
 
 
 def relations(tree: dict[str, Any]) -> Iterator[str]:
-    """The names of the tables and views the query reads."""
+    """The names of the tables and views the query reads: each relation it names without a schema
+    or in `public`, less the names its WITH clauses define."""
+    defined = {node["ctename"] for key, node in walk(tree) if key == "CommonTableExpr"}
     for key, node in walk(tree):
-        if key == "RangeVar":
+        if (
+            key == "RangeVar"
+            and node.get("schemaname", "public") == "public"
+            and node["relname"] not in defined
+        ):
             yield node["relname"]
 
 

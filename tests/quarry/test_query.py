@@ -108,7 +108,10 @@ def test_check_query_returns_the_statement_whatever_the_characters(text: str, st
 
 
 def test_the_tables_a_query_reads_come_from_its_parse_tree() -> None:
-    from quarry.query import tables_named
+    from quarry.slicing import parse_tree, relations
+
+    def tables_named(text: str) -> set[str]:
+        return set(relations(parse_tree(check_query(text))))
 
     assert tables_named("SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'") == {
         "styles",
