@@ -91,10 +91,10 @@ def plain_loop(env: dict[str, str], raw_keys: dict[int, str]) -> int:
 REPEATS = 3  # the in-memory rates are the best of this many passes (the first warms caches)
 
 
-def best_rate(images: int, one_pass: Callable[[], object]) -> float:
-    """img/s of the fastest of REPEATS passes over `images` images."""
+def best_rate(images: int, one_pass: Callable[[], object], repeats: int = REPEATS) -> float:
+    """img/s of the fastest of `repeats` passes over `images` images."""
     seconds = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         started = time.perf_counter()
         one_pass()
         seconds.append(time.perf_counter() - started)
@@ -126,6 +126,7 @@ def transform_stage_rate(
     *,
     dataset: str = FASHION,
     exact_decode: bool = False,
+    repeats: int = REPEATS,
 ) -> float:
     """img/s on one core of Quarry's transform stage for webdataset output (render + shard tar),
     raw bytes from memory: the storage ceiling removed. The default settings' byte budget and
@@ -145,7 +146,7 @@ def transform_stage_rate(
                 shard_from_transform(spec, render_in_memory(spec, chunk, index, held, settings), catalog)
             )
 
-    return best_rate(len(ids), one_pass)
+    return best_rate(len(ids), one_pass, repeats)
 
 
 def render_in_memory(

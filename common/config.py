@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     transform_bytes_in_flight: int = Field(
         default=64 * 1024 * 1024,
         ge=1024 * 1024,
-        description="raw image bytes a transform process fetches ahead of rendering, per chunk",
+        description="raw image bytes a transform process holds, per chunk: a group rendered, the next read",
     )
     image_max_pixels: int = Field(
         default=100_000_000, ge=1, description="an image declaring more pixels fails alone, undecoded"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
@@ -93,10 +94,11 @@ def transform_images(
     """Render every variant of every id whose item is not in the `done` bitmap; a bad image
     fails its items, not the chunk.
 
-    The chunk streams through in groups whose raw bytes stay within `bytes_in_flight` (sizes
-    the catalog does not know are guessed from the group before): each group's raw objects are
-    fetched together, rendered one image at a time and yielded as one result, then let go. A
-    transient storage error is raised so that the task retries the chunk. `keep_raw` keeps each
+    The chunk streams through in groups of at most half of `bytes_in_flight` raw bytes (sizes
+    the catalog does not know are guessed from the groups before): each group's raw objects are
+    fetched together while the group before is rendered (so reads and decoding overlap and at
+    most two groups are held), rendered one image at a time and yielded as one result, then let
+    go. A transient storage error is raised so that the task retries the chunk. `keep_raw` keeps each
     rendered image's raw bytes (for a model that reads raws from a shard, so that nothing
     fetches them twice). `before_each(image_id)` is called before each image is decoded. An
     image whose header declares more than `max_pixels` fails alone, undecoded.
@@ -107,16 +109,28 @@ def transform_images(
         for position, image_id in enumerate(image_ids)
     ]
     pending = [entry for entry in todo if entry[2]]
+    group_bytes = max(1, bytes_in_flight // 2)  # one group rendered while the next is read
     read_bytes = read_count = 0
-    while pending:
+
+    def next_group() -> tuple[list[Todo], Future[Fetched] | None]:
+        nonlocal pending
+        if not pending:
+            return [], None
         guess = read_bytes // read_count if read_count else FIRST_GUESS_BYTES
-        group, pending = take_by_bytes(pending, partial(raw_size, index, guess=guess), bytes_in_flight)
+        group, pending = take_by_bytes(pending, partial(raw_size, index, guess=guess), group_bytes)
         sources = [entry.source for entry in (index.get(i) for _, i, _ in group) if entry and entry.source]
-        fetched = fetch_many(list(dict.fromkeys(sources)))
-        got = [value[0] for value in fetched.values() if isinstance(value, tuple)]
-        read_bytes, read_count = read_bytes + sum(map(len, got)), read_count + len(got)
-        yield render_group(spec, pipeline, group, index, fetched, max_pixels, keep_raw, before_each)
-        del fetched, got
+        return group, reader.submit(fetch_many, list(dict.fromkeys(sources)))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as reader:
+        group, reading = next_group()
+        while reading is not None:
+            fetched = reading.result()  # a transient storage error is raised here
+            got = [value[0] for value in fetched.values() if isinstance(value, tuple)]
+            read_bytes, read_count = read_bytes + sum(map(len, got)), read_count + len(got)
+            following, reading = next_group()
+            yield render_group(spec, pipeline, group, index, fetched, max_pixels, keep_raw, before_each)
+            group = following
+            del fetched, got
 
 
 FIRST_GUESS_BYTES = 1024 * 1024  # an unknown raw size before any is read: a large photograph's

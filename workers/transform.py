@@ -48,11 +48,12 @@ def transform_chunk(self: StageTask, spec_message: dict[str, Any], ticket_messag
 def render(
     self: StageTask, spec: JobSpec, ticket: Ticket, chunk: OpenChunk, *, done: int = 0, keep_raw: bool = False
 ) -> Iterator[TransformResult]:
-    """Fetch the chunk's images where they are and render the items not in `done`, a group of
-    at most TRANSFORM_BYTES_IN_FLIGHT raw bytes at a time; ETags read from sources registered
-    without one are pinned, so that a later read notices a rewrite. A retried chunk is rendered
-    carefully: each image is marked first (the marked image of a lost worker process is the
-    chunk's suspect), and on the last attempt a suspect fails alone, unrendered."""
+    """Fetch the chunk's images where they are and render the items not in `done`, in groups of
+    at most half of TRANSFORM_BYTES_IN_FLIGHT raw bytes, the next read while one is rendered;
+    ETags read from sources registered without one are pinned, so that a later read notices a
+    rewrite. A retried chunk is rendered carefully: each image is marked first (the marked image
+    of a lost worker process is the chunk's suspect), and on the last attempt a suspect fails
+    alone, unrendered."""
     given_up = given_up_suspect(spec, chunk, done, self.settings.chunk_max_attempts)
     careful = chunk.attempts > 1
     groups = transform_images(

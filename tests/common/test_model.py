@@ -66,6 +66,21 @@ def test_preprocessing_matches_a_hand_computed_tensor() -> None:
         assert np.allclose(tensor[0, channel], value, atol=1e-6)
 
 
+@pytest.mark.parametrize("channel_order", ["RGB", "BGR"])
+def test_preprocessing_is_the_formula_bit_for_bit(channel_order: str) -> None:
+    """The batch tensor is (x/255 - mean) / std in float32 per channel, in the model's order."""
+    preprocess = Preprocess(6, 5, "stretch", 0, channel_order, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4))
+    images = list(np.random.default_rng(3).integers(0, 256, (3, 6, 5, 3), dtype=np.uint8))
+    tensor = preprocess.tensor(images)
+    order = [2, 1, 0] if channel_order == "RGB" else [0, 1, 2]
+    for n, image in enumerate(images):
+        for channel, source in enumerate(order):
+            mean, std = np.float32(preprocess.mean[channel]), np.float32(preprocess.std[channel])
+            scale = np.float32(1) / (np.float32(255) * std)
+            expected = image[..., source].astype(np.float32) * scale - mean / std
+            assert np.array_equal(tensor[n, channel], expected)
+
+
 def test_letterbox_pads_with_the_pad_value() -> None:
     letterbox = Preprocess(height=8, width=8, pad=255)
     fitted = letterbox.fit(np.zeros((8, 4, 3), dtype=np.uint8))

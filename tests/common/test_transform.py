@@ -1,3 +1,5 @@
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -126,8 +128,8 @@ def test_a_locator_names_an_object_or_a_byte_range_and_reads_back() -> None:
 
 
 def test_a_chunk_streams_in_groups_within_the_byte_budget() -> None:
-    """Each read holds at most the budget's raw bytes (sizes from the catalog), and the groups
-    together give what one pass gives."""
+    """Each read holds at most half the budget's raw bytes (sizes from the catalog: one group is
+    rendered while the next is read), and the groups together give what one pass gives."""
     size = len(RAW)
     index = {i: Location(Source("s3://raw/shard.tar", i * 1000, size)) for i in range(1, 21)}
     reads: list[int] = []
@@ -138,7 +140,7 @@ def test_a_chunk_streams_in_groups_within_the_byte_budget() -> None:
 
     spec = JobSpec(job_id="j", augment=[{"op": "hflip", "p": 1.0, "args": {}}])
     groups = list(
-        transform_images(spec, list(index), index, counting, bytes_in_flight=3 * size, max_pixels=10**8)
+        transform_images(spec, list(index), index, counting, bytes_in_flight=6 * size, max_pixels=10**8)
     )
     assert reads == [3 * size] * 6 + [2 * size] and len(groups) == 7
     whole = render_all(spec, list(index), index, counting)
@@ -146,9 +148,48 @@ def test_a_chunk_streams_in_groups_within_the_byte_budget() -> None:
     assert [o.image_id for o in whole.outputs] == list(range(1, 21))
 
 
+def test_the_next_group_is_read_while_one_is_rendered() -> None:
+    """While the first group is being used, the second is already read and the third is not:
+    reads overlap rendering, and at most two groups' bytes are held."""
+    size = len(RAW)
+    index = {i: Location(Source("s3://raw/shard.tar", i * 1000, size)) for i in range(1, 7)}
+    reads: list[list[int]] = []
+    second_read = threading.Event()
+
+    def fetch(sources: list[Source]) -> Fetched:
+        reads.append([s.offset or 0 for s in sources])
+        if len(reads) == 2:
+            second_read.set()
+        return dict.fromkeys(sources, (RAW, '"etag"'))
+
+    spec = JobSpec(job_id="j", augment=[{"op": "hflip", "p": 1.0, "args": {}}])
+    groups = transform_images(spec, list(index), index, fetch, bytes_in_flight=4 * size, max_pixels=10**8)
+    first = next(groups)
+    assert second_read.wait(10), "the second group was not read while the first was in use"
+    time.sleep(0.2)  # were a third read started now, it would show
+    assert reads == [[1000, 2000], [3000, 4000]] and [o.image_id for o in first.outputs] == [1, 2]
+    assert [o.image_id for g in groups for o in g.outputs] == [3, 4, 5, 6] and len(reads) == 3
+
+
+def test_a_failed_read_ahead_is_raised_to_the_task() -> None:
+    """A transient error of the group read ahead surfaces when that group is reached."""
+    index = {i: Location(Source("s3://raw/shard.tar", i * 1000, len(RAW))) for i in range(1, 5)}
+
+    def fetch(sources: list[Source]) -> Fetched:
+        if sources[0].offset == 3000:
+            raise StorageUnavailable("S3 unreachable")
+        return dict.fromkeys(sources, (RAW, '"etag"'))
+
+    spec = JobSpec(job_id="j", augment=[{"op": "hflip", "p": 1.0, "args": {}}])
+    groups = transform_images(spec, list(index), index, fetch, bytes_in_flight=4 * len(RAW), max_pixels=10**8)
+    assert [o.image_id for o in next(groups).outputs] == [1, 2]
+    with pytest.raises(StorageUnavailable, match="S3 unreachable"):
+        next(groups)
+
+
 def test_unknown_sizes_are_guessed_from_the_group_before() -> None:
     """Objects of their own have no length in the catalog: the first group guesses 1 MiB each,
-    the next ones the mean size read so far."""
+    the next ones the mean size read so far (groups of half the budget)."""
     index = {i: Location(Source(f"s3://raw/{i}.jpg")) for i in range(1, 201)}
     reads: list[int] = []
 
@@ -157,7 +198,7 @@ def test_unknown_sizes_are_guessed_from_the_group_before() -> None:
         return dict.fromkeys(sources, (RAW, '"etag"'))
 
     spec = JobSpec(job_id="j", augment=[{"op": "hflip", "p": 1.0, "args": {}}])
-    list(transform_images(spec, list(index), index, counting, bytes_in_flight=4 << 20, max_pixels=10**8))
+    list(transform_images(spec, list(index), index, counting, bytes_in_flight=8 << 20, max_pixels=10**8))
     assert reads == [4, 196]
 
 
