@@ -16,6 +16,7 @@ import psycopg
 from common.batching import batched
 from common.datasets import Dataset
 from common.errors import PermanentError
+from common.image_header import read_header
 from common.images import decode
 from common.ingest.register import Member, add_bad_images, add_member_locations, add_shard, load_members
 from common.ingest.summary import IngestSummary
@@ -41,14 +42,21 @@ class ImageFile:
     error: str | None
 
 
-def read_image(image_id: int, path: Path) -> ImageFile:
-    """Read and decode one file (decoding checks it and gives its size); never raises for a
-    bad image."""
+CHECK_FLOOR = (1, 1)  # a JPEG is checked at libjpeg's smallest scale (1/8)
+
+
+def read_image(image_id: int, path: Path, max_pixels: int) -> ImageFile:
+    """Read and decode one file (decoding checks it; its header, else the decoded image, gives
+    its displayed size); never raises for a bad image. A JPEG is decoded at 1/8 scale, which
+    still runs the entropy decoder over the whole file (a 3,000-pixel photograph: 15 ms instead
+    of 32 in full); an image declaring more than `max_pixels` is bad, undecoded."""
     data = path.read_bytes()
     try:
-        height, width = decode(data).shape[:2]
+        image = decode(data, CHECK_FLOOR, max_pixels)
     except PermanentError as exc:
         return ImageFile(image_id, path, b"", None, None, str(exc))
+    header = read_header(data)
+    width, height = (header.width, header.height) if header else (image.shape[1], image.shape[0])
     return ImageFile(image_id, path, data, width, height, None)
 
 
@@ -90,9 +98,10 @@ def pack_images(
 ) -> None:
     """Pack the images not registered yet into shards under `s3://bucket/packed/{dataset}/`;
     each shard's images are registered in one transaction once it is stored, so an interrupted
-    run resumes with the images of its unfinished shard. Unreadable files are recorded (their
-    items fail) and read again by the next run."""
+    run resumes with the images of its unfinished shard. Unreadable files and images past
+    IMAGE_MAX_PIXELS are recorded (their items fail) and read again by the next run."""
     prefix = f"packed/{dataset.name}/{uuid.uuid4().hex[:12]}"  # this run's shards
+    max_pixels = store.settings.image_max_pixels
     writer: ShardWriter | None = None
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="pack") as pool:
         for batch in batched(files, FILES_PER_BATCH):
@@ -100,7 +109,7 @@ def pack_images(
             todo = [(image_id, path) for image_id, path in batch if image_id not in known]
             summary.present += len(batch) - len(todo)
             bad = {}
-            for image in pool.map(lambda item: read_image(*item), todo):
+            for image in pool.map(lambda item: read_image(item[0], item[1], max_pixels), todo):
                 if image.error is not None:
                     bad[image.image_id] = image.error
                     log.warning("bad image %s: %s", image.path, image.error)

@@ -2,6 +2,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import psycopg
 import pytest
 
@@ -10,6 +11,7 @@ from common.ingest.summary import IngestSummary
 from common.storage import ObjectStore
 from quarry.ingest import IngestRequest, ingest
 from tests.conftest import SAMPLE
+from tests.photographs import bomb
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
 
@@ -24,7 +26,8 @@ def empty_catalog(db: psycopg.Connection) -> Iterator[None]:
 @pytest.fixture
 def quirky_dataset(tmp_path: Path) -> Path:
     """Three real images plus every quirk: a comma in a name, NA, an empty year, a row with no
-    image, a zero-byte file, a corrupt file, a duplicate id, an unreadable line, a stray file."""
+    image, a zero-byte file, a corrupt file, a decompression bomb, a duplicate id, an unreadable
+    line, a stray file."""
     images = tmp_path / "images"
     images.mkdir()
     real = sorted(SAMPLE.glob("images/*.jpg"))[:3]
@@ -33,6 +36,7 @@ def quirky_dataset(tmp_path: Path) -> Path:
         shutil.copy(path, images / path.name)
     (images / "900001.jpg").write_bytes(b"")
     (images / "900002.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (images / "900005.jpg").write_bytes(bomb())
     (images / "notes.txt").write_text("not an image")
     rows = [
         f"{ids[0]},Men,Apparel,Topwear,Shirts,NA,Fall,2012,Casual,Plain, Blue, Shirt",
@@ -42,6 +46,7 @@ def quirky_dataset(tmp_path: Path) -> Path:
         "900001,Men,Apparel,Topwear,Tshirts,Red,Fall,2012,Casual,Empty file",
         "900002,Men,Apparel,Topwear,Tshirts,Red,Fall,2012,Casual,Corrupt file",
         "900003,Men,Apparel,Topwear,Tshirts,Red,Fall,2012,Casual,No image",
+        "900005,Men,Apparel,Topwear,Tshirts,Red,Fall,2012,Casual,Bomb",
         "900004,Men,Apparel",
     ]
     (tmp_path / "styles.csv").write_bytes(("\r\n".join([HEADER, *rows]) + "\r\n").encode())
@@ -53,8 +58,8 @@ def test_ingest_handles_every_quirk_and_reruns_cheaply(
     db: psycopg.Connection, store: ObjectStore, settings: Settings, quirky_dataset: Path
 ) -> None:
     first = fashion(db, store, settings, quirky_dataset)
-    assert (first.rows, first.repaired, first.rejected, first.duplicate_ids) == (7, 1, 1, 1)
-    assert (first.packed, first.shards, first.present, first.bad, first.unrecognised_files) == (3, 1, 0, 2, 1)
+    assert (first.rows, first.repaired, first.rejected, first.duplicate_ids) == (8, 1, 1, 1)
+    assert (first.packed, first.shards, first.present, first.bad, first.unrecognised_files) == (3, 1, 0, 3, 1)
     assert first.missing == 1  # 900003 has a row but no file
 
     names = dict(db.execute("SELECT id, product_display_name FROM styles").fetchall())
@@ -64,25 +69,27 @@ def test_ingest_handles_every_quirk_and_reruns_cheaply(
     assert db.execute("SELECT count(*) FROM styles WHERE year IS NULL").fetchone() == (1,)
     bad = dict(db.execute("SELECT id, error FROM images WHERE status = 'bad'").fetchall())
     assert "empty" in bad[900001] and "not a decodable image" in bad[900002]
+    assert bad[900005].startswith("image too large: 30000×30000")  # refused from its header
     stored = db.execute(
-        "SELECT s.uri, l.byte_offset, l.byte_length, l.width, l.height FROM locations l"
+        "SELECT l.id, s.uri, l.byte_offset, l.byte_length, l.width, l.height FROM locations l"
         " JOIN shards s ON s.id = l.shard"
     ).fetchall()
-    assert len(stored) == 3 and len({uri for uri, *_ in stored}) == 1  # one packed shard
-    for uri, offset, length, width, height in stored:
+    assert len(stored) == 3 and len({uri for _, uri, *_ in stored}) == 1  # one packed shard
+    for image_id, uri, offset, length, width, height in stored:
         assert uri.startswith(f"s3://{settings.raw_bucket}/packed/styles/")
         shard = store.get(settings.raw_bucket, uri.split("/", 3)[3])
         assert shard[offset : offset + 2] == b"\xff\xd8" and length > 0  # a JPEG starts there
-        assert width > 0 and height > 0
+        full = cv2.imread(str(quirky_dataset / "images" / f"{image_id}.jpg"))  # checked at 1/8: sizes whole
+        assert (width, height) == (full.shape[1], full.shape[0])
 
     again = fashion(db, store, settings, quirky_dataset)
-    assert (again.packed, again.shards, again.present, again.bad) == (0, 0, 3, 2)  # bad files read again
+    assert (again.packed, again.shards, again.present, again.bad) == (0, 0, 3, 3)  # bad files read again
 
     for key in store.list_keys(settings.raw_bucket, "packed/"):
         store.delete(settings.raw_bucket, key)  # the raw bucket wiped
     back = fashion(db, store, settings, quirky_dataset)
     assert (back.packed, back.shards, back.present) == (3, 1, 0)  # lost shards noticed, packed again
-    assert db.execute("SELECT count(*) FROM styles").fetchone() == (6,)  # 7 rows, one id twice
+    assert db.execute("SELECT count(*) FROM styles").fetchone() == (7,)  # 8 rows, one id twice
 
 
 def fashion(db: psycopg.Connection, store: ObjectStore, settings: Settings, folder: Path) -> IngestSummary:
