@@ -71,3 +71,8 @@ def jpeg_photographs(long_side: int, count: int, seed: int = 0) -> Iterator[byte
     for _ in range(count):
         image = photograph(photos, long_side, rng)
         yield cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, QUALITY])[1].tobytes()
+
+
+def counts_by_side(items: list[str]) -> dict[int, int]:
+    """`--counts` as the benches take it: LONG_SIDE=COUNT items, e.g. 1024=100 3000=30."""
+    return {int(side): int(count) for side, count in (item.split("=") for item in items)}

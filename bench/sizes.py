@@ -32,7 +32,7 @@ import numpy as np
 import psycopg
 
 from bench.end_to_end import OPS, plain_loop, quarry_run, render_in_memory, s3_client, transform_stage_rate
-from bench.photographs import jpeg_photographs
+from bench.photographs import counts_by_side, jpeg_photographs
 from bench.scratch import scratch_database
 from common.augment import parse_spec
 from common.augment.sizing import spec_floor
@@ -114,7 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--counts", nargs="*", default=[f"{k}={v}" for k, v in COUNTS.items()])
     args = parser.parse_args()
-    counts = {int(k): int(v) for k, v in (item.split("=") for item in args.counts)}
+    counts = counts_by_side(args.counts)
     root = Path(tempfile.mkdtemp(prefix="quarry-sizes-"))
     s3, endpoint = start_moto(root / "moto.log")
     print(
