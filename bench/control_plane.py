@@ -29,7 +29,7 @@ from bench.scratch import scratch_database
 from common.config import Settings
 from common.datasets import register_dataset
 from common.db import connect, ensure_schema
-from common.query_role import ensure_query_role, grant_dataset
+from common.roles import ensure_roles, grant_dataset
 from tests.stack import BIN, Stack, wait_until
 
 HOUR_LINE_CHUNKS_S = 1e9 / 3600 / 1000
@@ -156,7 +156,7 @@ def measure(stack: Stack, args: argparse.Namespace) -> None:
     settings = Settings(database_url=stack.env["DATABASE_URL"])
     with connect(stack.env["DATABASE_URL"], autocommit=True) as conn:  # a dataset of ids, no images
         ensure_schema(conn)
-        ensure_query_role(conn, settings)
+        ensure_roles(conn, settings)
         ids = "CREATE TABLE synthetic_ids AS SELECT generate_series(1, %s)::bigint AS id"
         conn.execute(ids, (args.ids,))
         register_dataset(conn, "synthetic_ids", "id", None, None, "csv")

@@ -24,7 +24,7 @@ from common.config import get_settings
 from common.db import connect, ensure_database, ensure_schema
 from common.jobs import job_progress
 from common.ledger import ItemResult, upsert_items
-from common.query_role import ensure_query_role
+from common.roles import ensure_roles
 
 BILLION = 1_000_000_000
 ITEM_ROWS_SAMPLE = 100_000
@@ -126,7 +126,7 @@ def main() -> None:
             "CREATE TABLE bench_ids AS SELECT n, n * 7 + (random() * 5)::bigint AS id"
             f" FROM generate_series(1, {max(args.sizes)}) AS n ORDER BY random()"
         )
-        ensure_query_role(conn, settings)  # user SQL runs as the query role: let it read the ids
+        ensure_roles(conn, settings)  # user SQL runs as the query role: let it read the ids
         conn.execute(f"GRANT SELECT ON bench_ids TO {settings.query_role}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(

@@ -38,7 +38,7 @@ from common.config import Settings
 from common.datasets import register_dataset
 from common.db import connect, ensure_schema
 from common.jobs import record_job
-from common.query_role import ensure_query_role, grant_dataset
+from common.roles import ensure_roles, grant_dataset
 from quarry.query import CHUNK_ROWS, EVERY_ID, check_query, embed, user_session
 from quarry.submit import new_job_id
 from tests.stack import BIN, Stack
@@ -81,7 +81,7 @@ def make_dataset(url: str, settings: Settings, rows: int) -> float:
     started = time.perf_counter()
     with connect(url, autocommit=True) as conn:
         ensure_schema(conn)
-        ensure_query_role(conn, settings)
+        ensure_roles(conn, settings)
         conn.execute(
             f"""CREATE UNLOGGED TABLE {DATASET} (id bigint NOT NULL, category text, colour text,
                 year integer, price real, bucket smallint)"""

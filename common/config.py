@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+import psycopg.conninfo
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -12,7 +13,9 @@ from common.errors import ConfigError
 from common.ledger import ItemRows
 from common.paths import default_dataset_path
 
-SECRET_FIELDS = frozenset({"aws_secret_access_key", "query_role_password"})
+SECRET_FIELDS = frozenset(
+    {"aws_secret_access_key", "query_role_password", "worker_role_password", "dispatcher_role_password"}
+)
 
 
 class Settings(BaseSettings):
@@ -47,6 +50,18 @@ class Settings(BaseSettings):
         description="the PostgreSQL role (a login) that every piece of user SQL runs as",
     )
     query_role_password: str = Field(default="", description="its password; empty: none (trust auth)")
+    worker_role: str = Field(
+        default="quarry_worker",
+        pattern=r"^([a-z_][a-z0-9_]{0,62})?$",
+        description="the PostgreSQL login the pools connect as (producer init makes it); empty: the URL's",
+    )
+    worker_role_password: str = Field(default="", description="its password; empty: none (trust auth)")
+    dispatcher_role: str = Field(
+        default="quarry_dispatcher",
+        pattern=r"^([a-z_][a-z0-9_]{0,62})?$",
+        description="the PostgreSQL login the dispatcher connects as; empty: DATABASE_URL's",
+    )
+    dispatcher_role_password: str = Field(default="", description="its password; empty: none (trust auth)")
     query_work_mem: str = Field(default="64MB", description="work_mem of user SQL (a slice's sort)")
     query_temp_file_limit: str = Field(
         default="50GB", description="temporary files one user query may write (where a large selection sorts)"
@@ -135,6 +150,16 @@ class Settings(BaseSettings):
         return (value or "").strip() or None
 
     @property
+    def worker_database_url(self) -> str:
+        """DATABASE_URL as the pools connect: logged in as WORKER_ROLE."""
+        return login_url(self.database_url, self.worker_role, self.worker_role_password)
+
+    @property
+    def dispatcher_database_url(self) -> str:
+        """DATABASE_URL as the dispatcher connects: logged in as DISPATCHER_ROLE."""
+        return login_url(self.database_url, self.dispatcher_role, self.dispatcher_role_password)
+
+    @property
     def visibility_timeout_s(self) -> int:
         """Redis redelivers unacked tasks only after the ledger would have re-dispatched them."""
         return self.broker_visibility_timeout_s or 2 * self.chunk_lease_s
@@ -145,6 +170,14 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             shown[name.upper()] = "********" if name in SECRET_FIELDS else str(value)
         return shown
+
+
+def login_url(database_url: str, role: str, password: str) -> str:
+    """`database_url` logged in as `role` with `password` (none when empty); unchanged when
+    `role` is empty. The owner's password never reaches another role's URL."""
+    if not role:
+        return database_url
+    return psycopg.conninfo.make_conninfo(database_url, user=role, password=password or None)
 
 
 def stage_time_limits(settings: Settings) -> tuple[int, int]:

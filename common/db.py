@@ -20,9 +20,9 @@ from common.errors import ConfigError, DatabaseUnavailable, LockConflict
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 SCHEMA_LOCK_ID = 0x51A7  # advisory lock serialising concurrent schema creation
-SCHEMA_VERSION = 5  # 2: the job ledger (chunk states, leases, counters); 3: datasets, locations;
+SCHEMA_VERSION = 6  # 2: the job ledger (chunk states, leases, counters); 3: datasets, locations;
 # 4: selections recorded while they run (jobs.recorded_at, recorder_pid, slicing, error; state failed),
-# holders and holds (liveness); 5: datasets.source
+# holders and holds (liveness); 5: datasets.source; 6: quarry_locks (row locks instead of advisory)
 MIN_POSTGRES = 14  # a floor chosen, not tested: 15 and 18 are the versions tested
 CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError)
 # Two transactions that wanted each other's locks (one is rolled back), a serialization failure,
@@ -41,11 +41,11 @@ KEEPALIVE = {
     "connect_timeout": 10,
 }
 # the server's end of the session: the same keepalives, and no row lock waited on for long
-SESSION_SETTINGS = """
-SELECT set_config('tcp_keepalives_idle', '30', false), set_config('tcp_keepalives_interval', '10', false),
-       set_config('tcp_keepalives_count', '3', false), set_config('tcp_user_timeout', '60000', false),
-       set_config('lock_timeout', %s, false)
-"""
+# (SET, not set_config(): the hardened databases grant set_config() to their owner alone)
+SESSION_SETTINGS = psycopg.sql.SQL(
+    "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3;"
+    " SET tcp_user_timeout = 60000; SET lock_timeout = {}"
+).format(psycopg.sql.Literal(LOCK_TIMEOUT))
 
 
 def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
@@ -55,7 +55,7 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
     options: dict[str, Any] = {key: value for key, value in KEEPALIVE.items() if key not in given}
     try:
         conn = psycopg.connect(url, autocommit=autocommit, **options)
-        conn.execute(SESSION_SETTINGS, (LOCK_TIMEOUT,))
+        conn.execute(SESSION_SETTINGS)
         if not autocommit:
             conn.commit()
     except psycopg.OperationalError as exc:
@@ -169,8 +169,9 @@ class Database:
             conn = connect(self.url, autocommit=True)
             if self.idle_in_transaction_s:
                 conn.execute(
-                    "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
-                    (f"{self.idle_in_transaction_s}s",),
+                    psycopg.sql.SQL("SET idle_in_transaction_session_timeout = {}").format(
+                        psycopg.sql.Literal(f"{self.idle_in_transaction_s}s")
+                    )
                 )
             self._local.conn = conn
         return conn
@@ -205,6 +206,14 @@ class Database:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def take_lock(conn: psycopg.Connection, name: str, *, wait: bool = True) -> bool:
+    """Lock the row `name` of quarry_locks for this transaction; without `wait`, False when
+    another session holds it. (The query role cannot lock these rows: it lacks UPDATE on them.)"""
+    skip = "" if wait else " SKIP LOCKED"
+    row = conn.execute(f"SELECT name FROM quarry_locks WHERE name = %s FOR UPDATE{skip}", (name,)).fetchone()
+    return row is not None
 
 
 def first_line(exc: BaseException) -> str:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 
 import psycopg
-import psycopg.conninfo
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from common.config import Settings
+from common.config import Settings, login_url
+from common.db import take_lock
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,7 @@ ROLE_ATTRIBUTES = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION N
 
 def query_role_url(database_url: str, role: str, password: str) -> str:
     """DATABASE_URL with the query role as its user (and its password, when one is set)."""
-    return psycopg.conninfo.make_conninfo(database_url, user=role, password=password or None)
-
-
-ROLE_LOCK_ID = 0x51A9  # advisory lock: one maintenance of the role at a time in this database
+    return login_url(database_url, role, password)
 
 
 def ensure_query_role(conn: psycopg.Connection, settings: Settings, *, maintain: bool = False) -> None:
@@ -51,7 +48,7 @@ def ensure_query_role(conn: psycopg.Connection, settings: Settings, *, maintain:
     catalog and the predictions view and revoke what it holds on the ledger, where that differs
     (grants on other tables, made by an administrator, are kept). `maintain` (`producer init`)
     also sets its attributes, password and limits again. Catalog rows change only when something
-    differs, under an advisory lock: concurrent producers never update the same row at once."""
+    differs, under a row lock: concurrent producers never update the same row at once."""
     role, password = settings.query_role, settings.query_role_password
     limits = {
         "statement_timeout": f"{settings.query_timeout_s}s",
@@ -60,7 +57,7 @@ def ensure_query_role(conn: psycopg.Connection, settings: Settings, *, maintain:
     }
     name = sql.Identifier(role)
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (ROLE_LOCK_ID,))
+        take_lock(conn, "roles")
         found = conn.execute("SELECT rolconfig FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
         if found is None:
             create_role(conn, role)
@@ -118,7 +115,7 @@ def grant_reads(conn: psycopg.Connection, role: str) -> None:
         conn.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(tables, name))
 
 
-def grant_dataset(conn: psycopg.Connection, settings: Settings, table: str) -> None:
+def grant_dataset_reads(conn: psycopg.Connection, settings: Settings, table: str) -> None:
     """SELECT on a dataset's catalog table for the query role (when the table is there and the
     role lacks it)."""
     role = settings.query_role

@@ -180,6 +180,11 @@ CREATE TABLE IF NOT EXISTS dispatchers (
     seen_at timestamptz NOT NULL
 );
 
+-- Schema 6: the locks Quarry's processes take are rows of this table, locked FOR UPDATE, which
+-- only a role granted UPDATE on it can take (the query role cannot; advisory locks any role can).
+CREATE TABLE IF NOT EXISTS quarry_locks (name text PRIMARY KEY);
+INSERT INTO quarry_locks VALUES ('dispatch'), ('roles') ON CONFLICT DO NOTHING;
+
 CREATE OR REPLACE VIEW predictions AS
     SELECT job_id, image_id, variant, label, score, top_k
     FROM job_items

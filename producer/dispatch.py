@@ -1,6 +1,6 @@
 """`producer dispatch`: the service that meters chunks from the ledger into the transform queue.
 
-Each tick, under a PostgreSQL advisory lock (so replicas take turns and never double-dispatch):
+Each tick, under a row lock of quarry_locks (so replicas take turns and never double-dispatch):
 fail recording jobs whose producer is gone, end the leases of chunks whose worker process or
 message was lost (common/liveness.py), return chunks whose lease ran out to pending, fail
 those out of attempts, then claim pending
@@ -23,7 +23,7 @@ import psycopg
 from celery import Celery
 
 from common.config import Settings
-from common.db import Database, first_line
+from common.db import Database, first_line, take_lock
 from common.errors import BrokerUnavailable, ConfigError, TransientError
 from common.jobspec import INGEST_KIND
 from common.ledger import Ticket, claim_chunks, fail_exhausted, return_expired, unclaim
@@ -36,7 +36,7 @@ from workers.base import BROKER_ERRORS, PUBLISH_RETRY, queue_length
 from workers.routes import INGEST, TASK_ROUTES, TRANSFORM
 
 log = logging.getLogger(__name__)
-DISPATCH_LOCK_ID = 0x51A8  # advisory lock: one dispatcher tick at a time, over all replicas
+DISPATCH_LOCK = "dispatch"  # a row of quarry_locks: one dispatcher tick at a time, over all replicas
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,7 @@ def claim(
     report = TickReport()
     claimed: list[tuple[dict[str, object], Ticket]] = []
     with conn.transaction():
-        locked = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (DISPATCH_LOCK_ID,)).fetchone()
-        if not (locked and locked[0]):  # another dispatcher is mid-tick
+        if not take_lock(conn, DISPATCH_LOCK, wait=False):  # another dispatcher is mid-tick
             return report, claimed
         report.orphaned = fail_orphaned_recordings(conn)
         report.lost = heal_lost_holds(conn, settings.holder_timeout_s)
@@ -186,7 +185,7 @@ def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = N
     ends the process, for its supervisor to restart."""
     # a dispatcher cut off inside its claim transaction holds the dispatch lock until the server
     # ends that transaction: give up on it as soon as the watchdog gives up on the dispatcher
-    database = Database(settings.database_url, idle_in_transaction_s=settings.dispatch_stall_s)
+    database = Database(settings.dispatcher_database_url, idle_in_transaction_s=settings.dispatch_stall_s)
     name = dispatcher_name()
 
     def publish(spec: dict[str, object], ticket: Ticket) -> None:
@@ -201,7 +200,7 @@ def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = N
         settings.chunk_max_attempts,
     )
     watchdog = Watchdog(settings.dispatch_stall_s, f"dispatcher {name}").start()
-    wakeup = Wakeup(settings.database_url)
+    wakeup = Wakeup(settings.dispatcher_database_url)
     metrics = DispatcherMetrics(settings, lambda queue: queue_length(app, queue))
     metrics.serve()
     ticks, beaten, checked = 0, 0.0, 0.0

@@ -60,7 +60,7 @@ class LedgerCollector(Collector):
 
     def ledger_metrics(self) -> Iterator[Metric]:
         recent = self.settings.metrics_recent_s
-        with connect(self.settings.database_url, autocommit=True) as conn:
+        with connect(self.settings.dispatcher_database_url, autocommit=True) as conn:
             conn.execute(f"SET statement_timeout = {SCRAPE_STATEMENT_TIMEOUT_MS}")
             jobs = current_jobs(conn, recent)
             chunks = conn.execute(CHUNKS, (recent,)).fetchall()

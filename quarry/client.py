@@ -17,7 +17,7 @@ from common.errors import NoSuchJob, UserError
 from common.ingest.summary import IngestSummary
 from common.jobs import JobProgress, cancel_job, iter_results, job_progress, job_spec, list_jobs, retry_job
 from common.jobspec import JobSpec
-from common.query_role import ensure_query_role, grant_dataset
+from common.roles import ensure_roles, grant_dataset
 from quarry.datasets import DatasetInfo, drop_dataset, list_datasets
 from quarry.progress import Display, follow
 from quarry.query import check_query, run_user_query
@@ -170,7 +170,7 @@ class Quarry:
         created = ensure_database(self.settings.database_url)
         with self.connection() as conn:
             ensure_schema(conn, self.settings.raw_bucket)
-            ensure_query_role(conn, self.settings, maintain=True)
+            ensure_roles(conn, self.settings, maintain=True)
         store = self.store()
         for bucket in (self.settings.raw_bucket, self.settings.output_bucket):
             store.ensure_bucket(bucket)
@@ -424,7 +424,7 @@ class Quarry:
         """Quarry's tables and the query role, once per Quarry object."""
         if not self._ready:
             ensure_schema(conn, self.settings.raw_bucket)
-            ensure_query_role(conn, self.settings)
+            ensure_roles(conn, self.settings)
             self._ready = True
 
 

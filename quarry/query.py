@@ -35,35 +35,27 @@ WRITES = {
     "intoClause": "the query writes (SELECT INTO)",
     "lockingClause": "the query locks rows (FOR UPDATE/SHARE)",
 }
-# server-side large-object functions: lo_create and its kin write even in a READ ONLY transaction
-LARGE_OBJECT_PREFIXES = ("lo_", "loread", "lowrite")
-# functions that change this session or others rather than read (any role may call them)
-SESSION_FUNCTIONS = frozenset(
-    {
-        "set_config",
-        "pg_notify",
-        "pg_advisory_lock",
-        "pg_advisory_lock_shared",
-        "pg_try_advisory_lock",
-        "pg_try_advisory_lock_shared",
-        "pg_advisory_xact_lock",
-        "pg_advisory_xact_lock_shared",
-        "pg_try_advisory_xact_lock",
-        "pg_try_advisory_xact_lock_shared",
-        "pg_advisory_unlock",
-        "pg_advisory_unlock_shared",
-        "pg_advisory_unlock_all",
-        # every user's selection runs as the query role, so the server lets one end another's
-        "pg_cancel_backend",
-        "pg_terminate_backend",
-    }
+# The functions user SQL may call: those PostgreSQL's catalog marks immutable or stable (they read,
+# and cannot change the database or a session: running SQL text, settings, locks, notifications
+# and signals are all volatile), and these volatile ones of pg_catalog, which only draw numbers,
+# read the clock or wait (docs/decisions.md, "User SQL").
+VOLATILE_ALLOWED = frozenset(
+    {"random", "gen_random_uuid", "clock_timestamp", "timeofday", "pg_sleep", "pg_sleep_for"}
+    | {"pg_sleep_until"}
 )
+# every function of these names, in every schema, with whether one of them may not be called
+CALLABLE = """
+SELECT p.proname, n.nspname, bool_and(p.prokind IN ('f', 'a', 'w') AND p.provolatile IN ('i', 's'))
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE p.proname = ANY(%s) GROUP BY 1, 2
+"""
 
 
 def check_query(text: str) -> str:
     """The one statement of `text` (comments and a final semicolon dropped from its ends);
     QueryError naming the reason unless it is a single plain query (SELECT, WITH … SELECT,
-    VALUES, TABLE) that neither writes, locks nor changes the session."""
+    VALUES, TABLE) that neither writes nor locks. What it calls is checked against the catalog
+    on the query role's session (`check_calls`)."""
     try:
         tree = json.loads(pg_parser.parse_sql_json(text))
     except pg_parser.ParseError as exc:
@@ -89,21 +81,46 @@ def check_query(text: str) -> str:
 
 
 def refusals(node: Any) -> Iterator[str]:
-    """Why a parsed statement is refused: every writing, locking or session-changing part."""
+    """Why a parsed statement is refused: every writing or locking part."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key in WRITES and value:
                 yield WRITES[key]
-            if key == "FuncCall":
-                name = value["funcname"][-1]["String"]["sval"].lower()
-                if name in SESSION_FUNCTIONS:
-                    yield f"the query changes the session: {name}() is not allowed"
-                if name.startswith(LARGE_OBJECT_PREFIXES):
-                    yield f"the query uses large objects: {name}() is not allowed"
             yield from refusals(value)
     elif isinstance(node, list):
         for item in node:
             yield from refusals(item)
+
+
+def called_functions(node: Any) -> Iterator[tuple[str | None, str]]:
+    """(schema or None, name) of every function a parsed statement calls by name."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "FuncCall":
+                names = [part["String"]["sval"] for part in value["funcname"]]
+                yield (names[-2] if len(names) > 1 else None), names[-1]
+            yield from called_functions(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from called_functions(item)
+
+
+def check_calls(conn: psycopg.Connection, body: str) -> None:
+    """QueryError naming the first function `body` calls that user SQL may not: one that is not
+    immutable or stable in PostgreSQL's catalog (in any schema holding that name), unless it is
+    one of pg_catalog's VOLATILE_ALLOWED. A name no schema holds is left to the server."""
+    calls = set(called_functions(json.loads(pg_parser.parse_sql_json(body))))
+    if not calls:
+        return
+    rows = conn.execute(CALLABLE, (sorted({name for _, name in calls}),)).fetchall()
+    for name, schema, reads_only in rows:
+        called = (None, name) in calls or (schema, name) in calls
+        allowed = name in VOLATILE_ALLOWED and schema == "pg_catalog"
+        if called and not reads_only and not allowed:
+            raise QueryError(
+                f"the query calls {name}(), which is not allowed: user SQL may call only functions"
+                " that read (immutable or stable ones) and random(), the clock and pg_sleep()"
+            )
 
 
 def embed(template: str, body: str) -> str:
@@ -126,8 +143,9 @@ def user_session(settings: Settings, snapshot: str | None = None) -> Iterator[ps
             if snapshot is not None:  # must be the transaction's first statement
                 conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
             conn.execute(
-                "SELECT set_config('statement_timeout', %s, true), set_config('work_mem', %s, true)",
-                (f"{settings.query_timeout_s}s", settings.query_work_mem),
+                sql.SQL("SET LOCAL statement_timeout = {}; SET LOCAL work_mem = {}").format(
+                    sql.Literal(f"{settings.query_timeout_s}s"), sql.Literal(settings.query_work_mem)
+                )
             )
             try:
                 yield conn
@@ -156,11 +174,13 @@ GROUP BY 1 ORDER BY 1
 EVERY_ID = "true"
 OUTSIDE = "(q.id < %(low)s OR q.id >= %(high)s)"
 CHUNKS_PER_FETCH = 100
+USER_ROWS = "SELECT * FROM ({body}) AS q LIMIT %(limit)s"  # LIMIT NULL: every row
 
 
 def check_selection(conn: psycopg.Connection, body: str) -> None:
     """Plan and type the query without reading a row: QueryError for a missing table or column,
     a privilege the query role lacks, or an id column that is not an integer."""
+    check_calls(conn, body)
     probe = conn.execute(embed(PROBE, body), {"none": 0}, prepare=True)
     check_id_type(probe)
 
@@ -191,9 +211,11 @@ def run_user_query(
     """(column names, at most `limit` rows) of a checked query, run as the query role."""
     body = check_query(sql)
     with user_session(settings) as conn:
-        # prepare=True: the extended protocol also when there is no parameter to bind
-        cursor = conn.execute(embed("SELECT * FROM ({body}) AS q", body), {}, prepare=True)
-        found = cursor.fetchall() if limit is None else cursor.fetchmany(limit)
+        check_calls(conn, body)
+        # prepare=True: the extended protocol also when there is no parameter to bind; the limit
+        # is the server's, so no more rows than it are read
+        cursor = conn.execute(embed(USER_ROWS, body), {"limit": limit}, prepare=True)
+        found = cursor.fetchall()
         return [column.name for column in cursor.description or []], found
 
 

@@ -22,7 +22,7 @@ from psycopg import sql
 from common.config import Settings, get_settings
 from common.datasets import lookup_locations
 from common.db import connect, ensure_database, ensure_schema
-from common.query_role import ensure_query_role
+from common.roles import ensure_roles
 from common.storage import ObjectStore
 from tests.stack import RequestLog, Stack, start_moto
 
@@ -110,7 +110,7 @@ def db(settings: Settings) -> Iterator[psycopg.Connection]:
     """An autocommit connection to a database with the schema and no job records."""
     with connect(settings.database_url, autocommit=True) as conn:
         ensure_schema(conn)
-        ensure_query_role(conn, settings)
+        ensure_roles(conn, settings)
         yield conn
         conn.execute("TRUNCATE jobs, job_chunks, job_items, ingest_units, recorded_batches")
 

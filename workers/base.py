@@ -54,7 +54,7 @@ class StageTask(Task):
 
     @cached_property
     def heartbeat(self) -> Heartbeat:
-        return Heartbeat(self.settings.database_url, self.settings.worker_heartbeat_s)
+        return Heartbeat(self.settings.worker_database_url, self.settings.worker_heartbeat_s)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the task holding its chunk (common/liveness.py): if this process is lost meanwhile,
@@ -79,7 +79,7 @@ class StageTask(Task):
     def database(self) -> Database:
         # a stage cut off mid-transaction (a silent link) must not hold its row locks for longer
         # than the lease: the server ends such a session
-        return Database(self.settings.database_url, idle_in_transaction_s=self.settings.chunk_lease_s)
+        return Database(self.settings.worker_database_url, idle_in_transaction_s=self.settings.chunk_lease_s)
 
     def ledger(self, function: Callable[..., R], *args: Any) -> R:
         """Call a ledger function with this thread's connection, through connection loss."""

@@ -16,8 +16,8 @@ from common.errors import JobFailed
 from common.jobs import cancel_job, job_progress
 from common.jobspec import JobSpec
 from common.ledger import ItemResult, Ticket, claim_chunks, open_chunk, record_progress
-from common.query_role import ensure_query_role
 from common.recording import fail_orphaned_recordings
+from common.roles import ensure_roles
 from quarry.query import user_session
 from quarry.record import Recording
 from quarry.submit import start_job, submit_job
@@ -50,7 +50,7 @@ def private(test_env: dict[str, str]) -> Iterator[tuple[Settings, dict[str, str]
     settings = get_settings().model_copy(update={"database_url": url})
     with connect(url, autocommit=True) as conn:
         ensure_schema(conn)
-        ensure_query_role(conn, settings)
+        ensure_roles(conn, settings)
         make_dataset(conn)
     yield settings, {**test_env, "DATABASE_URL": url}
     with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
