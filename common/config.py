@@ -92,6 +92,21 @@ class Settings(BaseSettings):
     image_max_pixels: int = Field(
         default=100_000_000, ge=1, description="an image declaring more pixels fails alone, undecoded"
     )
+    image_max_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        ge=1024,
+        description="an image object or member larger than this fails alone, unread",
+    )
+    manifest_line_max_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="a JSON Lines manifest line longer than this is a rejected line, unparsed",
+    )
+    row_group_max_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="a Parquet manifest's row group larger than this (uncompressed) is refused, unread",
+    )
     default_model: str = Field(default="fashion-classifier", description="model NAME, PATH or s3:// URI")
     model_cache_dir: Path = Path("/tmp/quarry-models")
     task_max_retries: int = Field(default=5, ge=0, description="retries of a transient task failure")

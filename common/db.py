@@ -208,6 +208,25 @@ class Database:
             self._local.conn = None
 
 
+def wait_for_schema(url: str, interval_s: float = 2.0) -> None:
+    """Return once the database at `url` holds the current schema and this login may read it;
+    until then (no database, no role, no grants yet: `producer init` has not run) say why once
+    and look again every `interval_s`. For the services, which never create the schema."""
+    said = None
+    while True:
+        try:
+            with connect(url, autocommit=True) as conn:
+                if schema_version(conn) == SCHEMA_VERSION:
+                    return
+                reason = f"schema {schema_version(conn)}, not {SCHEMA_VERSION}"
+        except (DatabaseUnavailable, psycopg.Error) as exc:
+            reason = first_line(exc)
+        if reason != said:
+            log.warning("waiting for `producer init` on this database: %s", reason)
+            said = reason
+        time.sleep(interval_s)
+
+
 def take_lock(conn: psycopg.Connection, name: str, *, wait: bool = True) -> bool:
     """Lock the row `name` of quarry_locks for this transaction; without `wait`, False when
     another session holds it. (The query role cannot lock these rows: it lacks UPDATE on them.)"""

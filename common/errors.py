@@ -16,6 +16,7 @@ QuarryError
 ├── PermanentError       one item is bad: record it and move on
 │   ├── ImageMissing     no image stored for the id
 │   ├── ImageDecodeError the bytes are not a readable image
+│   │   └── ImageTooLarge    past IMAGE_MAX_PIXELS or IMAGE_MAX_BYTES: refused unread or undecoded
 │   └── ObjectMissing    no object at that S3 key
 └── StorageError         S3 refused for a reason a retry won't fix (credentials, bucket)
 """
@@ -89,6 +90,10 @@ class ImageMissing(PermanentError):
 
 class ImageDecodeError(PermanentError):
     """The bytes are not a readable image."""
+
+
+class ImageTooLarge(ImageDecodeError):
+    """An image past IMAGE_MAX_PIXELS or IMAGE_MAX_BYTES, refused before it is decoded or read."""
 
 
 class ObjectMissing(PermanentError):

@@ -41,11 +41,16 @@ def read_header(data: bytes) -> Header | None:
 
 
 def jpeg_header(data: bytes) -> Header | None:
-    """Walk the markers up to the first frame header (SOFn), noting an EXIF orientation."""
+    """Walk the markers up to the first frame header (SOFn), noting an EXIF orientation. Stray
+    bytes between segments are skipped up to the next 0xFF, as libjpeg skips them (with a
+    warning) before it decodes the frame: the size read is the size it will decode."""
     position, turned = 2, False
     while position + 4 <= len(data):
         if data[position] != 0xFF:
-            return None
+            position = data.find(b"\xff", position)
+            if position < 0:
+                return None
+            continue
         marker = data[position + 1]
         if marker == 0xFF:  # fill byte before a marker
             position += 1

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import math
 
-import cv2
 import numpy as np
 
-from common.errors import ImageDecodeError
+from common.errors import ImageDecodeError, ImageTooLarge
 from common.image_header import Header, read_header
+from common.opencv import LIMIT_IN_FORCE, LIMIT_REFUSAL, PIXEL_LIMIT, cv2
 
 ENCODINGS = {  # format name -> (file extension, content type)
     "jpeg": (".jpg", "image/jpeg"),
@@ -17,6 +17,7 @@ ENCODINGS = {  # format name -> (file extension, content type)
     "webp": (".webp", "image/webp"),
 }
 ALPHA_BACKGROUND = 255  # transparent pixels are composited on white, like a product page
+ALPHA_ROWS = 256  # rows composited at once: the 16-bit scratch is this many rows, not the image
 REDUCED_READS = {  # libjpeg's DCT-domain scales, largest reduction first
     8: cv2.IMREAD_REDUCED_COLOR_8,
     4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -33,25 +34,45 @@ def decode(data: bytes, floor: tuple[int, int] | None = None, max_pixels: int | 
     """Bytes to an HxWx3 uint8 BGR array: EXIF rotation applied, CMYK/gray/16-bit converted,
     alpha composited on white. A JPEG is decoded at the smallest libjpeg scale that keeps at
     least `floor` (width, height) pixels; None: in full. An image whose header declares more
-    than `max_pixels` is refused before any pixel is decoded."""
+    than `max_pixels` is refused before any pixel is decoded; one whose header Quarry cannot
+    read (TIFF, BMP, PNM, a damaged JPEG) meets OpenCV's own limit, set from IMAGE_MAX_PIXELS
+    (common/opencv.py), in OpenCV's reading of its header."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     header = read_header(data)
     if header is not None and max_pixels is not None and header.pixels > max_pixels:
-        raise ImageDecodeError(
+        raise ImageTooLarge(
             f"image too large: {header.width}×{header.height} ({header.pixels:,} pixels;"
             f" IMAGE_MAX_PIXELS is {max_pixels:,})"
         )
+    if header is None and not LIMIT_IN_FORCE:
+        raise ImageTooLarge(
+            f"image size unreadable from its header ({len(data):,} bytes) and OpenCV's pixel limit is"
+            " not in force in this process (cv2 was loaded before Quarry): refused undecoded"
+        )
     buffer = np.frombuffer(data, dtype=np.uint8)
     if has_alpha_container(data):
-        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+        image = imdecode(buffer, cv2.IMREAD_UNCHANGED)
         if image is not None and image.ndim == 3 and image.shape[2] == 4:
             return composite_alpha(to_uint8(image))
     scale = decode_scale(header, floor)
-    image = cv2.imdecode(buffer, REDUCED_READS[scale] if scale > 1 else cv2.IMREAD_COLOR)
+    image = imdecode(buffer, REDUCED_READS[scale] if scale > 1 else cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
         raise ImageDecodeError(f"not a decodable image ({len(data)} bytes)")
     return image
+
+
+def imdecode(buffer: np.ndarray, flags: int) -> np.ndarray | None:
+    """cv2.imdecode; ImageTooLarge when OpenCV's own pixel limit refuses the image's header."""
+    try:
+        return cv2.imdecode(buffer, flags)
+    except cv2.error as exc:
+        if LIMIT_REFUSAL in str(exc):
+            raise ImageTooLarge(
+                f"image too large: its header declares more than {PIXEL_LIMIT:,} pixels"
+                f" (IMAGE_MAX_PIXELS, checked by OpenCV; {len(buffer):,} bytes, undecoded)"
+            ) from exc
+        raise ImageDecodeError(f"not a decodable image ({len(buffer)} bytes)") from exc
 
 
 def decode_scale(header: Header | None, floor: tuple[int, int] | None) -> int:
@@ -84,11 +105,16 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def composite_alpha(bgra: np.ndarray) -> np.ndarray:
-    """Blend a BGRA image over a white background."""
-    alpha = bgra[:, :, 3:4].astype(np.float32) / 255.0
-    color = bgra[:, :, :3].astype(np.float32)
-    blended = color * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
-    return np.round(blended).astype(np.uint8)
+    """Blend a BGRA image over a white background, in integers (rounded as x / 255 rounds),
+    ALPHA_ROWS rows at a time: no float copy of the image, a scratch of a few rows."""
+    height, width = bgra.shape[:2]
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    for top in range(0, height, ALPHA_ROWS):
+        rows = bgra[top : top + ALPHA_ROWS]
+        alpha = rows[:, :, 3:4].astype(np.uint16)
+        blended = rows[:, :, :3] * alpha + ALPHA_BACKGROUND * (255 - alpha) + 127
+        out[top : top + ALPHA_ROWS] = blended // 255
+    return out
 
 
 def encode(image: np.ndarray, image_format: str, quality: int) -> bytes:

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from common.errors import ConfigError, ModelError
+from common.opencv import cv2
 
 log = logging.getLogger(__name__)
 

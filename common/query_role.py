@@ -33,6 +33,7 @@ LEDGER = (
     "holders",
     "holds",
     "recorded_batches",
+    "quarry_locks",
 )  # never readable
 # role attributes that would let a session escape: none of them may be set
 ROLE_ATTRIBUTES = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS"

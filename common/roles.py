@@ -38,6 +38,7 @@ WORKER_GRANTS: Mapping[str, str] = {
     "datasets": "SELECT",
     "locations": "SELECT, INSERT, UPDATE",
     "shards": "SELECT, INSERT, UPDATE",
+    "schema_version": "SELECT",
 }
 # the dispatcher's: claiming and healing chunks, failing what ran out of attempts, its gauges
 DISPATCHER_GRANTS: Mapping[str, str] = {
@@ -49,6 +50,7 @@ DISPATCHER_GRANTS: Mapping[str, str] = {
     "holds": "SELECT, DELETE",
     "dispatchers": "SELECT, INSERT, UPDATE, DELETE",
     "quarry_locks": "SELECT, UPDATE",
+    "schema_version": "SELECT",
 }
 WORKER_DATASET_PRIVILEGES = "SELECT, INSERT, UPDATE"  # on each dataset's catalog table
 # Built-ins that run SQL given as text, change a session or signal another session: user SQL

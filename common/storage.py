@@ -14,7 +14,14 @@ from botocore.exceptions import BotoCoreError, ClientError, ConnectionError
 
 from common.coalesce import Read, ReadPolicy, plan_reads
 from common.config import Settings
-from common.errors import ObjectMissing, QuarryError, SourceChanged, StorageError, StorageUnavailable
+from common.errors import (
+    ImageTooLarge,
+    ObjectMissing,
+    QuarryError,
+    SourceChanged,
+    StorageError,
+    StorageUnavailable,
+)
 from common.sources import Source
 
 MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
@@ -97,6 +104,8 @@ class ObjectStore:
     def read(self, source: Source) -> tuple[bytes, str]:
         """An image's bytes and the ETag of the object holding them: the whole object, or the
         member's byte range; errors as `fetch` raises them."""
+        if refusal := self.too_large(source):
+            raise refusal
         read = Read(source.uri, source.etag, source.offset, source.length, [source])
         data, etag = self.fetch(read)
         return read.slice_of(data, source), etag
@@ -115,6 +124,10 @@ class ObjectStore:
             etag = str(response.get("ETag", ""))
             if len(read.sources) > 1 and read.length is not None:  # a merged range: no second copy
                 return read_into(response["Body"], read.length), etag
+            size = int(response.get("ContentLength") or 0)
+            if size > self.settings.image_max_bytes:  # an image's own object: its size is the header's
+                response["Body"].close()
+                raise self.refuse_size(read.uri, size)
             return response["Body"].read(), etag
         except ClientError as exc:
             if _code(exc) in {"PreconditionFailed", "412"}:
@@ -134,6 +147,11 @@ class ObjectStore:
             self.settings.read_span_max_bytes,
             self.settings.read_whole_fraction,
         )
+        got: dict[Source, tuple[bytes, str] | QuarryError] = {}
+        for source in sources:
+            if refusal := self.too_large(source):
+                got[source] = refusal
+        sources = [source for source in sources if source not in got]
         sizes = {s.uri: s.object_size for s in sources if s.object_size is not None}
         reads = plan_reads(sources, policy, sizes)
 
@@ -145,7 +163,6 @@ class ObjectStore:
 
         merged = [read for read in reads if len(read.sources) > 1]
         single = [read for read in reads if len(read.sources) == 1]
-        got: dict[Source, tuple[bytes, str] | QuarryError] = {}
         # merged reads a few at a time, each sliced and let go before the next few are fetched
         in_flight = self.settings.read_ranges_in_flight
         batches = [(self._range_pool, merged[i : i + in_flight]) for i in range(0, len(merged), in_flight)]
@@ -158,6 +175,21 @@ class ObjectStore:
                         else (read.slice_of(result[0], source), result[1])
                     )
         return got
+
+    def too_large(self, source: Source) -> ImageTooLarge | None:
+        """The refusal of a source whose known size (a member's length, an object's recorded
+        size) is past IMAGE_MAX_BYTES; None otherwise (an object of unknown size is checked by
+        the Content-Length of its GET, before its body is read)."""
+        size = source.length if source.length is not None else source.object_size
+        if size is not None and size > self.settings.image_max_bytes:
+            return self.refuse_size(source.locator, size)
+        return None
+
+    def refuse_size(self, where: str, size: int) -> ImageTooLarge:
+        return ImageTooLarge(
+            f"image too large: {where} is {size:,} bytes (IMAGE_MAX_BYTES is"
+            f" {self.settings.image_max_bytes:,}; not read)"
+        )
 
     def head(self, bucket: str, key: str) -> tuple[int, str]:
         """An object's size and ETag; ObjectMissing when there is none."""

@@ -16,7 +16,7 @@ import click
 
 from common.config import get_settings
 from common.datasets import FORMATS
-from common.db import connect, ensure_schema
+from common.db import wait_for_schema
 from common.errors import ConfigError, QuarryError, UserError
 from common.ingest.summary import IngestSummary
 from quarry.client import DEFAULT_SHARD_SIZE, Quarry
@@ -322,8 +322,7 @@ def dispatch(ticks: int | None) -> None:
 
     logging.getLogger().setLevel(logging.INFO)
     settings = get_settings()
-    with connect(settings.database_url, autocommit=True) as conn:
-        ensure_schema(conn, settings.raw_bucket)
+    wait_for_schema(settings.dispatcher_database_url)  # made by `producer init`, never by a service
     check_broker(app)
     run_dispatcher(app, settings, max_ticks=ticks)
 

@@ -15,7 +15,14 @@ import pyarrow.parquet as pq
 
 from common.datasets import Dataset, register_dataset
 from common.errors import ObjectMissing, UserError
-from common.ingest.manifest import BadLines, format_of, local_copy, manifest_sources, read_batches
+from common.ingest.manifest import (
+    BadLines,
+    check_row_group,
+    format_of,
+    local_copy,
+    manifest_sources,
+    read_batches,
+)
 from common.ingest.summary import IngestSummary
 from common.ingest.tables import create_catalog, table_columns
 from common.ingest.units import IngestPlan, Unit, record_ingest, registered_before
@@ -58,8 +65,10 @@ def plan_manifest(
     for uri, size, etag in objects:
         if format_of(uri) == "parquet":
             bucket, key = parse_s3_uri(uri)
-            groups = pq.ParquetFile(f"{bucket}/{key}", filesystem=store.arrow).num_row_groups
-            units += [Unit(uri, size, etag, group) for group in range(groups)]
+            parquet = pq.ParquetFile(f"{bucket}/{key}", filesystem=store.arrow)
+            for group in range(parquet.num_row_groups):
+                check_row_group(parquet, uri, group, store.settings.row_group_max_bytes)
+                units.append(Unit(uri, size, etag, group))
         else:
             units.append(Unit(uri, size, etag))
     return record_units(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from common.augment import Pipeline
 from common.errors import UserError
 from common.images import decode
 from common.jobspec import JobSpec
+from common.opencv import cv2
 from common.transform import render_variants
 
 CELL_HEIGHT = 240

@@ -19,6 +19,7 @@ import pytest
 import redis
 from psycopg import sql
 
+import common.opencv  # noqa: F401  (first: OpenCV loads with IMAGE_MAX_PIXELS as its own limit)
 from common.config import Settings, get_settings
 from common.datasets import lookup_locations
 from common.db import connect, ensure_database, ensure_schema

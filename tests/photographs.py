@@ -1,8 +1,9 @@
 """Large photographs for tests, from the vendored sample's real product photographs tiled at
-their native 60x80 (never upscaled), and a decompression bomb."""
+their native 60x80 (never upscaled), and decompression bombs of several formats."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import cv2
@@ -45,3 +46,44 @@ def bomb(width: int = 30_000, height: int = 30_000) -> bytes:
     frame = data.index(b"\xff\xc0")  # SOF0: marker, length, precision, height, width
     data[frame + 5 : frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
     return bytes(data)
+
+
+def with_stray_byte(data: bytes) -> bytes:
+    """The same JPEG with one stray byte between its first two segments: libjpeg skips it with a
+    warning and decodes the frame; a header walker that stops at it reads no size."""
+    second = data.index(b"\xff", 2 + 2 + int.from_bytes(data[4:6], "big"))
+    return data[:second] + b"\x00" + data[second:]
+
+
+def tiff_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
+    """An uncompressed 8-bit grey TIFF whose directory declares width x height, a few bytes of data."""
+    entries = [  # tag, type (3 short, 4 long), count, value
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, 1, 8),
+        (259, 3, 1, 1),
+        (262, 3, 1, 1),
+        (273, 4, 1, 8 + 2 + 12 * 8 + 4),
+        (278, 4, 1, height),
+        (279, 4, 1, width * height),
+    ]
+    directory = len(entries).to_bytes(2, "little") + b"".join(
+        struct.pack("<HHII", tag, kind, count, value) for tag, kind, count, value in entries
+    )
+    return b"II*\x00" + (8).to_bytes(4, "little") + directory + b"\x00" * 4 + b"\x80" * 1024
+
+
+def bmp_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A 24-bit BMP whose header declares width x height, a kilobyte of pixels."""
+    size = width * height * 3
+    header = b"BM" + struct.pack("<IHHI", 54 + size, 0, 0, 54)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, size, 2835, 2835, 0, 0)
+    return header + info + b"\x80" * 1024
+
+
+def png_with_alpha(width: int, height: int) -> bytes:
+    """A PNG with an alpha channel that fades across the image."""
+    image = np.zeros((height, width, 4), np.uint8)
+    image[:, :, 1] = 200
+    image[:, :, 3] = np.linspace(0, 255, width, dtype=np.uint8)
+    return cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes()

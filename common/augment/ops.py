@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import math
 
-import cv2
 import numpy as np
 
 from common.augment.registry import Image, Param, register
+from common.opencv import cv2
 
 BORDERS = {
     "reflect": cv2.BORDER_REFLECT_101,

@@ -11,6 +11,7 @@ from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 BATCH_ROWS = 65_536  # rows per Arrow batch: memory stays flat however long the manifest is
 SHOWN = 20  # unreadable lines printed one by one before only counting
+LINE_MAX_BYTES = 1024 * 1024  # MANIFEST_LINE_MAX_BYTES' default, for callers without settings
 EXTENSIONS = {
     ".csv": "csv",
     ".jsonl": "jsonl",
@@ -83,16 +85,22 @@ def local_copy(store: ObjectStore, source: str) -> Iterator[Path]:
 
 
 def read_batches(
-    path: Path, name: str, source_format: str, text_columns: set[str], bad: BadLines
+    path: Path,
+    name: str,
+    source_format: str,
+    text_columns: set[str],
+    bad: BadLines,
+    line_max_bytes: int = LINE_MAX_BYTES,
 ) -> Iterator[pa.RecordBatch]:
     """The manifest's rows as Arrow batches of one schema (the first batch's). Columns in
-    `text_columns` are read as text (their type is given by the user and PostgreSQL casts them)."""
+    `text_columns` are read as text (their type is given by the user and PostgreSQL casts them);
+    a JSON line longer than `line_max_bytes` is a bad line, never held whole."""
     if source_format == "parquet":
         yield from parquet_batches(path, name)
     elif source_format == "csv":
         yield from csv_batches(path, name, text_columns, bad)
     elif source_format == "jsonl":
-        yield from jsonl_batches(path, name, text_columns, bad)
+        yield from jsonl_batches(path, name, text_columns, bad, line_max_bytes)
     else:
         raise UserError(f"manifest {name}: unknown format {source_format!r} (csv, jsonl, parquet)")
 
@@ -127,18 +135,27 @@ def csv_batches(path: Path, name: str, text_columns: set[str], bad: BadLines) ->
         ) from exc
 
 
-def jsonl_batches(path: Path, name: str, text_columns: set[str], bad: BadLines) -> Iterator[pa.RecordBatch]:
-    """JSON Lines, one object per line; a line that is not one is counted, not fatal."""
+def jsonl_batches(
+    path: Path, name: str, text_columns: set[str], bad: BadLines, line_max_bytes: int = LINE_MAX_BYTES
+) -> Iterator[pa.RecordBatch]:
+    """JSON Lines, one object per line; a line that is not one, or is longer than
+    `line_max_bytes`, is counted, not fatal."""
     schema: pa.Schema | None = None
     rows: list[dict[str, object]] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, line in enumerate(bounded_lines(handle, line_max_bytes), start=1):
+            if line is None:
+                bad.add(name, number, f"longer than MANIFEST_LINE_MAX_BYTES ({line_max_bytes:,} bytes)")
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 bad.add(name, number, f"not JSON ({exc.msg})")
+                continue
+            except UnicodeDecodeError as exc:
+                bad.add(name, number, f"not UTF-8 text ({exc.reason})")
                 continue
             if not isinstance(row, dict):
                 bad.add(name, number, "not a JSON object")
@@ -153,6 +170,18 @@ def jsonl_batches(path: Path, name: str, text_columns: set[str], bad: BadLines) 
         yield from jsonl_batch(rows, schema, name)
 
 
+def bounded_lines(handle: BinaryIO, limit: int) -> Iterator[bytes | None]:
+    """Each line of a binary file, or None for a line longer than `limit` bytes (read past in
+    pieces of `limit`, never held whole)."""
+    while line := handle.readline(limit + 1):
+        if len(line) <= limit or (line.endswith(b"\n") and len(line) == limit + 1):
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = handle.readline(limit)
+        yield None
+
+
 def jsonl_batch(
     rows: list[dict[str, object]], schema: pa.Schema | None, name: str
 ) -> Generator[pa.RecordBatch, None, pa.Schema]:
@@ -163,3 +192,14 @@ def jsonl_batch(
         raise UserError(f"manifest {name}: {exc} (give the column's type with --column-type)") from exc
     yield from table.to_batches()
     return table.schema
+
+
+def check_row_group(parquet: pq.ParquetFile, name: str, group: int, max_bytes: int) -> None:
+    """UserError for a row group whose rows take more than `max_bytes` uncompressed (from the
+    file's footer: nothing of the group is read)."""
+    size = parquet.metadata.row_group(group).total_byte_size
+    if size > max_bytes:
+        raise UserError(
+            f"manifest {name}: row group {group} holds {size:,} bytes uncompressed"
+            f" (ROW_GROUP_MAX_BYTES is {max_bytes:,}): write it with smaller row groups"
+        )

@@ -17,7 +17,7 @@ from psycopg.types.json import Jsonb
 
 from common.datasets import Dataset, get_dataset
 from common.errors import PermanentError, UserError
-from common.ingest.manifest import BadLines, format_of, local_copy, read_batches
+from common.ingest.manifest import BadLines, check_row_group, format_of, local_copy, read_batches
 from common.ingest.register import add_catalog_rows, add_object_locations, load_rows
 from common.ingest.summary import IngestSummary
 from common.ingest.webdataset import register_tar
@@ -160,10 +160,19 @@ def part_batches(
     if unit.part is None:
         with local_copy(store, unit.source) as path:
             source_format = format_of(unit.source) or plan.source_format
-            yield read_batches(path, unit.source, source_format, set(plan.text_columns), bad)
+            yield read_batches(
+                path,
+                unit.source,
+                source_format,
+                set(plan.text_columns),
+                bad,
+                store.settings.manifest_line_max_bytes,
+            )
         return
     bucket, key = parse_s3_uri(unit.source)
-    table = pq.ParquetFile(f"{bucket}/{key}", filesystem=store.arrow).read_row_group(unit.part)
+    parquet = pq.ParquetFile(f"{bucket}/{key}", filesystem=store.arrow)
+    check_row_group(parquet, unit.source, unit.part, store.settings.row_group_max_bytes)
+    table = parquet.read_row_group(unit.part)
     for column in plan.text_columns:
         table = table.set_column(table.column_names.index(column), column, table[column].cast(pa.string()))
     yield iter(table.to_batches())

@@ -4,8 +4,10 @@ import cv2
 import numpy as np
 import pytest
 
-from common.errors import ImageDecodeError
-from common.images import decode, encode
+from common.errors import ImageDecodeError, ImageTooLarge
+from common.image_header import Header, read_header
+from common.images import composite_alpha, decode, encode, imdecode
+from tests.photographs import bmp_bomb, bomb, tiff_bomb, with_stray_byte
 
 
 def test_grayscale_becomes_three_channels() -> None:
@@ -63,3 +65,34 @@ def test_cmyk_jpeg_becomes_bgr() -> None:
     assert image.shape == (4, 6, 3)
     blue, green, red = image[2, 3].tolist()
     assert red > 200 and green < 60 and blue < 60
+
+
+BOMBS = {
+    "a JPEG with a stray byte before its frame": with_stray_byte(bomb()),
+    "a TIFF": tiff_bomb(),
+    "a BMP": bmp_bomb(),
+}
+
+
+@pytest.mark.parametrize("data", BOMBS.values(), ids=BOMBS.keys())
+def test_no_bomb_is_decoded_whatever_its_format_or_header(data: bytes) -> None:
+    """IMAGE_MAX_PIXELS holds for every format: from Quarry's header reader where it reads the
+    size, and from OpenCV's own limit (set from the setting) in its reading of any header."""
+    with pytest.raises(ImageTooLarge, match="image too large"):
+        decode(data, max_pixels=100_000_000)
+    with pytest.raises(ImageTooLarge, match="IMAGE_MAX_PIXELS, checked by OpenCV"):
+        imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # the second wall alone
+
+
+def test_a_stray_byte_between_segments_does_not_hide_a_jpegs_size() -> None:
+    assert read_header(with_stray_byte(bomb(30_000, 20_000))) == Header("jpeg", 30_000, 20_000)
+    small = with_stray_byte(cv2.imencode(".jpg", np.zeros((40, 30, 3), np.uint8))[1].tobytes())
+    assert read_header(small) == Header("jpeg", 30, 40)
+    assert decode(small).shape == (40, 30, 3)  # libjpeg skips the byte and decodes the frame
+
+
+def test_alpha_is_composited_in_integers_as_the_float_blend_rounds() -> None:
+    bgra = np.random.default_rng(7).integers(0, 256, (600, 300, 4), dtype=np.uint8)
+    alpha = bgra[:, :, 3:4].astype(np.float64) / 255
+    expected = np.round(bgra[:, :, :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    assert np.array_equal(composite_alpha(bgra), expected)

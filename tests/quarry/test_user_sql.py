@@ -134,7 +134,7 @@ def test_refusals_name_the_reason(guarded: psycopg.Connection, ingested: dict[st
         "SELECT 1 AS id FROM query_to_xml('SELECT 1', true, true, '') x": "calls query_to_xml(), which",
         "SELECT 1 AS id WHERE public.nothing_here() = 1": "query failed: function public.nothing_here()",
         "SELECT 1 AS id FROM jobs": "permission denied for table jobs",
-        "SELECT id FROM styles WHERE set_config('work_mem', '1GB', false) > ''": "calls set_config(), which is not",
+        "SELECT id FROM styles WHERE set_config('work_mem', '1GB', false) > ''": "calls set_config(), which",
     }
     for query, reason in expected.items():
         result = run_cli("run", "--query", query, env=ingested, check=False)

@@ -1,7 +1,10 @@
 """Real photographs at 3,000 pixels through a real transform worker: over a chunk of 1,000 of
 them its peak memory stays under a bound (raw bytes stream through in groups of
-TRANSFORM_BYTES_IN_FLIGHT, one image decoded at a time, and no larger than needed), and a
-decompression bomb in the same chunk fails alone with one line."""
+TRANSFORM_BYTES_IN_FLIGHT, one image decoded at a time, and no larger than needed), and the
+bombs in the same chunk each fail alone with one line: a JPEG whose frame declares 30,000 x
+30,000, the same with a stray byte before its frame, a TIFF and a BMP declaring as much, and an
+object past IMAGE_MAX_BYTES; a PNG with alpha just under IMAGE_MAX_PIXELS is rendered within
+the bound."""
 
 from __future__ import annotations
 
@@ -20,14 +23,26 @@ from common.db import connect, ensure_database
 from common.storage import ObjectStore
 from common.tarball import members
 from tests.conftest import run_cli
-from tests.photographs import bomb, jpeg, mosaic, with_comment
+from tests.photographs import (
+    bmp_bomb,
+    bomb,
+    jpeg,
+    mosaic,
+    png_with_alpha,
+    tiff_bomb,
+    with_comment,
+    with_stray_byte,
+)
 from tests.stack import Stack, start_moto, wait_until
 
 pytestmark = pytest.mark.slow
 PHOTOS = 1000
-RSS_BOUND_MIB = 400  # docs/operations.md, "Memory of a transform process"
+RSS_BOUND_MIB = 500  # docs/operations.md, "Memory of a transform process"
 PIPELINE = "hflip | rotate(limit=15) | resize(224, 224)"
-BOMB_ID = PHOTOS + 1
+MAX_PIXELS = 25_000_000  # the stack's IMAGE_MAX_PIXELS: a PNG just under it is 98 MB decoded
+MAX_BYTES = 16 * 1024 * 1024  # the stack's IMAGE_MAX_BYTES
+BOMB_ID, STRAY_ID, TIFF_ID, BMP_ID, HEAVY_ID, PNG_ID = range(PHOTOS + 1, PHOTOS + 7)
+LIMIT = "IMAGE_MAX_PIXELS, checked by OpenCV; {size:,} bytes, undecoded"
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +56,8 @@ def photo_env(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
         **test_env,
         "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
         "S3_ENDPOINT_URL": endpoint,
+        "IMAGE_MAX_PIXELS": str(MAX_PIXELS),
+        "IMAGE_MAX_BYTES": str(MAX_BYTES),
     }
     try:
         ensure_database(env["DATABASE_URL"])
@@ -51,6 +68,11 @@ def photo_env(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
         photographs = [jpeg(mosaic(3000, 2000, seed), 85) for seed in range(4)]
         objects = {i: with_comment(photographs[i % 4], f"photo {i}") for i in range(1, PHOTOS + 1)}
         objects[BOMB_ID] = bomb()
+        objects[STRAY_ID] = with_stray_byte(bomb())
+        objects[TIFF_ID] = tiff_bomb()
+        objects[BMP_ID] = bmp_bomb()
+        objects[HEAVY_ID] = photographs[0] + bytes(MAX_BYTES)  # a JPEG, then zeros past the limit
+        objects[PNG_ID] = png_with_alpha(5000, 4990)  # 24,950,000 pixels
         with ThreadPoolExecutor(8) as pool:
             list(
                 pool.map(
@@ -62,7 +84,8 @@ def photo_env(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
             )
         manifest = root / "photos.csv"
         manifest.write_text("id,uri\n" + "".join(f"{i},s3://photos/{i}.jpg\n" for i in objects))
-        yield {**env, "PHOTO_MANIFEST": str(manifest)}
+        sizes = json.dumps({i: len(data) for i, data in objects.items()})
+        yield {**env, "PHOTO_MANIFEST": str(manifest), "SIZES": sizes}
     finally:
         s3.terminate()
         s3.wait(10)
@@ -126,22 +149,29 @@ def run_job(stack: Stack, query: str, *args: str) -> tuple[str, str]:
     return job_id, result.stderr
 
 
-def test_a_chunk_of_a_thousand_large_photographs_stays_in_bounded_memory_and_a_bomb_fails_alone(
+def test_a_chunk_of_a_thousand_large_photographs_stays_in_bounded_memory_and_each_bomb_fails_alone(
     photo_stack: Stack,
 ) -> None:
-    job_id, _ = run_job(photo_stack, "SELECT id FROM photos", "--shard-size", str(PHOTOS + 1))
+    job_id, _ = run_job(photo_stack, "SELECT id FROM photos", "--shard-size", str(PHOTOS + 6))
     final = photo_stack.progress(job_id)
     peak = peak_rss_mib(photo_stack, "worker-transform")
-    print(f"\n{PHOTOS} photographs of 3000x2000 in one chunk: transform peak RSS {peak:.0f} MiB")
-    assert (final.state, final.done, final.failed) == ("finished", PHOTOS, 1)
+    print(f"\n{PHOTOS} photographs of 3000x2000 and 6 others in one chunk: transform peak RSS {peak:.0f} MiB")
     with psycopg.connect(photo_stack.env["DATABASE_URL"]) as conn:
-        errors = conn.execute("SELECT image_id, error FROM job_items WHERE status = 'failed'").fetchall()
-    assert errors == [
-        (
-            BOMB_ID,
-            "transform: image too large: 30000×30000 (900,000,000 pixels; IMAGE_MAX_PIXELS is 100,000,000)",
-        )
-    ]
+        failed = conn.execute("SELECT image_id, error FROM job_items WHERE status = 'failed'")
+        errors = dict(failed.fetchall())
+    sizes = {int(i): size for i, size in json.loads(photo_stack.env["SIZES"]).items()}
+    declared = "image too large: 30000×30000 (900,000,000 pixels; IMAGE_MAX_PIXELS is 25,000,000)"
+    assert errors == {
+        BOMB_ID: f"transform: {declared}",
+        STRAY_ID: f"transform: {declared}",
+        TIFF_ID: f"transform: image too large: its header declares more than 25,000,000 pixels"
+        f" ({LIMIT.format(size=sizes[TIFF_ID])})",
+        BMP_ID: f"transform: image too large: its header declares more than 25,000,000 pixels"
+        f" ({LIMIT.format(size=sizes[BMP_ID])})",
+        HEAVY_ID: f"transform: image too large: s3://photos/{HEAVY_ID}.jpg is {sizes[HEAVY_ID]:,} bytes"
+        f" (IMAGE_MAX_BYTES is {MAX_BYTES:,}; not read)",
+    }
+    assert (final.state, final.done, final.failed) == ("finished", PHOTOS + 1, 5)  # the PNG rendered
     assert peak < RSS_BOUND_MIB
 
 
