@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,20 +18,24 @@ from common.paths import default_dataset_path
 SECRET_FIELDS = frozenset(
     {"aws_secret_access_key", "query_role_password", "worker_role_password", "dispatcher_role_password"}
 )
+MASK = "********"
+# a password in a URL (scheme://user:PASSWORD@host) or a libpq key=value string (password=PASSWORD)
+URL_PASSWORD = re.compile(r"(?P<head>://[^:/@\s]*:)[^@\s]+(?P<tail>@)|(?P<key>password\s*=\s*)('[^']*'|\S+)")
+ENV_FILE = ".env"  # read by every process where it exists (`make up` writes the stack's secrets there)
 
 
 class Settings(BaseSettings):
     """Every setting Quarry reads; each environment variable is the field name in upper case."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", env_file_encoding="utf-8")
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/quarry"
     celery_broker_url: str = "redis://127.0.0.1:6379/0"
     s3_endpoint_url: str | None = Field(
         default="http://127.0.0.1:9000", description="S3-compatible endpoint; empty: AWS S3 (boto3's default)"
     )
-    aws_access_key_id: str = "quarry"
-    aws_secret_access_key: str = "quarry-dev-secret"
+    aws_access_key_id: str = Field(default="", description="S3 key; empty: the AWS credential chain")
+    aws_secret_access_key: str = Field(default="", description="its secret; empty with the key: the chain")
     aws_default_region: str = "us-east-1"
     raw_bucket: str = "quarry-raw"
     output_bucket: str = "quarry-output"
@@ -183,8 +189,19 @@ class Settings(BaseSettings):
         """Settings as strings, secrets replaced by asterisks."""
         shown = {}
         for name, value in self.model_dump().items():
-            shown[name.upper()] = "********" if name in SECRET_FIELDS else str(value)
+            shown[name.upper()] = MASK if name in SECRET_FIELDS and value else mask_passwords(str(value))
         return shown
+
+
+def mask_passwords(text: str) -> str:
+    """`text` with every password of a URL or a key=value connection string in it masked."""
+
+    def masked(match: re.Match[str]) -> str:
+        if match.group("key"):
+            return match.group("key") + MASK
+        return match.group("head") + MASK + match.group("tail")
+
+    return URL_PASSWORD.sub(masked, text)
 
 
 def login_url(database_url: str, role: str, password: str) -> str:
@@ -207,7 +224,7 @@ def stage_time_limits(settings: Settings) -> tuple[int, int]:
 def get_settings() -> Settings:
     """Read the environment once; a bad value raises ConfigError naming the variable."""
     try:
-        return Settings()
+        return Settings(_env_file=os.environ.get("QUARRY_ENV_FILE", ENV_FILE) or None)  # type: ignore[call-arg]
     except ValidationError as exc:
         first = exc.errors()[0]
         name = str(first["loc"][0]).upper() if first["loc"] else "settings"

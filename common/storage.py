@@ -48,8 +48,7 @@ class ObjectStore:
         self._client = boto3.client(
             "s3",
             endpoint_url=settings.s3_endpoint_url,
-            aws_access_key_id=settings.aws_access_key_id,
-            aws_secret_access_key=settings.aws_secret_access_key,
+            **credentials(settings),
             region_name=settings.aws_default_region,
             config=Config(
                 max_pool_connections=max_connections,
@@ -255,9 +254,10 @@ class ObjectStore:
         import pyarrow.fs
 
         endpoint = self.settings.s3_endpoint_url
+        keys = credentials(self.settings)
         return pyarrow.fs.S3FileSystem(
-            access_key=self.settings.aws_access_key_id,
-            secret_key=self.settings.aws_secret_access_key,
+            access_key=keys.get("aws_access_key_id"),
+            secret_key=keys.get("aws_secret_access_key"),
             region=self.settings.aws_default_region,
             endpoint_override=endpoint,
             scheme="https" if endpoint is None or endpoint.startswith("https") else "http",
@@ -297,6 +297,17 @@ class ObjectStore:
                 return StorageUnavailable(f"{where}: S3 answered {code}")
             return StorageError(f"{where}: S3 refused with {code}")
         return StorageUnavailable(f"S3 endpoint {self.endpoint} did not answer: {exc}")
+
+
+def credentials(settings: Settings) -> dict[str, str]:
+    """The S3 keys when both are set; none otherwise, so that boto3 and Arrow take the AWS
+    credential chain (environment, profile, instance role, IRSA's web identity)."""
+    if settings.aws_access_key_id and settings.aws_secret_access_key:
+        return {
+            "aws_access_key_id": settings.aws_access_key_id,
+            "aws_secret_access_key": settings.aws_secret_access_key,
+        }
+    return {}
 
 
 def _code(exc: ClientError) -> str:

@@ -69,6 +69,9 @@ def test_env(s3_endpoint: str) -> Iterator[dict[str, str]]:
         "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
         "CELERY_BROKER_URL": f"redis://127.0.0.1:6379/{TEST_REDIS_DB}",
         "S3_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "quarry-tests",  # the test server takes any key; Quarry ships none
+        "AWS_SECRET_ACCESS_KEY": uuid.uuid4().hex,
+        "QUARRY_ENV_FILE": "",  # no .env of a developer's `make up` reaches the tests
         "RAW_BUCKET": f"raw-{name.replace('_', '-')}",
         "OUTPUT_BUCKET": f"out-{name.replace('_', '-')}",
         "DATASET_PATH": str(SAMPLE),
