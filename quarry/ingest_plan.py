@@ -27,6 +27,7 @@ from common.ingest.summary import IngestSummary
 from common.ingest.tables import create_catalog, table_columns
 from common.ingest.units import IngestPlan, Unit, record_ingest, registered_before
 from common.ingest.webdataset import ASSIGNED_ID, plan_webdataset
+from common.roles import grant_dataset_writes
 from common.storage import ObjectStore, parse_s3_uri
 
 STAGED = "_quarry/manifests"  # where a local manifest file is put for the pools to read
@@ -71,6 +72,7 @@ def plan_manifest(
                 units.append(Unit(uri, size, etag, group))
         else:
             units.append(Unit(uri, size, etag))
+    grant_dataset_writes(conn, store.settings, request.name)  # the pools register its rows
     return record_units(
         conn,
         IngestPlan(job_id, request.name, source_format, request.image_column, sorted(request.overrides)),
@@ -93,6 +95,7 @@ def plan_shards(
     """One unit per tar not registered before; None when there is none."""
     _, tars = plan_webdataset(conn, store, prefix, name, id_column, overrides, summary)
     units = [Unit(uri, size, etag, None, companion) for uri, size, etag, companion in tars]
+    grant_dataset_writes(conn, store.settings, name)  # the pools register its rows
     return record_units(conn, IngestPlan(job_id, name, "webdataset"), f"ingest {prefix}", units, summary)
 
 

@@ -3,6 +3,9 @@
 # machine's where they answer, else embedded ones from pip wheels: producer/embedded.py), moto's
 # S3 server, the dispatcher, the three pools, Flower and JupyterLab on examples/ (its URL, with a
 # token kept in RUN_DIR/notebook-token, is the last line `up` prints).
+# Secrets it needs and is not given (an embedded Redis's password, the local S3 server's keys) are
+# generated into QUARRY_ENV_FILE (default .env, mode 600), which every Quarry process reads;
+# everything it writes is its user's alone (umask 077: files 600, folders 700).
 # Usage: deploy/local/stack.sh up|down|status. Honours DATABASE_URL, CELERY_BROKER_URL,
 # S3_ENDPOINT_URL, RAW_BUCKET, OUTPUT_BUCKET; QUARRY_RUN_DIR (pids, logs), FLOWER_PORT,
 # NOTEBOOK_PORT, TRANSFORM_CONCURRENCY, UPLOAD_CONCURRENCY, INFERENCE_CONCURRENCY.
@@ -11,6 +14,11 @@
 # PostgreSQL, Redis and S3; `stack.sh node-down NAME` stops it; `up`/`down` leave nodes alone.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+umask 077
+QUARRY_ENV_FILE=${QUARRY_ENV_FILE-.env}  # set empty: no env file
+# absolute: the notebook's kernel runs in examples/
+[ -z "$QUARRY_ENV_FILE" ] || QUARRY_ENV_FILE=$(realpath -m "$QUARRY_ENV_FILE")
+export QUARRY_ENV_FILE
 PY=${PYTHON:-.venv/bin/python}
 BIN=$(dirname "$PY")
 RUN_DIR=${QUARRY_RUN_DIR:-.run}
@@ -21,7 +29,7 @@ FLOWER_PORT=${FLOWER_PORT:-5555}
 NOTEBOOK_PORT=${NOTEBOOK_PORT:-8888}
 S3_ENDPOINT_URL=${S3_ENDPOINT_URL:-http://127.0.0.1:9000}
 export S3_ENDPOINT_URL
-mkdir -p "$RUN_DIR"
+mkdir -p "$RUN_DIR" && chmod 700 "$RUN_DIR"
 
 running() { [ -f "$RUN_DIR/$1.pid" ] && kill -0 "$(cat "$RUN_DIR/$1.pid")" 2>/dev/null; }
 
@@ -107,7 +115,7 @@ node_name() {  # a node's name: letters, digits and dashes
 
 node-up() {
   node_name "${1:-}"
-  RUN_DIR="$RUN_DIR/nodes/$1"; mkdir -p "$RUN_DIR"
+  RUN_DIR="$RUN_DIR/nodes/$1"; mkdir -p "$RUN_DIR" && chmod 700 "$RUN_DIR"
   start_pools "$1"
   wait_for_pools "$1"
   echo "node $1 is up: pools transform.$1, upload.$1, inference.$1 @$(hostname), logs in $RUN_DIR/"

@@ -21,7 +21,29 @@ SCHEMAS = ROOT / "tests" / "schemas"
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("base", "overlays/example", "overlays/gpu")
 QUEUES = sorted({route["queue"] for route in TASK_ROUTES.values()})
-COMPOSE_ENV = {"FLOWER_BASIC_AUTH": "admin:test-password", "NOTEBOOK_TOKEN": "test-token"}
+# every secret docker-compose.yml demands, each a value found nowhere else in the files
+COMPOSE_SECRETS = {
+    "POSTGRES_PASSWORD": "secret-postgres-1",
+    "QUARRY_DB_PASSWORD": "secret-owner-2",
+    "QUERY_ROLE_PASSWORD": "secret-reader-3",
+    "WORKER_ROLE_PASSWORD": "secret-worker-4",
+    "DISPATCHER_ROLE_PASSWORD": "secret-dispatcher-5",
+    "REDIS_PASSWORD": "secret-redis-6",
+    "AWS_ACCESS_KEY_ID": "secret-key-id-7",
+    "AWS_SECRET_ACCESS_KEY": "secret-key-8",
+}
+COMPOSE_ENV = {**COMPOSE_SECRETS, "FLOWER_BASIC_AUTH": "admin:test-password", "NOTEBOOK_TOKEN": "test-token"}
+# what a test process's environment must not lend the Compose file (the tests' own settings)
+NOT_INHERITED = (
+    "FLOWER_",
+    "QUARRY_",
+    "POSTGRES_",
+    "NOTEBOOK_",
+    "AWS_",
+    "REDIS_",
+    "QUERY_ROLE",
+    "WORKER_ROLE",
+)
 EMPTY_ENV_FILE = SCHEMAS / "empty.env"
 
 
@@ -34,11 +56,7 @@ def project_version() -> str:
 def docker_compose(*files: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`docker-compose -f FILE... config`: Compose's own parsing, interpolation and merging."""
     assert shutil.which("docker-compose"), "docker-compose is not installed (.ci/run installs it)"
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("FLOWER_", "QUARRY_", "POSTGRES_", "NOTEBOOK_"))
-    }
+    clean = {k: v for k, v in os.environ.items() if not k.startswith((*NOT_INHERITED, "DISPATCHER_ROLE"))}
     arguments = [item for name in files for item in ("-f", str(ROOT / name))]
     return subprocess.run(
         # an empty --env-file: a developer's .env (written by `make up`) does not leak into tests

@@ -20,6 +20,7 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
+import redis
 from jupyter_client import BlockingKernelClient
 
 from common.db import connect, postgres_too_old
@@ -139,6 +140,8 @@ def test_the_demo_runs_on_embedded_servers_as_a_user_and_its_job_survives_down_a
 ) -> None:
     venv = user_venv(home, user)
     pg_port, redis_port, s3_port, flower_port = (free_port() for _ in range(4))
+    password = uuid.uuid4().hex
+    env_file = home / "quarry.env"
     env = {
         "HOME": str(home),
         "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
@@ -146,11 +149,12 @@ def test_the_demo_runs_on_embedded_servers_as_a_user_and_its_job_survives_down_a
         "VENV": str(venv),
         "QUARRY_RUN_DIR": str(home / "run"),
         "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{pg_port}/quarry",
-        "CELERY_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "CELERY_BROKER_URL": f"redis://:{password}@127.0.0.1:{redis_port}/0",
         "S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
         "FLOWER_PORT": str(flower_port),
         "DATASET_PATH": str(ROOT / "data" / "sample"),
         "MODEL_CACHE_DIR": str(home / "models"),
+        "QUARRY_ENV_FILE": str(env_file),
     }
     try:
         demo = as_user(user, "make", "demo", f"VENV={venv}", env=env, timeout=600)
@@ -164,6 +168,12 @@ def test_the_demo_runs_on_embedded_servers_as_a_user_and_its_job_survives_down_a
             line.startswith(f"Redis: nothing answered at 127.0.0.1:{redis_port}; started Redis 6.2")
             for line in said
         ), said
+        with pytest.raises(redis.AuthenticationError):  # the embedded Redis requires its password
+            redis.Redis(port=redis_port, socket_timeout=5).ping()
+        assert redis.Redis(port=redis_port, password=password, socket_timeout=5).ping()
+        generated = env_file.read_text()  # no keys were given: the local S3 server's were made
+        assert "AWS_ACCESS_KEY_ID=quarry-" in generated and "AWS_SECRET_ACCESS_KEY=" in generated
+        assert (env_file.stat().st_mode & 0o777, (home / "run").stat().st_mode & 0o777) == (0o600, 0o700)
         summary = json.loads([line for line in said if line.startswith("{")][-1])  # --json's line
         assert (summary["state"], summary["failed"]) == ("finished", 0) and summary["done"] == summary[
             "total"
@@ -190,6 +200,7 @@ def test_postgresql_is_not_started_as_root(tmp_path: Path) -> None:
         pytest.skip("runs as root on purpose")
     env = {
         "QUARRY_RUN_DIR": str(tmp_path),
+        "QUARRY_ENV_FILE": str(tmp_path / "quarry.env"),
         "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/quarry",
         "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0",
     }
@@ -204,6 +215,7 @@ def test_postgresql_is_not_started_as_root(tmp_path: Path) -> None:
 def test_a_remote_address_that_does_not_answer_is_an_error(tmp_path: Path) -> None:
     env = {
         "QUARRY_RUN_DIR": str(tmp_path),
+        "QUARRY_ENV_FILE": str(tmp_path / "quarry.env"),
         "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
         "CELERY_BROKER_URL": "redis://192.0.2.1:6379/0",  # TEST-NET-1: never routed, never tried
     }
@@ -233,6 +245,7 @@ def test_make_up_uses_the_machines_servers_and_its_notebook_url_runs_the_quickst
         "NOTEBOOK_PORT": str(free_port()),
         "PYTHON": sys.executable,
         "QUARRY_FIGURES": str(tmp_path),  # the notebook's kernel inherits the server's environment
+        "QUARRY_ENV_FILE": str(tmp_path / "quarry.env"),
     }
     try:
         up = as_user(None, "make", "up", env=env)
@@ -246,6 +259,8 @@ def test_make_up_uses_the_machines_servers_and_its_notebook_url_runs_the_quickst
         assert embedded == []
         assert not list(run_dir.glob("embedded-*"))
 
+        token_file = run_dir / "notebook-token"
+        assert (token_file.stat().st_mode & 0o777, run_dir.stat().st_mode & 0o777) == (0o600, 0o700)
         url = up.stdout.strip().splitlines()[-1].removeprefix("Notebook at ")
         base, _, token = url.partition("/lab/tree/quickstart.ipynb?token=")
         assert base == f"http://127.0.0.1:{env['NOTEBOOK_PORT']}" and len(token) == 48, up.stdout
