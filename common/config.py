@@ -126,6 +126,13 @@ class Settings(BaseSettings):
     dispatch_metrics_port: int = Field(
         default=9808, ge=0, le=65535, description="the dispatcher's Prometheus /metrics port; 0: none"
     )
+    dispatch_metrics_bind: str = Field(
+        default="127.0.0.1",
+        description="the address /metrics listens on; 0.0.0.0 where Prometheus scrapes from elsewhere",
+    )
+    metrics_min_interval_s: float = Field(
+        default=15, ge=0, description="the ledger's gauges are read at most this often (Prometheus' interval)"
+    )
     metrics_recent_s: int = Field(
         default=3600, ge=0, description="an ended job's gauges stay on /metrics this long after it ended"
     )

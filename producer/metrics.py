@@ -2,15 +2,22 @@
 
 Two kinds. The ledger's counts (items and chunks of each running or recently ended job, live
 dispatchers, queue lengths) are read from PostgreSQL and the broker when Prometheus scrapes, so
-every dispatcher reports the same truth and a restarted one loses nothing. This dispatcher's own
+every dispatcher reports the same truth and a restarted one loses nothing; they are read on one
+connection kept open, at most once per METRICS_MIN_INTERVAL_S (scrapes in between get the same
+gauges), so whoever reaches the port cannot make it load the database. This dispatcher's own
 loop (chunks sent, leases expired, chunks out of attempts, tick duration) is counted as it turns.
+The page is served on DISPATCH_METRICS_BIND (loopback unless a deployment says otherwise).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from wsgiref.simple_server import WSGIServer
 
+import psycopg
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -47,6 +54,11 @@ class LedgerCollector(Collector):
     def __init__(self, settings: Settings, queue_length: Callable[[str], int]) -> None:
         self.settings = settings
         self.queue_length = queue_length
+        self.reads = 0  # times the ledger was read (the gauges are served from the last read between)
+        self._lock = threading.Lock()  # scrapes are served from threads: one read at a time
+        self._conn: psycopg.Connection | None = None
+        self._read_at = -float("inf")
+        self._ledger: list[Metric] = []
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -58,18 +70,35 @@ class LedgerCollector(Collector):
         except Exception as exc:
             log.warning("metrics: the broker did not answer: %s", first_line(exc))
 
-    def ledger_metrics(self) -> Iterator[Metric]:
+    def ledger_metrics(self) -> list[Metric]:
+        """The ledger's gauges: read anew when the last read is METRICS_MIN_INTERVAL_S old."""
+        with self._lock:
+            if time.monotonic() - self._read_at >= self.settings.metrics_min_interval_s:
+                self._ledger = self.read_ledger()
+                self._read_at = time.monotonic()
+            return self._ledger
+
+    def read_ledger(self) -> list[Metric]:
         recent = self.settings.metrics_recent_s
-        with connect(self.settings.dispatcher_database_url, autocommit=True) as conn:
-            conn.execute(f"SET statement_timeout = {SCRAPE_STATEMENT_TIMEOUT_MS}")
+        conn = self.connection()
+        try:
             jobs = current_jobs(conn, recent)
             chunks = conn.execute(CHUNKS, (recent,)).fetchall()
             row = conn.execute(LIVE_DISPATCHERS, (3 * self.settings.dispatch_interval_s + 10,)).fetchone()
-        yield from job_metrics(jobs)
-        yield from chunk_metrics(chunks)
+        except psycopg.Error:
+            conn.close()  # opened again at the next read
+            raise
+        self.reads += 1
         live = gauge("quarry_dispatchers_live", "Dispatchers that ticked in the last 3 intervals + 10 s")
         live.add_metric([], int(row[0]) if row else 0)
-        yield live
+        return [*job_metrics(jobs), *chunk_metrics(chunks), live]
+
+    def connection(self) -> psycopg.Connection:
+        """The one connection the gauges are read on, opened again when it broke."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = connect(self.settings.dispatcher_database_url, autocommit=True)
+            self._conn.execute(f"SET statement_timeout = {SCRAPE_STATEMENT_TIMEOUT_MS}")
+        return self._conn
 
     def queue_metric(self) -> Metric:
         queues = gauge("quarry_queue_messages", "Messages waiting in a pool's queue", "queue")
@@ -130,20 +159,30 @@ class DispatcherMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
-        self.registry.register(LedgerCollector(settings, queue_length))
+        self.ledger = LedgerCollector(settings, queue_length)
+        self.registry.register(self.ledger)
         self.port = settings.dispatch_metrics_port
+        self.bind = settings.dispatch_metrics_bind
+        self.server: WSGIServer | None = None
 
     def serve(self) -> None:
-        """Listen on DISPATCH_METRICS_PORT (all interfaces: Prometheus scrapes from elsewhere);
-        a port in use is logged, and dispatching goes on without metrics."""
+        """Listen on DISPATCH_METRICS_BIND:DISPATCH_METRICS_PORT; a port in use is logged, and
+        dispatching goes on without metrics."""
         if not self.port:
             return
         try:
-            start_http_server(self.port, registry=self.registry)
+            self.server, _ = start_http_server(self.port, addr=self.bind, registry=self.registry)
         except OSError as exc:
-            log.error("metrics: cannot listen on DISPATCH_METRICS_PORT %d: %s", self.port, exc)
+            log.error("metrics: cannot listen on %s:%d: %s", self.bind, self.port, exc)
             return
-        log.info("metrics on :%d/metrics", self.port)
+        log.info("metrics on %s:%d/metrics", self.bind, self.port)
+
+    def close(self) -> None:
+        """Stop serving (the dispatcher's process ends with it anyway)."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
 
     def count(self, sent: int, expired: int, exhausted: int, seconds: float) -> None:
         self.sent.inc(sent)

@@ -9,12 +9,15 @@ import re
 import subprocess
 from pathlib import Path
 
+import psutil
+import psycopg
 from prometheus_client import CollectorRegistry, generate_latest
 
 from common.config import Settings
 from common.jobs import JobProgress
 from producer.metrics import DispatcherMetrics, chunk_metrics, job_metrics
 from tests.deploy.render import ROOT, compose_config, find, kustomize
+from tests.stack import free_port
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "quarry-dashboard.json"
@@ -97,3 +100,45 @@ def test_a_scrape_with_the_ledger_and_broker_away_still_answers() -> None:
     page = generate_latest(metrics.registry).decode()
     assert "quarry_dispatch_sent_chunks_total 3.0" in page
     assert "quarry_job_items" not in page and "quarry_queue_messages" not in page
+
+
+def test_the_ledger_is_read_at_most_once_per_interval_on_one_connection(
+    settings: Settings, db: psycopg.Connection
+) -> None:
+    """Scrapes faster than METRICS_MIN_INTERVAL_S are served the gauges of the last read; every
+    read, however many, goes over the one connection the collector keeps (the dispatcher's login)."""
+
+    def sessions() -> int:
+        row = db.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND usename = %s",
+            (settings.dispatcher_role,),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    before = sessions()
+    slow = DispatcherMetrics(settings.model_copy(update={"metrics_min_interval_s": 3600}), lambda queue: 0)
+    pages = [generate_latest(slow.registry).decode() for _ in range(5)]
+    assert slow.ledger.reads == 1 and len(set(pages)) == 1 and "quarry_dispatchers_live" in pages[0]
+    eager = DispatcherMetrics(settings.model_copy(update={"metrics_min_interval_s": 0}), lambda queue: 0)
+    for _ in range(4):
+        generate_latest(eager.registry)
+    assert eager.ledger.reads == 4
+    assert sessions() - before == 2  # one connection each, kept
+    for collector in (slow.ledger, eager.ledger):
+        collector.connection().close()
+
+
+def test_metrics_listen_on_loopback_unless_told_otherwise() -> None:
+    port = free_port()
+    metrics = DispatcherMetrics(Settings(dispatch_metrics_port=port), lambda queue: 0)
+    assert Settings().dispatch_metrics_bind == "127.0.0.1"
+    metrics.serve()
+    try:
+        listening = [
+            c.laddr
+            for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        ]
+    finally:
+        metrics.close()
+    assert [address.ip for address in listening] == ["127.0.0.1"]

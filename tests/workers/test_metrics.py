@@ -46,7 +46,10 @@ def test_prometheus_scrapes_the_dispatcher_and_promql_returns_the_ledgers_counts
     )
     try:
         # a second dispatcher beside the session's (they take turns): this one serves /metrics
-        stack.start_dispatcher("dispatcher-metrics", env={"DISPATCH_METRICS_PORT": str(metrics_port)})
+        stack.start_dispatcher(
+            "dispatcher-metrics",
+            env={"DISPATCH_METRICS_PORT": str(metrics_port), "METRICS_MIN_INTERVAL_S": "0.5"},
+        )
         stack.start(
             "prometheus",
             [
