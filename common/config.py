@@ -6,6 +6,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import psycopg.conninfo
 from pydantic import Field, ValidationError, field_validator
@@ -16,7 +17,14 @@ from common.ledger import ItemRows
 from common.paths import default_dataset_path
 
 SECRET_FIELDS = frozenset(
-    {"aws_secret_access_key", "query_role_password", "worker_role_password", "dispatcher_role_password"}
+    {
+        "aws_secret_access_key",
+        "query_role_password",
+        "worker_role_password",
+        "dispatcher_role_password",
+        "scaler_role_password",
+        "redis_password",
+    }
 )
 MASK = "********"
 # a password in a URL (scheme://user:PASSWORD@host) or a libpq key=value string (password=PASSWORD)
@@ -31,6 +39,9 @@ class Settings(BaseSettings):
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/quarry"
     celery_broker_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: str = Field(
+        default="", description="the broker's password, when CELERY_BROKER_URL does not carry one"
+    )
     s3_endpoint_url: str | None = Field(
         default="http://127.0.0.1:9000", description="S3-compatible endpoint; empty: AWS S3 (boto3's default)"
     )
@@ -68,6 +79,12 @@ class Settings(BaseSettings):
         description="the PostgreSQL login the dispatcher connects as; empty: DATABASE_URL's",
     )
     dispatcher_role_password: str = Field(default="", description="its password; empty: none (trust auth)")
+    scaler_role: str = Field(
+        default="quarry_scaler",
+        pattern=r"^([a-z_][a-z0-9_]{0,62})?$",
+        description="a login that may read the backlog (jobs, job_chunks) and nothing else: KEDA's",
+    )
+    scaler_role_password: str = Field(default="", description="its password; empty: none (trust auth)")
     query_work_mem: str = Field(default="64MB", description="work_mem of user SQL (a slice's sort)")
     query_temp_file_limit: str = Field(
         default="50GB", description="temporary files one user query may write (where a large selection sorts)"
@@ -176,6 +193,15 @@ class Settings(BaseSettings):
     def _empty_endpoint_means_aws(cls, value: str | None) -> str | None:
         """`S3_ENDPOINT_URL=` (as a ConfigMap writes it) means AWS S3, not the URL ''."""
         return (value or "").strip() or None
+
+    @property
+    def broker_url(self) -> str:
+        """CELERY_BROKER_URL, with REDIS_PASSWORD in it where the URL carries none."""
+        parts = urlsplit(self.celery_broker_url)
+        if not self.redis_password or parts.password:
+            return self.celery_broker_url
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=f"default:{quote(self.redis_password, safe='')}@{host}").geturl()
 
     @property
     def worker_database_url(self) -> str:

@@ -52,6 +52,8 @@ DISPATCHER_GRANTS: Mapping[str, str] = {
     "quarry_locks": "SELECT, UPDATE",
     "schema_version": "SELECT",
 }
+# KEDA's: the backlog its scalers count (deploy/k8s/base/autoscaling.yaml), read only
+SCALER_GRANTS: Mapping[str, str] = {"jobs": "SELECT", "job_chunks": "SELECT"}
 WORKER_DATASET_PRIVILEGES = "SELECT, INSERT, UPDATE"  # on each dataset's catalog table
 # Built-ins that run SQL given as text, change a session or signal another session: user SQL
 # may not call them (quarry/query.py refuses every volatile function), and in a hardened database
@@ -87,10 +89,11 @@ class ProcessRole:
 
 
 def process_roles(settings: Settings) -> list[ProcessRole]:
-    """The pools' and the dispatcher's roles (those whose setting is not empty)."""
+    """The pools', the dispatcher's and the scaler's roles (those whose setting is not empty)."""
     roles = [
         ProcessRole(settings.worker_role, settings.worker_role_password, WORKER_GRANTS),
         ProcessRole(settings.dispatcher_role, settings.dispatcher_role_password, DISPATCHER_GRANTS),
+        ProcessRole(settings.scaler_role, settings.scaler_role_password, SCALER_GRANTS),
     ]
     return [role for role in roles if role.name]
 

@@ -183,8 +183,8 @@ def servers(run_dir: Path) -> dict[str, tuple[Address, EmbeddedPostgres | Embedd
     """The two servers Quarry needs, where the settings point, with their embedded stand-ins."""
     settings = get_settings()
     pg_address, user = postgres_address(settings.database_url)
-    broker = redis_address(settings.celery_broker_url)
-    password = urlsplit(settings.celery_broker_url).password
+    broker = redis_address(settings.broker_url)
+    password = urlsplit(settings.broker_url).password
     return {
         "PostgreSQL": (pg_address, EmbeddedPostgres(run_dir, pg_address, user)),
         "Redis": (broker, EmbeddedRedis(run_dir, broker, password)),
@@ -201,7 +201,7 @@ def generate_secrets(run_dir: Path) -> None:
         "CELERY_BROKER_URL" not in os.environ
         and broker.loopback
         and not broker.answers()
-        and not urlsplit(settings.celery_broker_url).password
+        and not urlsplit(settings.broker_url).password
     ):
         set_secret("CELERY_BROKER_URL", with_password(settings.celery_broker_url, new_secret()))
         print(f"Redis: a password generated into {env_file()} (CELERY_BROKER_URL)")

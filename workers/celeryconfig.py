@@ -5,7 +5,7 @@ from workers.routes import TASK_ROUTES
 
 _settings = get_settings()
 
-broker_url = _settings.celery_broker_url
+broker_url = _settings.broker_url
 broker_connection_retry_on_startup = True
 # Redis redelivers a task that was not acked within this many seconds. The ledger re-dispatches a
 # chunk once its lease runs out, so this is set above the lease (2 x by default): by the time Redis

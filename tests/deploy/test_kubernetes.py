@@ -28,9 +28,23 @@ def containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
     return deployment["spec"]["template"]["spec"]["containers"]
 
 
-def secret_values(overlay: str) -> dict[str, str]:
-    (secret,) = find(kustomize(overlay), "Secret", "quarry-secrets")
+def secret_values(overlay: str, name: str) -> dict[str, str]:
+    (secret,) = find(kustomize(overlay), "Secret", name)
     return {key: base64.b64decode(value).decode() for key, value in secret.get("data", {}).items()}
+
+
+def config_values(overlay: str) -> dict[str, str]:
+    (config,) = find(kustomize(overlay), "ConfigMap", "quarry-config")
+    return dict(config["data"])
+
+
+# each workload's Secret and what it may hold: its own login's password, the broker's, S3 keys
+OWN_SECRETS = {
+    "quarry-worker": {"WORKER_ROLE_PASSWORD", "REDIS_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+    "quarry-dispatcher": {"DISPATCHER_ROLE_PASSWORD", "REDIS_PASSWORD"},
+    "quarry-flower": {"FLOWER_BASIC_AUTH", "REDIS_PASSWORD"},
+    "quarry-scaler": {"SCALER_ROLE_PASSWORD", "REDIS_PASSWORD"},
+}
 
 
 def is_fully_qualified(host: str) -> bool:
@@ -92,10 +106,11 @@ def test_the_example_overlay_pins_every_image_to_this_version() -> None:
 
 def test_scalers_reach_redis_and_postgres_by_fully_qualified_names() -> None:
     documents = kustomize("overlays/example")
-    secrets = secret_values("overlays/example")
-    broker = urlsplit(secrets["CELERY_BROKER_URL"])
-    database = urlsplit(secrets["DATABASE_URL"])
-    assert is_fully_qualified(database.hostname or ""), secrets["DATABASE_URL"]
+    config = config_values("overlays/example")
+    broker = urlsplit(config["CELERY_BROKER_URL"])
+    database = urlsplit(config["DATABASE_URL"])
+    assert is_fully_qualified(database.hostname or ""), config["DATABASE_URL"]
+    assert (database.username, database.password, broker.password) == (None, None, None)
     triggers = [t for s in find(documents, "ScaledObject") for t in s["spec"]["triggers"]]
     assert {t["type"] for t in triggers} == {"redis", "postgresql"}
     for trigger in triggers:
@@ -104,21 +119,24 @@ def test_scalers_reach_redis_and_postgres_by_fully_qualified_names() -> None:
             assert is_fully_qualified(host), trigger["metadata"]["address"]
             assert (host, int(port)) == (broker.hostname, broker.port or 6379)  # the Celery broker
             assert trigger["metadata"]["listName"] in QUEUES
-        else:
-            assert "host" not in trigger["metadata"] and "connectionFromEnv" not in trigger["metadata"]
+        else:  # KEDA logs in as the scaler role, which reads the backlog and nothing else
+            metadata = trigger["metadata"]
+            assert (metadata["host"], int(metadata["port"])) == (database.hostname, database.port or 5432)
+            assert metadata["userName"] == Settings().scaler_role and metadata["dbName"] == "quarry"
+            assert "connection" not in metadata and "connectionFromEnv" not in metadata
 
 
 def test_scaler_credentials_come_from_the_secret_through_trigger_authentication() -> None:
     documents = kustomize("overlays/example")
-    secrets = secret_values("overlays/example")
+    secrets = secret_values("overlays/example", "quarry-scaler")
     authentications = {a["metadata"]["name"]: a for a in find(documents, "TriggerAuthentication")}
     for scaled in find(documents, "ScaledObject"):
         for trigger in scaled["spec"]["triggers"]:
             assert "password" not in trigger["metadata"]
             authentication = authentications[trigger["authenticationRef"]["name"]]
             for reference in authentication["spec"]["secretTargetRef"]:
-                assert reference["name"] == "quarry-secrets" and reference["key"] in secrets
-            wanted = {"redis": "password", "postgresql": "connection"}[trigger["type"]]
+                assert reference["name"] == "quarry-scaler" and reference["key"] in secrets
+            wanted = {"redis": "password", "postgresql": "password"}[trigger["type"]]
             assert wanted in {r["parameter"] for r in authentication["spec"]["secretTargetRef"]}
 
 
@@ -159,6 +177,38 @@ def test_flower_is_not_exposed_outside_the_cluster_and_asks_for_a_password() -> 
     documents = kustomize("overlays/example")
     (service,) = find(documents, "Service", "flower")
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
-    assert secret_values("overlays/example")["FLOWER_BASIC_AUTH"].count(":") == 1
+    assert "FLOWER_BASIC_AUTH" in secret_values("overlays/example", "quarry-flower")
     (flower,) = find(documents, "Deployment", "flower")
-    assert {"secretRef": {"name": "quarry-secrets"}} in containers(flower)[0]["envFrom"]
+    assert {"secretRef": {"name": "quarry-flower"}} in containers(flower)[0]["envFrom"]
+
+
+def test_no_secret_ships_and_each_workload_reads_only_its_own() -> None:
+    assert find(kustomize("base"), "Secret") == []
+    example = kustomize("overlays/example")
+    for secret in find(example, "Secret"):
+        name = secret["metadata"]["name"]
+        values = secret_values("overlays/example", name)
+        assert values and set(values.values()) == {""}, f"{name} ships a value"
+        if name in OWN_SECRETS:
+            assert set(values) == OWN_SECRETS[name], name
+    wanted = {"dispatcher": "quarry-dispatcher", "flower": "quarry-flower"}
+    for deployment in find(example, "Deployment"):
+        name = deployment["metadata"]["name"]
+        (container,) = containers(deployment)
+        secrets = [source["secretRef"]["name"] for source in container["envFrom"] if "secretRef" in source]
+        assert secrets == [wanted.get(name, "quarry-worker")], name
+
+
+def test_network_policies_fence_postgres_redis_and_the_metrics_port() -> None:
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(kustomize("base"), "NetworkPolicy")}
+    assert policies["quarry-no-ingress"] == {
+        "podSelector": {"matchLabels": {"app": "quarry"}},
+        "policyTypes": ["Ingress"],
+    }
+    (metrics,) = policies["quarry-metrics-from-monitoring"]["ingress"]
+    assert {port["port"] for port in metrics["ports"]} == {Settings().dispatch_metrics_port, 5555}
+    for name, port in (("postgresql-from-quarry", 5432), ("redis-from-quarry", 6379)):
+        (rule,) = policies[name]["ingress"]
+        assert [p["port"] for p in rule["ports"]] == [port]
+        assert {"podSelector": {"matchLabels": {"app": "quarry"}}} in rule["from"]
+    assert config_values("base")["DISPATCH_METRICS_BIND"] == "0.0.0.0"

@@ -1,12 +1,14 @@
-"""The KEDA postgresql scalers' queries, run against a real ledger: they count what they claim to."""
+"""The KEDA postgresql scalers' queries, run against a real ledger as the scaler role KEDA logs in
+as: they count what they claim to, and that role reads the backlog and nothing else."""
 
 from __future__ import annotations
 
 import uuid
 
 import psycopg
+import pytest
 
-from common.config import Settings, get_settings
+from common.config import Settings, get_settings, login_url
 from common.jobs import cancel_job
 from common.jobspec import JobSpec
 from producer.dispatch import claim
@@ -20,9 +22,28 @@ def scaler_query(pool: str, trigger_type: str = "postgresql") -> str:
     return trigger["metadata"]["query"]
 
 
+def scaler_url() -> str:
+    settings = get_settings()
+    return login_url(settings.database_url, settings.scaler_role, settings.scaler_role_password)
+
+
 def metric(db: psycopg.Connection, pool: str) -> int:
-    (value,) = db.execute(scaler_query(pool)).fetchone()  # type: ignore[misc]
+    with psycopg.connect(scaler_url()) as scaler:
+        (value,) = scaler.execute(scaler_query(pool)).fetchone()  # type: ignore[misc]
     return int(value)
+
+
+def test_the_scaler_role_reads_the_backlog_and_nothing_else(db: psycopg.Connection) -> None:
+    with psycopg.connect(scaler_url(), autocommit=True) as scaler:
+        assert scaler.execute("SELECT count(*) FROM job_chunks").fetchone() is not None
+        for statement in (
+            "SELECT count(*) FROM job_items",
+            "SELECT count(*) FROM styles",
+            "UPDATE jobs SET state = 'cancelled'",
+            "DELETE FROM job_chunks",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                scaler.execute(statement)
 
 
 def record(db: psycopg.Connection, chunks: int, model: str | None = None, output: str = "files") -> str:

@@ -157,7 +157,7 @@ def test_the_server_refuses_the_guarded_built_ins_to_every_role_but_the_owner(
         )
     ]
     assert len(functions) >= len(GUARDED_BUILTINS) + 10, functions  # the advisory-lock family too
-    roles = [settings.query_role, settings.worker_role, settings.dispatcher_role]
+    roles = [settings.query_role, settings.worker_role, settings.dispatcher_role, settings.scaler_role]
     for role in roles:
         held = [
             function
