@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     aws_default_region: str = "us-east-1"
     raw_bucket: str = "quarry-raw"
     output_bucket: str = "quarry-output"
+    source_buckets: str = Field(
+        default="*",
+        pattern=r"^(\*|[a-z0-9][a-z0-9.\-]*(,[a-z0-9][a-z0-9.\-]*)*)$",
+        description="buckets a manifest or prefix may read images from: names, comma-separated;"
+        " * any but OUTPUT_BUCKET",
+    )
     dataset_path: Path = Field(default_factory=default_dataset_path)
     chunk_size: int = Field(default=100, ge=1, le=10_000, description="image ids per task message")
     query_timeout_s: int = Field(
@@ -194,6 +200,24 @@ class Settings(BaseSettings):
         """`S3_ENDPOINT_URL=` (as a ConfigMap writes it) means AWS S3, not the URL ''."""
         return (value or "").strip() or None
 
+    def source_allowed(self, bucket: str) -> bool:
+        """Whether images may be read from `bucket`: RAW_BUCKET (Quarry's own shards) always;
+        others as SOURCE_BUCKETS says (OUTPUT_BUCKET, where other jobs' results are, only when
+        it names it)."""
+        if bucket == self.raw_bucket:
+            return True
+        if self.source_buckets == "*":
+            return bucket != self.output_bucket
+        return bucket in self.source_buckets.split(",")
+
+    def refuse_source(self, uri: str) -> str | None:
+        """Why an s3:// URI may not be read as a source (one line), or None."""
+        bucket = uri[5:].split("/", 1)[0] if uri.startswith("s3://") else None
+        if bucket is None or self.source_allowed(bucket):
+            return None
+        allowed = "any bucket but OUTPUT_BUCKET" if self.source_buckets == "*" else self.source_buckets
+        return f"bucket {bucket} is not a source Quarry may read (SOURCE_BUCKETS: {allowed}): {uri}"
+
     @property
     def broker_url(self) -> str:
         """CELERY_BROKER_URL, with REDIS_PASSWORD in it where the URL carries none."""
@@ -242,7 +266,12 @@ def login_url(database_url: str, role: str, password: str) -> str:
     `role` is empty. The owner's password never reaches another role's URL."""
     if not role:
         return database_url
-    return psycopg.conninfo.make_conninfo(database_url, user=role, password=password or None)
+    params = psycopg.conninfo.conninfo_to_dict(database_url)
+    params.pop("password", None)
+    params["user"] = role
+    if password:
+        params["password"] = password
+    return psycopg.conninfo.make_conninfo("", **params)
 
 
 def stage_time_limits(settings: Settings) -> tuple[int, int]:

@@ -17,6 +17,7 @@ QuarryError
 │   ├── ImageMissing     no image stored for the id
 │   ├── ImageDecodeError the bytes are not a readable image
 │   │   └── ImageTooLarge    past IMAGE_MAX_PIXELS or IMAGE_MAX_BYTES: refused unread or undecoded
+│   ├── SourceRefused    its bucket is not one images may be read from (SOURCE_BUCKETS)
 │   └── ObjectMissing    no object at that S3 key
 └── StorageError         S3 refused for a reason a retry won't fix (credentials, bucket)
 """
@@ -94,6 +95,10 @@ class ImageDecodeError(PermanentError):
 
 class ImageTooLarge(ImageDecodeError):
     """An image past IMAGE_MAX_PIXELS or IMAGE_MAX_BYTES, refused before it is decoded or read."""
+
+
+class SourceRefused(PermanentError):
+    """An image's bucket is not one Quarry may read sources from (SOURCE_BUCKETS)."""
 
 
 class ObjectMissing(PermanentError):

@@ -19,6 +19,7 @@ from common.errors import (
     ObjectMissing,
     QuarryError,
     SourceChanged,
+    SourceRefused,
     StorageError,
     StorageUnavailable,
 )
@@ -103,7 +104,7 @@ class ObjectStore:
     def read(self, source: Source) -> tuple[bytes, str]:
         """An image's bytes and the ETag of the object holding them: the whole object, or the
         member's byte range; errors as `fetch` raises them."""
-        if refusal := self.too_large(source):
+        if refusal := self.refused(source):
             raise refusal
         read = Read(source.uri, source.etag, source.offset, source.length, [source])
         data, etag = self.fetch(read)
@@ -148,7 +149,7 @@ class ObjectStore:
         )
         got: dict[Source, tuple[bytes, str] | QuarryError] = {}
         for source in sources:
-            if refusal := self.too_large(source):
+            if refusal := self.refused(source):
                 got[source] = refusal
         sources = [source for source in sources if source not in got]
         sizes = {s.uri: s.object_size for s in sources if s.object_size is not None}
@@ -174,6 +175,13 @@ class ObjectStore:
                         else (read.slice_of(result[0], source), result[1])
                     )
         return got
+
+    def refused(self, source: Source) -> QuarryError | None:
+        """Why a source is not read at all: its bucket is not one images may come from
+        (SOURCE_BUCKETS), or its known size is past IMAGE_MAX_BYTES; None to read it."""
+        if why := self.settings.refuse_source(source.uri):
+            return SourceRefused(why)
+        return self.too_large(source)
 
     def too_large(self, source: Source) -> ImageTooLarge | None:
         """The refusal of a source whose known size (a member's length, an object's recorded

@@ -74,6 +74,8 @@ def ingest(
     packed here; a manifest or a WebDataset (a local folder of shards is uploaded as it is first)
     is recorded as an ingest job for the pools, and `wait(job_id)` follows it to its end before
     the counts are read. A dataset this ingest created and left without a row is dropped."""
+    if refusal := store.settings.refuse_source(request.source):  # before anything is read there
+        raise UserError(refusal)
     source_format = request.source_format or infer_format(store, request.source)
     if source_format not in FORMATS:
         raise UserError(f"--format {source_format!r}: one of {', '.join(FORMATS)}")

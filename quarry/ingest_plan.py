@@ -58,6 +58,7 @@ def plan_manifest(
     if not files:
         raise UserError(f"{source}: no manifest files (.csv, .jsonl, .parquet) there")
     source_format = str(format_of(files[0]))  # the first file's: each unit reads by its own name
+    check_first_sources(store, source_format, files[0], request.image_column)  # before anything is written
     objects = [stage(store, raw_bucket, request.name, name) for name in files]
     schema = first_schema(store, source_format, objects[0][0], files[0], set(request.overrides))
     with conn.transaction():
@@ -144,6 +145,31 @@ def first_schema(
     if first is None:
         raise UserError(f"manifest {name}: no rows")
     return first.schema
+
+
+def check_first_sources(store: ObjectStore, source_format: str, name: str, image_column: str) -> None:
+    """UserError, before anything is recorded, when the manifest's first rows name images in a
+    bucket sources may not come from (later rows like them become failed locations, unread)."""
+    if source_format == "parquet":
+        try:
+            if name.startswith("s3://"):
+                bucket, key = parse_s3_uri(name)
+                parquet = pq.ParquetFile(f"{bucket}/{key}", filesystem=store.arrow)
+            else:
+                parquet = pq.ParquetFile(name)
+        except (pa.ArrowInvalid, OSError):
+            return  # not Parquet: first_schema says so
+        if image_column not in parquet.schema_arrow.names:
+            return
+        first = next(parquet.iter_batches(batch_size=1000, columns=[image_column]), None)
+    else:
+        with local_copy(store, name) as path:
+            first = next(read_batches(path, name, source_format, {image_column}, BadLines()), None)
+    if first is None or image_column not in first.schema.names:
+        return
+    for value in first.column(image_column).to_pylist():
+        if isinstance(value, str) and (refusal := store.settings.refuse_source(value)):
+            raise UserError(f"manifest {name}: {refusal}")
 
 
 def manifest_dataset(

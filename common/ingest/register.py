@@ -11,6 +11,7 @@ import psycopg
 import pyarrow as pa
 from psycopg import sql
 
+from common.config import Settings
 from common.datasets import Dataset
 from common.errors import UserError
 from common.ingest.tables import csv_payload
@@ -112,19 +113,28 @@ def add_catalog_rows(conn: psycopg.Connection, dataset: Dataset, columns: Sequen
     return cursor.rowcount
 
 
-def add_object_locations(conn: psycopg.Connection, dataset: Dataset, image_column: str) -> None:
+def add_object_locations(
+    conn: psycopg.Connection, dataset: Dataset, image_column: str, settings: Settings
+) -> None:
     """Each `load` row's image is the object its `image_column` names (an s3:// URI); a row with
-    none, or with something else, gets a location that says so (its items fail at fetch time)."""
+    none, with something else, or in a bucket sources may not come from (SOURCE_BUCKETS) gets a
+    location that says so (its items fail, unread)."""
     image = sql.Identifier(image_column)
+    listed = [] if settings.source_buckets == "*" else settings.source_buckets.split(",")
     conn.execute(
         sql.SQL(
             """INSERT INTO locations (dataset, id, uri, error)
-               SELECT %(dataset)s, c.{id}, CASE WHEN l.{image} ~ %(uri)s THEN l.{image} END,
+               SELECT %(dataset)s, c.{id}, CASE WHEN l.{image} ~ %(uri)s AND b.allowed THEN l.{image} END,
                       CASE WHEN l.{image} IS NULL THEN %(none)s
                            WHEN l.{image} !~ %(uri)s
                            THEN 'not an s3://bucket/key URI: ' || left(l.{image}, 200)
+                           WHEN NOT b.allowed
+                           THEN 'bucket ' || b.name || ' is not a source Quarry may read (SOURCE_BUCKETS)'
                       END
-               FROM load l JOIN {table} c ON c.{match} = l.{match}
+               FROM load l JOIN {table} c ON c.{match} = l.{match},
+               LATERAL (SELECT substring(l.{image} FROM '^s3://([^/]+)/') AS name) n,
+               LATERAL (SELECT n.name AS name, n.name = %(raw)s OR n.name = ANY(%(listed)s)
+                               OR (%(any)s AND n.name IS DISTINCT FROM %(output)s) AS allowed) b
                ON CONFLICT DO NOTHING"""
         ).format(
             id=sql.Identifier(dataset.id_column),
@@ -132,7 +142,15 @@ def add_object_locations(conn: psycopg.Connection, dataset: Dataset, image_colum
             table=dataset.table,
             match=match_column(dataset),
         ),
-        {"dataset": dataset.id, "uri": S3_URI, "none": f"no image location (column {image_column} is empty)"},
+        {
+            "dataset": dataset.id,
+            "uri": S3_URI,
+            "none": f"no image location (column {image_column} is empty)",
+            "raw": settings.raw_bucket,
+            "listed": listed,
+            "any": settings.source_buckets == "*",
+            "output": settings.output_bucket,
+        },
     )
 
 

@@ -145,7 +145,7 @@ def register_part(
         summary.rows = load_rows(conn, dataset, columns, chain([first], batches))
     summary.images = add_catalog_rows(conn, dataset, columns)
     summary.present = summary.rows - summary.images
-    add_object_locations(conn, dataset, plan.image_column)
+    add_object_locations(conn, dataset, plan.image_column, store.settings)
     summary.rejected = bad.count
     summary.problems = bad.shown
     summary.problem_count = len(bad.shown)
