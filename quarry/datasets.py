@@ -70,9 +70,10 @@ def list_datasets(conn: psycopg.Connection) -> list[DatasetInfo]:
 
 def drop_dataset(conn: psycopg.Connection, store: ObjectStore, name: str, raw_bucket: str) -> int:
     """Remove a dataset: its table, its locations, its shards' records, its ingest units (a later
-    ingest of the same sources registers them again) and the objects Quarry wrote for it in
-    `raw_bucket`; sources registered where they are stay. UserError while a job on it runs.
-    How many objects were deleted."""
+    ingest of the same sources registers them again), and exactly the objects Quarry wrote for
+    it: the shards and staged files those records name, in `raw_bucket` under the dataset's own
+    prefixes, that no other dataset still references. Sources registered where they are stay.
+    UserError while a job on it runs. How many objects were deleted."""
     with conn.transaction():
         dataset = get_dataset(conn, name)
         conn.execute("SELECT FROM datasets WHERE id = %s FOR UPDATE", (dataset.id,))
@@ -86,22 +87,36 @@ def drop_dataset(conn: psycopg.Connection, store: ObjectStore, name: str, raw_bu
                 "SELECT DISTINCT shard FROM locations WHERE dataset = %s AND shard IS NOT NULL", (dataset.id,)
             )
         ]
-        conn.execute(
-            "DELETE FROM ingest_units WHERE job_id IN (SELECT id FROM jobs WHERE spec->>'dataset' = %s)",
+        units = conn.execute(
+            "DELETE FROM ingest_units WHERE job_id IN (SELECT id FROM jobs WHERE spec->>'dataset' = %s)"
+            " RETURNING source, companion",
             (name,),
-        )
+        ).fetchall()
         conn.execute("DELETE FROM datasets WHERE id = %s", (dataset.id,))  # its locations cascade
-        conn.execute(
-            "DELETE FROM shards s WHERE s.id = ANY (%s)"
-            " AND NOT EXISTS (SELECT FROM locations l WHERE l.shard = s.id)",
-            (shards,),
-        )
+        removed = {
+            row[0]
+            for row in conn.execute(
+                "DELETE FROM shards s WHERE s.id = ANY (%s)"
+                " AND NOT EXISTS (SELECT FROM locations l WHERE l.shard = s.id) RETURNING uri",
+                (shards,),
+            )
+        }
+        still_used = {
+            row[0]
+            for row in conn.execute(
+                "SELECT uri FROM shards WHERE uri = ANY(%s)", ([source for source, _ in units],)
+            )
+        }
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(dataset.table))
+    from common.storage import parse_s3_uri  # boto3 loads only when something is deleted
+
+    written = removed | {source for source, _ in units if source not in still_used}
+    written |= {companion for source, companion in units if companion and source not in still_used}
+    own = tuple(f"s3://{raw_bucket}/{prefix}/{name}/" for prefix in QUARRY_PREFIXES)
     deleted = 0
-    for prefix in QUARRY_PREFIXES:
-        for key in store.list_keys(raw_bucket, f"{prefix}/{name}/"):
-            store.delete(raw_bucket, key)
-            deleted += 1
+    for uri in sorted(uri for uri in written if uri.startswith(own)):
+        store.delete(*parse_s3_uri(uri))
+        deleted += 1
     return deleted
 
 
