@@ -138,10 +138,13 @@ class ObjectStore:
         except (BotoCoreError, ConnectionError) as exc:
             raise self._translate(exc, read.uri) from exc
 
-    def read_many(self, sources: Sequence[Source]) -> dict[Source, tuple[bytes, str] | QuarryError]:
+    def read_many(
+        self, sources: Sequence[Source], own: str = ""
+    ) -> dict[Source, tuple[bytes, str] | QuarryError]:
         """Many sources in few GETs (common/coalesce.py: ranges of one shard merged, at most
         READ_RANGES_IN_FLIGHT merged reads held at once; whole objects concurrently); each
-        source maps to its (bytes, ETag) or the error its read raised."""
+        source maps to its (bytes, ETag) or the error its read raised (`refused`: `own` is a URI
+        prefix read whatever SOURCE_BUCKETS says)."""
         policy = ReadPolicy(
             self.settings.read_hole_bytes,
             self.settings.read_span_max_bytes,
@@ -149,7 +152,7 @@ class ObjectStore:
         )
         got: dict[Source, tuple[bytes, str] | QuarryError] = {}
         for source in sources:
-            if refusal := self.refused(source):
+            if refusal := self.refused(source, own):
                 got[source] = refusal
         sources = [source for source in sources if source not in got]
         sizes = {s.uri: s.object_size for s in sources if s.object_size is not None}
@@ -176,10 +179,11 @@ class ObjectStore:
                     )
         return got
 
-    def refused(self, source: Source) -> QuarryError | None:
+    def refused(self, source: Source, own: str = "") -> QuarryError | None:
         """Why a source is not read at all: its bucket is not one images may come from
-        (SOURCE_BUCKETS), or its known size is past IMAGE_MAX_BYTES; None to read it."""
-        if why := self.settings.refuse_source(source.uri):
+        (SOURCE_BUCKETS) and it is not under `own` (a job's own outputs, which inference reads),
+        or its known size is past IMAGE_MAX_BYTES; None to read it."""
+        if not (own and source.uri.startswith(own)) and (why := self.settings.refuse_source(source.uri)):
             return SourceRefused(why)
         return self.too_large(source)
 

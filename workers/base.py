@@ -15,7 +15,8 @@ from redis.exceptions import RedisError
 
 from common.config import Settings, get_settings, stage_time_limits
 from common.db import Database
-from common.errors import TRANSIENT_ERRORS, BrokerUnavailable, TransientError, UnknownJob
+from common.errors import TRANSIENT_ERRORS, BrokerUnavailable, TransientError, UnknownJob, UserError
+from common.jobs import job_spec
 from common.jobspec import JobSpec
 from common.ledger import ItemResult, Ticket, hand_back, note_failure, record_progress, touch
 from common.liveness import Heartbeat, hold, release
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 BROKER_ERRORS = (KombuOperationalError, RedisError, ConnectionError, OSError)
 # kombu retries a publish through a broker restart for about a minute before giving up
+RECORDED_SPECS = 64  # job specs a worker process keeps (jobs in flight at once are few)
 PUBLISH_RETRY = {"max_retries": 30, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 3}
 
 
@@ -58,8 +60,16 @@ class StageTask(Task):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the task holding its chunk (common/liveness.py): if this process is lost meanwhile,
-        the dispatcher sends the chunk again within HOLDER_TIMEOUT_S, not CHUNK_LEASE_S."""
+        the dispatcher sends the chunk again within HOLDER_TIMEOUT_S, not CHUNK_LEASE_S. The spec
+        the task runs with is the job's record, never the message's (anyone who reaches the
+        broker could write a message): a message that says otherwise is logged and overruled."""
         ticket = Ticket.from_message(args[1])
+        recorded = self.recorded_spec(ticket.job_id)
+        if args[0] != recorded:
+            log.warning(
+                "job %s: a message's spec differs from the job's record: the record's is used", ticket.job_id
+            )
+        args = (recorded, *args[1:])
         task_id = str(self.request.id)
         self.ledger(hold, self.heartbeat.name, task_id, ticket)
         retrying = False
@@ -74,6 +84,22 @@ class StageTask(Task):
                     self.ledger(release, task_id, self.settings.chunk_lease_s)
                 except Exception:  # the hold stays while this process lives; the lease still applies
                     log.exception("could not release job %s chunk %d", ticket.job_id, ticket.chunk)
+
+    def recorded_spec(self, job_id: str) -> dict[str, Any]:
+        """The spec stored with the job (a job's spec never changes: kept per process, for the
+        last RECORDED_SPECS jobs); UnknownJob when the database has no such job."""
+        if job_id not in self._specs:
+            try:
+                self._specs[job_id] = self.ledger(job_spec, job_id)
+            except UserError as exc:
+                raise UnknownJob(f"job {job_id} is not in this worker's database (DATABASE_URL?)") from exc
+            while len(self._specs) > RECORDED_SPECS:
+                self._specs.pop(next(iter(self._specs)))
+        return self._specs[job_id]
+
+    @cached_property
+    def _specs(self) -> dict[str, dict[str, Any]]:
+        return {}
 
     @cached_property
     def database(self) -> Database:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ProcessPoolExecutor
-from functools import lru_cache
+from functools import lru_cache, partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from common.jobspec import JobSpec
 from common.ledger import Ticket
 from common.model import Classifier, locate_model, require_cuda
 from common.paths import MODELS_DIR
-from common.shards import read_tar, store_shard
+from common.shards import read_tar, shard_key, store_shard
 from common.sources import Source
 from common.storage import ObjectStore, parse_s3_uri
 from workers.base import StageTask
@@ -33,10 +33,12 @@ class InferenceTask(StageTask):
     def fetch(self, uri: str) -> bytes:
         return self.store.get(*parse_s3_uri(uri))
 
-    def fetch_many(self, locators: list[str]) -> dict[str, bytes | QuarryError]:
-        """Images by locator (an object, or a shard member's range), fetched concurrently."""
+    def fetch_many(self, locators: list[str], job_id: str) -> dict[str, bytes | QuarryError]:
+        """Images by locator (an object, or a shard member's range), fetched concurrently: the
+        job's own outputs, or sources SOURCE_BUCKETS allows; nothing else a message names."""
         sources = {locator: Source.from_locator(locator) for locator in dict.fromkeys(locators)}
-        read = self.store.read_many(list(sources.values()))
+        own = f"s3://{self.settings.output_bucket}/{job_id}/"
+        read = self.store.read_many(list(sources.values()), own)
         fetched: dict[str, bytes | QuarryError] = {}
         for locator, source in sources.items():
             got = read[source]
@@ -67,7 +69,7 @@ def infer_batch(
     results = infer_items(
         classifier,
         [ItemRef.from_message(ref) for ref in refs],
-        self.fetch_many,
+        partial(self.fetch_many, job_id=spec.job_id),
         spec.top_k,
         model_decoder(classifier, spec.exact_decode, self.settings.image_max_pixels),
     )
@@ -80,10 +82,20 @@ def infer_shard(
     self: InferenceTask, spec_message: dict[str, Any], ticket_message: dict[str, Any], staging_key: str
 ) -> int:
     """Read a staged shard once, classify it, write the final shard and its manifest, record
-    every item, and delete the staging copy; returns how many items it recorded."""
+    every item, and delete the staging copy; returns how many items it recorded. The staging
+    key is derived here from the job and chunk: a message naming another is not followed."""
     spec = JobSpec.from_message(spec_message)
     ticket = Ticket.from_message(ticket_message)
     assert spec.model, "shards are staged only for jobs with a model"
+    if staging_key != (derived := shard_key(spec.job_id, ticket.chunk, staging=True)):
+        log.warning(
+            "job %s chunk %d: a message named staging key %r: %r is used",
+            spec.job_id,
+            ticket.chunk,
+            staging_key,
+            derived,
+        )
+        staging_key = derived
     if not self.is_live(ticket):
         return 0
     started = time.monotonic()
