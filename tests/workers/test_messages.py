@@ -90,7 +90,8 @@ def test_a_forged_spec_is_overruled_by_the_jobs_record(private: Stack, store: Ob
     bucket = private.env["OUTPUT_BUCKET"]
     assert recorded() == f"s3://{bucket}/{spec.job_id}/1-0.jpg"  # the record's job and layout
     assert store.list_keys(bucket, f"{other}/") == []
-    assert "a message's spec differs from the job's record" in (private.log_dir / "worker-upload.log").read_text()
+    logged = (private.log_dir / "worker-upload.log").read_text()
+    assert "a message's spec differs from the job's record" in logged
 
 
 def test_a_forged_staging_key_is_never_deleted(private: Stack, store: ObjectStore) -> None:
