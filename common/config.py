@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import ConfigError
 from common.ledger import ItemRows
-from common.paths import default_dataset_path
+from common.paths import default_dataset_path, default_model_cache_dir
 
 SECRET_FIELDS = frozenset(
     {
@@ -137,7 +137,9 @@ class Settings(BaseSettings):
         description="a Parquet manifest's row group larger than this (uncompressed) is refused, unread",
     )
     default_model: str = Field(default="fashion-classifier", description="model NAME, PATH or s3:// URI")
-    model_cache_dir: Path = Path("/tmp/quarry-models")
+    model_cache_dir: Path = Field(
+        default_factory=default_model_cache_dir, description="s3:// models, kept by ETag (its user's alone)"
+    )
     task_max_retries: int = Field(default=5, ge=0, description="retries of a transient task failure")
     dispatch_budget_chunks: int = Field(
         default=64, ge=1, description="chunks in flight at once, over every job (the dispatcher's budget)"

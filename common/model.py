@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -219,15 +219,33 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def locate_model(reference: str, models_dir: Path, cache_dir: Path, download: Callable[[str], bytes]) -> Path:
-    """A model reference (NAME, PATH or s3://bucket/key) to a local file path."""
+class ModelStore(Protocol):
+    """Where s3:// models are read from (common.storage.ObjectStore)."""
+
+    def head(self, bucket: str, key: str) -> tuple[int, str]: ...
+
+    def get(self, bucket: str, key: str) -> bytes: ...
+
+
+def locate_model(reference: str, models_dir: Path, cache_dir: Path, store: Callable[[], ModelStore]) -> Path:
+    """A model reference (NAME, PATH or s3://bucket/key) to a local file path. An s3:// model is
+    kept in `cache_dir` (its user's alone: mode 700) under the object's current ETag, asked for
+    each time: a model rewritten in S3 is downloaded again, and the older copy removed."""
     if reference.startswith("s3://"):
-        cached = cache_dir / hashlib.sha256(reference.encode()).hexdigest()[:16] / "model.onnx"
+        bucket, key = reference[5:].split("/", 1) if "/" in reference[5:] else (reference[5:], "")
+        models = store()
+        etag = models.head(bucket, key)[1].strip('"')
+        folder = cache_dir / hashlib.sha256(reference.encode()).hexdigest()[:16]
+        cached = folder / f"{hashlib.sha256(etag.encode()).hexdigest()[:16]}.onnx"
         if not cached.is_file():
-            cached.parent.mkdir(parents=True, exist_ok=True)
+            cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, exist_ok=True)
             partial = cached.with_suffix(".part")
-            partial.write_bytes(download(reference))
+            partial.write_bytes(models.get(bucket, key))
             partial.replace(cached)
+            for older in folder.glob("*.onnx"):
+                if older != cached:
+                    older.unlink(missing_ok=True)
         return cached
     path = Path(reference)
     if path.is_file():

@@ -345,13 +345,9 @@ class Quarry:
         reference = self.settings.default_model if model == "default" else model
         from common.model import Classifier, locate_model
         from common.paths import MODELS_DIR
-        from common.storage import parse_s3_uri
 
         path = locate_model(  # the S3 client only for a model in S3 (making one costs 0.12 s)
-            reference,
-            MODELS_DIR,
-            self.settings.model_cache_dir,
-            lambda uri: self.store().get(*parse_s3_uri(uri)),
+            reference, MODELS_DIR, self.settings.model_cache_dir, self.store
         )
         Classifier(path, providers=["CPUExecutionProvider"])  # refuses missing or bad metadata
         return reference

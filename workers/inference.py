@@ -21,7 +21,7 @@ from common.model import Classifier, locate_model, require_cuda
 from common.paths import MODELS_DIR
 from common.shards import read_tar, shard_key, store_shard
 from common.sources import Source
-from common.storage import ObjectStore, parse_s3_uri
+from common.storage import ObjectStore
 from workers.base import StageTask
 from workers.celery_app import app
 from workers.routes import INFERENCE, INFERENCE_SHARD, queue_of
@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 
 
 class InferenceTask(StageTask):
-    def fetch(self, uri: str) -> bytes:
-        return self.store.get(*parse_s3_uri(uri))
-
     def fetch_many(self, locators: list[str], job_id: str) -> dict[str, bytes | QuarryError]:
         """Images by locator (an object, or a shard member's range), fetched concurrently: the
         job's own outputs, or sources SOURCE_BUCKETS allows; nothing else a message names."""
@@ -48,7 +45,7 @@ class InferenceTask(StageTask):
     @lru_cache(maxsize=2)  # noqa: B019 - one task instance per process; models are few
     def classifier(self, reference: str) -> Classifier:
         """The model, loaded once per process and kept."""
-        path = locate_model(reference, MODELS_DIR, Path(self.settings.model_cache_dir), self.fetch)
+        path = locate_model(reference, MODELS_DIR, Path(self.settings.model_cache_dir), lambda: self.store)
         return require_cuda(path) if self.settings.require_gpu else Classifier(path)
 
 
@@ -119,9 +116,7 @@ def cuda_problem(model: str) -> str | None:
     settings = get_settings()
     try:
         store = ObjectStore(settings)
-        path = locate_model(
-            model, MODELS_DIR, Path(settings.model_cache_dir), lambda uri: store.get(*parse_s3_uri(uri))
-        )
+        path = locate_model(model, MODELS_DIR, Path(settings.model_cache_dir), lambda: store)
         require_cuda(path)
     except QuarryError as exc:
         return str(exc)

@@ -1,4 +1,5 @@
 import json
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -6,8 +7,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from common.config import Settings
 from common.errors import ModelError
 from common.model import HIERARCHY_KEY, LABELS_KEY, PREPROCESS_KEY, Classifier, Preprocess, locate_model
+from common.storage import ObjectStore
 
 PREPROCESS = Preprocess(
     height=4,
@@ -145,9 +148,31 @@ def test_a_file_that_is_not_onnx_is_refused(tmp_path: Path) -> None:
         Classifier(path, providers=["CPUExecutionProvider"])
 
 
+def no_store() -> ObjectStore:
+    raise AssertionError("a model by name or path needs no S3")
+
+
 def test_locate_model_by_name_path_and_refusal(tmp_path: Path) -> None:
     (tmp_path / "mine.onnx").write_bytes(b"x")
-    assert locate_model("mine", tmp_path, tmp_path, bytes) == tmp_path / "mine.onnx"
-    assert locate_model(str(tmp_path / "mine.onnx"), Path("/nowhere"), tmp_path, bytes).name == "mine.onnx"
+    assert locate_model("mine", tmp_path, tmp_path, no_store) == tmp_path / "mine.onnx"
+    assert locate_model(str(tmp_path / "mine.onnx"), Path("/nowhere"), tmp_path, no_store).name == "mine.onnx"
     with pytest.raises(ModelError, match="no model 'other'"):
-        locate_model("other", tmp_path, tmp_path, bytes)
+        locate_model("other", tmp_path, tmp_path, no_store)
+
+
+def test_an_s3_model_is_cached_by_etag_and_fetched_again_when_it_changes(
+    store: ObjectStore, settings: Settings, tmp_path: Path
+) -> None:
+    """Against the S3 server: the cache keeps the object's current version only, in a folder
+    its user alone may read, and a model rewritten under the same key is downloaded again."""
+    bucket, key = settings.raw_bucket, f"models/{uuid.uuid4().hex}.onnx"
+    reference, cache = f"s3://{bucket}/{key}", tmp_path / "cache"
+    store.put(bucket, key, b"version one", content_type="application/octet-stream", metadata={})
+    first = locate_model(reference, Path("/nowhere"), cache, lambda: store)
+    assert first.read_bytes() == b"version one"
+    assert locate_model(reference, Path("/nowhere"), cache, lambda: store) == first  # unchanged: kept
+    store.put(bucket, key, b"version two", content_type="application/octet-stream", metadata={})
+    second = locate_model(reference, Path("/nowhere"), cache, lambda: store)
+    assert second.read_bytes() == b"version two" and second != first
+    assert sorted(second.parent.iterdir()) == [second]  # the old version removed
+    assert (cache.stat().st_mode & 0o777, second.parent.stat().st_mode & 0o777) == (0o700, 0o700)
