@@ -15,12 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from psycopg.types.json import Jsonb
 
+from common.config import Settings
 from common.datasets import Dataset, get_dataset
 from common.errors import PermanentError, UserError
 from common.ingest.manifest import BadLines, check_row_group, format_of, local_copy, read_batches
 from common.ingest.register import add_catalog_rows, add_object_locations, load_rows
 from common.ingest.summary import IngestSummary
-from common.ingest.webdataset import register_tar
+from common.ingest.webdataset import index_shard, register_tar
 from common.jobs import record_job
 from common.jobspec import INGEST_KIND
 from common.ledger import ItemResult, Ticket, record_progress
@@ -85,23 +86,24 @@ def run_unit(
     conn: psycopg.Connection, store: ObjectStore, plan: IngestPlan, ticket: Ticket, lease_s: int
 ) -> int:
     """Register one unit and record it in the ledger, in one transaction (a re-run after a crash
-    finds the rows there and adds none). A unit that cannot be registered (a duplicate id, a
-    truncated shard) fails as the chunk's one item, with why; nothing of it is kept. Returns the
-    rows it added."""
+    finds the rows there and adds none). Its object is read from S3 and indexed (a tar) or copied
+    to local disk (a manifest file, a row group) first, before the transaction opens: no
+    transaction waits on S3. A unit that cannot be registered (a duplicate id, a truncated shard)
+    fails as the chunk's one item, with why; nothing of it is kept. Returns the rows it added."""
     summary = IngestSummary()
     try:
-        with conn.transaction():
-            unit = read_unit(conn, ticket)
-            dataset = get_dataset(conn, plan.dataset)
-            if plan.source_format == "webdataset":
-                register_tar(conn, store, dataset, unit.source, unit.size, unit.etag, unit.companion, summary)
-            else:
-                register_part(conn, store, dataset, plan, unit, summary)
-            conn.execute(
-                "UPDATE ingest_units SET counts = %s WHERE job_id = %s AND unit = %s",
-                (Jsonb(counts_of(summary)), ticket.job_id, ticket.chunk),
-            )
-            record_progress(conn, ticket, [ItemResult(ticket.chunk, 0, 0, "done")], "failures", lease_s)
+        unit = read_unit(conn, ticket)
+        dataset = get_dataset(conn, plan.dataset)
+        if plan.source_format == "webdataset":
+            indexed = index_shard(store, unit.source, unit.size, unit.companion, summary)
+            with conn.transaction():
+                register_tar(conn, dataset, unit.source, unit.size, unit.etag, indexed, summary)
+                finish_unit(conn, ticket, summary, lease_s)
+        else:
+            bad = BadLines()
+            with part_batches(store, plan, unit, bad) as batches, conn.transaction():
+                register_part(conn, dataset, plan, batches, bad, summary, store.settings)
+                finish_unit(conn, ticket, summary, lease_s)
     except (UserError, PermanentError, psycopg.errors.DataError, psycopg.errors.UndefinedColumn) as exc:
         error = f"{unit_name(conn, ticket)}: {str(exc).splitlines()[0]}"
         record_progress(
@@ -109,6 +111,15 @@ def run_unit(
         )
         return 0
     return summary.images
+
+
+def finish_unit(conn: psycopg.Connection, ticket: Ticket, summary: IngestSummary, lease_s: int) -> None:
+    """Keep the unit's counts and mark its one item done (in the registering transaction)."""
+    conn.execute(
+        "UPDATE ingest_units SET counts = %s WHERE job_id = %s AND unit = %s",
+        (Jsonb(counts_of(summary)), ticket.job_id, ticket.chunk),
+    )
+    record_progress(conn, ticket, [ItemResult(ticket.chunk, 0, 0, "done")], "failures", lease_s)
 
 
 def read_unit(conn: psycopg.Connection, ticket: Ticket) -> Unit:
@@ -128,24 +139,24 @@ def unit_name(conn: psycopg.Connection, ticket: Ticket) -> str:
 
 def register_part(
     conn: psycopg.Connection,
-    store: ObjectStore,
     dataset: Dataset,
     plan: IngestPlan,
-    unit: Unit,
+    batches: Iterator[pa.RecordBatch],
+    bad: BadLines,
     summary: IngestSummary,
+    settings: Settings,
 ) -> None:
-    """A manifest file's rows (or one row group's) into the catalog, each image where it is."""
+    """A manifest file's rows (or one row group's), read already, into the catalog, each image
+    where it is."""
     assert plan.image_column is not None
-    bad = BadLines()
-    with part_batches(store, plan, unit, bad) as batches:
-        first = next(batches, None)
-        if first is None:
-            return
-        columns = first.schema.names
-        summary.rows = load_rows(conn, dataset, columns, chain([first], batches))
+    first = next(batches, None)
+    if first is None:
+        return
+    columns = first.schema.names
+    summary.rows = load_rows(conn, dataset, columns, chain([first], batches))
     summary.images = add_catalog_rows(conn, dataset, columns)
     summary.present = summary.rows - summary.images
-    add_object_locations(conn, dataset, plan.image_column, store.settings)
+    add_object_locations(conn, dataset, plan.image_column, settings)
     summary.rejected = bad.count
     summary.problems = bad.shown
     summary.problem_count = len(bad.shown)

@@ -5,6 +5,7 @@ its images located by byte range, its parquet rows joined by key. Nothing is cop
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import psycopg
 import pyarrow as pa
@@ -77,21 +78,35 @@ def plan_webdataset(
     return dataset, todo
 
 
+@dataclass(frozen=True)
+class IndexedTar:
+    """A tar shard read and indexed (its image members, its parquet rows), ready to register."""
+
+    images: list[Member]
+    metadata: pa.Table | None
+
+
+def index_shard(
+    store: ObjectStore, uri: str, size: int, companion: str | None, summary: IngestSummary
+) -> IndexedTar:
+    """Read and index one tar (one sequential read) and its parquet table; ShardUnreadable or
+    UserError when it cannot. No database here: an ingest unit does this before its transaction."""
+    members = list(index_tar(store.open(uri), size, uri))
+    return IndexedTar(image_members(members, uri, summary), read_metadata(store, companion))
+
+
 def register_tar(
     conn: psycopg.Connection,
-    store: ObjectStore,
     dataset: Dataset,
     uri: str,
     size: int,
     etag: str,
-    companion: str | None,
+    indexed: IndexedTar,
     summary: IngestSummary,
 ) -> None:
-    """Index one tar (one sequential read) and register its images with their parquet rows, in
-    the caller's transaction; ShardUnreadable or UserError (nothing registered) when it cannot."""
-    members = list(index_tar(store.open(uri), size, uri))
-    images = image_members(members, uri, summary)
-    register_shard(conn, dataset, uri, size, etag, images, read_metadata(store, companion), summary)
+    """Register an indexed tar's images with their parquet rows, in the caller's transaction;
+    UserError (nothing registered) when it cannot."""
+    register_shard(conn, dataset, uri, size, etag, indexed.images, indexed.metadata, summary)
     summary.shards += 1
 
 
