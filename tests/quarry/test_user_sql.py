@@ -89,7 +89,8 @@ ESCAPES = {
     "SQL text: query_to_xml_and_xmlschema": "SELECT 1 AS id"
     " WHERE query_to_xml_and_xmlschema('SELECT pg_advisory_lock(1)', true, true, '') IS NOT NULL",
     "SQL text: cursor_to_xml": "SELECT 1 AS id WHERE cursor_to_xml('c', 1, true, true, '') IS NOT NULL",
-    "SQL text: cursor_to_xmlschema": "SELECT 1 AS id WHERE cursor_to_xmlschema('c', true, true, '') IS NOT NULL",
+    "SQL text: cursor_to_xmlschema": "SELECT 1 AS id"
+    " WHERE cursor_to_xmlschema('c', true, true, '') IS NOT NULL",
     "SQL text: ts_stat": "SELECT 1 AS id FROM ts_stat('SELECT to_tsvector(pg_advisory_lock(1)::text)')",
     "SQL text: ts_rewrite": "SELECT 1 AS id"
     " WHERE ts_rewrite('a'::tsquery, 'SELECT pg_notify($$x$$, $$y$$)') IS NULL",
