@@ -47,7 +47,9 @@ def as_user(
     prefix = ["runuser", "-u", user, "--"] if user else []
     # an outer `make test` must not turn the stack's `make` into a sub-make that prints directories
     outer = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")
-    unset = [option for name in outer for option in ("-u", name)]
+    # nor lend it the test session's S3 keys: a stack given none generates its own
+    keys = tuple(name for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if name not in env)
+    unset = [option for name in (*outer, *keys) for option in ("-u", name)]
     settings = [f"{k}={v}" for k, v in env.items() if k not in outer]
     return subprocess.run(
         [*prefix, "env", *unset, *settings, *command],
