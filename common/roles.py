@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import errors as pg_errors
 from psycopg import sql
 
 from common.config import Settings
@@ -124,7 +125,12 @@ def ensure_process_role(conn: psycopg.Connection, role: ProcessRole, maintain: b
         if role.password:
             alter.append(sql.SQL("ALTER ROLE {} PASSWORD {}").format(name, sql.Literal(role.password)))
         for statement in alter:
-            conn.execute(statement)
+            try:
+                with conn.transaction():  # a savepoint: the rest goes on
+                    conn.execute(statement)
+            except pg_errors.InsufficientPrivilege as exc:  # an owner with CREATEROLE, not SUPERUSER
+                level = logging.WARNING if maintain else logging.DEBUG
+                log.log(level, "role %s not updated: %s", role.name, exc.diag.message_primary)
     conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(name))
     for table, privileges in role.grants.items():
         if not has_privileges(conn, role.name, table, privileges):

@@ -92,7 +92,7 @@ WORKER_REFUSED = (
     "CREATE TABLE stolen (id int)",
     "DROP TABLE photos",
     "DELETE FROM photos",
-    "COPY jobs TO STDOUT",
+    "COPY (SELECT 1) TO '/tmp/quarry-stolen'",
 )
 DISPATCHER_REFUSED = (
     "SELECT * FROM photos",
