@@ -29,6 +29,7 @@ SECRET_FIELDS = frozenset(
 MASK = "********"
 # a password in a URL (scheme://user:PASSWORD@host) or a libpq key=value string (password=PASSWORD)
 URL_PASSWORD = re.compile(r"(?P<head>://[^:/@\s]*:)[^@\s]+(?P<tail>@)|(?P<key>password\s*=\s*)('[^']*'|\S+)")
+OPTIONAL_ROLE = r"^([a-z_][a-z0-9_]{0,62})?$"  # a PostgreSQL login's name, or empty
 ENV_FILE = ".env"  # read by every process where it exists (`make up` writes the stack's secrets there)
 
 
@@ -75,19 +76,19 @@ class Settings(BaseSettings):
     query_role_password: str = Field(default="", description="its password; empty: none (trust auth)")
     worker_role: str = Field(
         default="quarry_worker",
-        pattern=r"^([a-z_][a-z0-9_]{0,62})?$",
+        pattern=OPTIONAL_ROLE,
         description="the PostgreSQL login the pools connect as (producer init makes it); empty: the URL's",
     )
     worker_role_password: str = Field(default="", description="its password; empty: none (trust auth)")
     dispatcher_role: str = Field(
         default="quarry_dispatcher",
-        pattern=r"^([a-z_][a-z0-9_]{0,62})?$",
+        pattern=OPTIONAL_ROLE,
         description="the PostgreSQL login the dispatcher connects as; empty: DATABASE_URL's",
     )
     dispatcher_role_password: str = Field(default="", description="its password; empty: none (trust auth)")
     scaler_role: str = Field(
         default="quarry_scaler",
-        pattern=r"^([a-z_][a-z0-9_]{0,62})?$",
+        pattern=OPTIONAL_ROLE,
         description="a login that may read the backlog (jobs, job_chunks) and nothing else: KEDA's",
     )
     scaler_role_password: str = Field(default="", description="its password; empty: none (trust auth)")

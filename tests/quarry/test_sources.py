@@ -5,6 +5,7 @@ outside them is never read by a job (the confused deputy)."""
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -19,15 +20,21 @@ from tests.conftest import SAMPLE, run_cli
 from tests.stack import RequestLog
 
 
-def manifest(tmp_path: Path, uris: list[str]) -> Path:
+def ingest_manifest(
+    tmp_path: Path, uris: list[str], name: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """`producer ingest` of a local CSV manifest naming `uris`, as a user types it."""
     path = tmp_path / "photos.csv"
     path.write_text("id,uri\n" + "".join(f"{i},{uri}\n" for i, uri in enumerate(uris, start=1)))
-    return path
+    arguments = ["--dataset", name, "--id-column", "id", "--image-column", "uri"]
+    return run_cli("ingest", str(path), *arguments, env=env, check=False)
 
 
-def assert_refused(result: object, db: psycopg.Connection, name: str, reason: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stderr)  # type: ignore[attr-defined]
-    lines = result.stderr.strip().splitlines()  # type: ignore[attr-defined]
+def assert_refused(
+    result: subprocess.CompletedProcess[str], db: psycopg.Connection, name: str, reason: str
+) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and reason in lines[0], lines
     assert db.execute("SELECT count(*) FROM datasets WHERE name = %s", (name,)).fetchone() == (0,)
     assert db.execute("SELECT to_regclass(%s)", (name,)).fetchone() == (None,)
@@ -42,19 +49,7 @@ def test_a_manifest_of_images_in_the_output_bucket_is_refused_by_default(
         settings.output_bucket, "other-job/1.jpg", image.read_bytes(), content_type="image/jpeg", metadata={}
     )
     name = f"stolen_{uuid.uuid4().hex[:6]}"
-    path = manifest(tmp_path, [f"s3://{settings.output_bucket}/other-job/1.jpg"])
-    result = run_cli(
-        "ingest",
-        str(path),
-        "--dataset",
-        name,
-        "--id-column",
-        "id",
-        "--image-column",
-        "uri",
-        env=ingested,
-        check=False,
-    )
+    result = ingest_manifest(tmp_path, [f"s3://{settings.output_bucket}/other-job/1.jpg"], name, ingested)
     assert_refused(result, db, name, f"bucket {settings.output_bucket} is not a source Quarry may read")
 
 
@@ -80,19 +75,7 @@ def test_a_manifest_or_prefix_in_a_bucket_not_allowed_is_refused_unread(
         )
     assert [path for _, path in s3_requests.requests() if other in path] == []  # not even listed
     name = f"pointing_{uuid.uuid4().hex[:6]}"
-    path = manifest(tmp_path, [f"s3://{other}/1.jpg"])
-    result = run_cli(
-        "ingest",
-        str(path),
-        "--dataset",
-        name,
-        "--id-column",
-        "id",
-        "--image-column",
-        "uri",
-        env=env,
-        check=False,
-    )
+    result = ingest_manifest(tmp_path, [f"s3://{other}/1.jpg"], name, env)
     assert_refused(result, db, name, f"bucket {other} is not a source Quarry may read")
 
 
