@@ -131,7 +131,7 @@ def test_the_ledger_is_read_at_most_once_per_interval_on_one_connection(
 def test_metrics_listen_on_loopback_unless_told_otherwise() -> None:
     port = free_port()
     metrics = DispatcherMetrics(Settings(dispatch_metrics_port=port), lambda queue: 0)
-    assert Settings().dispatch_metrics_bind == "127.0.0.1"
+    assert Settings.model_fields["dispatch_metrics_bind"].default == "127.0.0.1"
     metrics.serve()
     try:
         listening = [
