@@ -122,7 +122,10 @@ def test_scalers_reach_redis_and_postgres_by_fully_qualified_names() -> None:
         else:  # KEDA logs in as the scaler role, which reads the backlog and nothing else
             metadata = trigger["metadata"]
             assert (metadata["host"], int(metadata["port"])) == (database.hostname, database.port or 5432)
-            assert metadata["userName"] == Settings.model_fields["scaler_role"].default and metadata["dbName"] == "quarry"
+            assert (
+                metadata["userName"] == Settings.model_fields["scaler_role"].default
+                and metadata["dbName"] == "quarry"
+            )
             assert "connection" not in metadata and "connectionFromEnv" not in metadata
 
 
@@ -206,7 +209,10 @@ def test_network_policies_fence_postgres_redis_and_the_metrics_port() -> None:
         "policyTypes": ["Ingress"],
     }
     (metrics,) = policies["quarry-metrics-from-monitoring"]["ingress"]
-    assert {port["port"] for port in metrics["ports"]} == {Settings.model_fields["dispatch_metrics_port"].default, 5555}
+    assert {port["port"] for port in metrics["ports"]} == {
+        Settings.model_fields["dispatch_metrics_port"].default,
+        5555,
+    }
     for name, port in (("postgresql-from-quarry", 5432), ("redis-from-quarry", 6379)):
         (rule,) = policies[name]["ingress"]
         assert [p["port"] for p in rule["ports"]] == [port]
