@@ -1,11 +1,12 @@
 """The logins Quarry's processes connect as, and the second wall around user SQL
 (docs/decisions.md, "Who may reach what").
 
-Nothing of Quarry's runs as a superuser. The owner (DATABASE_URL, `producer` commands) owns the
-tables; the pools log in as WORKER_ROLE and the dispatcher as DISPATCHER_ROLE, each granted
-only what its work reads and writes (WORKER_GRANTS, DISPATCHER_GRANTS, and the dataset tables as
-they are created); user SQL runs as QUERY_ROLE (common/query_role.py). `ensure_roles` creates
-and maintains all three; `harden_builtins` (run by `producer init` where its URL may) takes
+Nothing of Quarry's needs a superuser. The owner (DATABASE_URL, `producer` commands: CREATEROLE
+is enough) owns the tables; the pools log in as WORKER_ROLE, the dispatcher as DISPATCHER_ROLE
+and KEDA as SCALER_ROLE, each granted only what its work reads and writes (WORKER_GRANTS,
+DISPATCHER_GRANTS, SCALER_GRANTS, and the dataset tables as they are created); user SQL runs as
+QUERY_ROLE (common/query_role.py). `ensure_roles` creates and maintains all four;
+`harden_builtins` (run by `producer init` where its URL may) takes
 EXECUTE on the built-ins that run SQL text, change a session or signal another away from every
 role but the database's owner.
 """
