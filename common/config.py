@@ -203,15 +203,19 @@ class Settings(BaseSettings):
         """`S3_ENDPOINT_URL=` (as a ConfigMap writes it) means AWS S3, not the URL ''."""
         return (value or "").strip() or None
 
-    def source_allowed(self, bucket: str) -> bool:
-        """Whether images may be read from `bucket`: RAW_BUCKET (Quarry's own shards) always;
-        others as SOURCE_BUCKETS says (OUTPUT_BUCKET, where other jobs' results are, only when
-        it names it)."""
-        if bucket == self.raw_bucket:
-            return True
+    @property
+    def source_rule(self) -> tuple[list[str], str | None]:
+        """Where images may be read from: (the buckets named: RAW_BUCKET, Quarry's own shards,
+        and those SOURCE_BUCKETS lists), and with `*` the one bucket refused among all others
+        (OUTPUT_BUCKET, where other jobs' results are), else None: only the named ones."""
         if self.source_buckets == "*":
-            return bucket != self.output_bucket
-        return bucket in self.source_buckets.split(",")
+            return [self.raw_bucket], self.output_bucket
+        return [self.raw_bucket, *self.source_buckets.split(",")], None
+
+    def source_allowed(self, bucket: str) -> bool:
+        """Whether images may be read from `bucket` (`source_rule`)."""
+        named, all_but = self.source_rule
+        return bucket in named or (all_but is not None and bucket != all_but)
 
     def refuse_source(self, uri: str) -> str | None:
         """Why an s3:// URI may not be read as a source (one line), or None."""
@@ -229,6 +233,11 @@ class Settings(BaseSettings):
             return self.celery_broker_url
         host = parts.netloc.rpartition("@")[2]
         return parts._replace(netloc=f"default:{quote(self.redis_password, safe='')}@{host}").geturl()
+
+    @property
+    def query_database_url(self) -> str:
+        """DATABASE_URL as user SQL connects: logged in as QUERY_ROLE."""
+        return login_url(self.database_url, self.query_role, self.query_role_password)
 
     @property
     def worker_database_url(self) -> str:

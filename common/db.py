@@ -216,9 +216,10 @@ def wait_for_schema(url: str, interval_s: float = 2.0) -> None:
     while True:
         try:
             with connect(url, autocommit=True) as conn:
-                if schema_version(conn) == SCHEMA_VERSION:
-                    return
-                reason = f"schema {schema_version(conn)}, not {SCHEMA_VERSION}"
+                version = schema_version(conn)
+            if version == SCHEMA_VERSION:
+                return
+            reason = f"schema {version}, not {SCHEMA_VERSION}"
         except (DatabaseUnavailable, psycopg.Error) as exc:
             reason = first_line(exc)
         if reason != said:

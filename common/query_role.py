@@ -16,7 +16,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from common.config import Settings, login_url
+from common.config import Settings
 from common.db import take_lock
 from common.errors import ConfigError
 
@@ -35,13 +35,9 @@ LEDGER = (
     "recorded_batches",
     "quarry_locks",
 )  # never readable
+ROLES_LOCK = "roles"  # a row of quarry_locks: one maintenance of Quarry's roles at a time
 # role attributes that would let a session escape: none of them may be set
 ROLE_ATTRIBUTES = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS"
-
-
-def query_role_url(database_url: str, role: str, password: str) -> str:
-    """DATABASE_URL with the query role as its user (and its password, when one is set)."""
-    return login_url(database_url, role, password)
 
 
 def ensure_query_role(conn: psycopg.Connection, settings: Settings, *, maintain: bool = False) -> None:
@@ -58,7 +54,7 @@ def ensure_query_role(conn: psycopg.Connection, settings: Settings, *, maintain:
     }
     name = sql.Identifier(role)
     with conn.transaction():
-        take_lock(conn, "roles")
+        take_lock(conn, ROLES_LOCK)
         found = conn.execute("SELECT rolconfig FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
         if found is None:
             create_role(conn, role)

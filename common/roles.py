@@ -23,10 +23,15 @@ from psycopg import sql
 
 from common.config import Settings
 from common.db import take_lock
-from common.query_role import ROLE_ATTRIBUTES, create_role, ensure_query_role, grant_dataset_reads
+from common.query_role import (
+    ROLE_ATTRIBUTES,
+    ROLES_LOCK,
+    create_role,
+    ensure_query_role,
+    grant_dataset_reads,
+)
 
 log = logging.getLogger(__name__)
-ROLES_LOCK = "roles"  # a row of quarry_locks: one maintenance of the roles at a time
 
 # what the pools' work needs: the ledger's chunk and item rows, liveness, and registering an
 # ingest's locations, shards and catalog rows; no DDL, no jobs created, no dispatchers
@@ -132,12 +137,13 @@ def ensure_process_role(conn: psycopg.Connection, role: ProcessRole, maintain: b
             except pg_errors.InsufficientPrivilege as exc:  # an owner with CREATEROLE, not SUPERUSER
                 level = logging.WARNING if maintain else logging.DEBUG
                 log.log(level, "role %s not updated: %s", role.name, exc.diag.message_primary)
-    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(name))
+    schema = conn.execute("SELECT has_schema_privilege(%s, 'public', 'USAGE')", (role.name,)).fetchone()
+    if not (schema and schema[0]):
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(name))
     for table, privileges in role.grants.items():
         if not has_privileges(conn, role.name, table, privileges):
             conn.execute(sql.SQL(f"GRANT {privileges} ON {{}} TO {{}}").format(sql.Identifier(table), name))
-    for sequence in owned_sequences(conn, [t for t, p in role.grants.items() if "INSERT" in p]):
-        conn.execute(sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(sql.Identifier(sequence), name))
+    grant_sequences(conn, role.name, [t for t, p in role.grants.items() if "INSERT" in p])
 
 
 def grant_dataset(conn: psycopg.Connection, settings: Settings, table: str) -> None:
@@ -159,8 +165,7 @@ def grant_dataset_writes(conn: psycopg.Connection, settings: Settings, table: st
         conn.execute(
             sql.SQL(f"GRANT {WORKER_DATASET_PRIVILEGES} ON {{}} TO {{}}").format(sql.Identifier(table), name)
         )
-    for sequence in owned_sequences(conn, [table]):
-        conn.execute(sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(sql.Identifier(sequence), name))
+    grant_sequences(conn, role, [table])
 
 
 def dataset_tables(conn: psycopg.Connection) -> list[str]:
@@ -169,15 +174,20 @@ def dataset_tables(conn: psycopg.Connection) -> list[str]:
     return [row[0] for row in rows]
 
 
-def owned_sequences(conn: psycopg.Connection, tables: list[str]) -> list[str]:
-    """The identity and serial sequences of `tables`."""
+def grant_sequences(conn: psycopg.Connection, role: str, tables: list[str]) -> None:
+    """USAGE for `role` on the identity and serial sequences of `tables` it lacks it on (an
+    insert takes the next id from them)."""
     rows = conn.execute(
         "SELECT s.relname FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'"
         " WHERE d.refobjid = ANY(SELECT to_regclass(t) FROM unnest(%s::text[]) t)"
-        " AND d.deptype IN ('a', 'i')",
-        (tables,),
-    )
-    return [row[0] for row in rows]
+        " AND d.deptype IN ('a', 'i')"  # the check only on sequences, whatever order the plan takes:
+        " AND CASE WHEN s.relkind = 'S' THEN NOT has_sequence_privilege(%s, s.oid, 'USAGE') END",
+        (tables, role),
+    ).fetchall()
+    for (sequence,) in rows:
+        conn.execute(
+            sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(sql.Identifier(sequence), sql.Identifier(role))
+        )
 
 
 def has_privileges(conn: psycopg.Connection, role: str, table: str, privileges: str) -> bool:

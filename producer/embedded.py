@@ -191,10 +191,11 @@ def servers(run_dir: Path) -> dict[str, tuple[Address, EmbeddedPostgres | Embedd
     }
 
 
-def generate_secrets(run_dir: Path) -> None:
+def generate_secrets() -> None:
     """The secrets the embedded servers and the local S3 server need, generated into the env
     file where no setting gives them: a Redis password (with the URL carrying it) when Redis
-    would be started here, S3 keys when none are set."""
+    would be started here, S3 keys when the stack would start its own S3 server (which takes any
+    key) and none are set. A server that answers is another's: its keys are the user's to give."""
     settings = get_settings()
     broker = redis_address(settings.celery_broker_url)
     if (
@@ -206,8 +207,8 @@ def generate_secrets(run_dir: Path) -> None:
         set_secret("CELERY_BROKER_URL", with_password(settings.celery_broker_url, new_secret()))
         print(f"Redis: a password generated into {env_file()} (CELERY_BROKER_URL)")
     s3 = urlsplit(settings.s3_endpoint_url or "")
-    local_s3 = s3.hostname in LOOPBACK  # the stack's own test server, which takes any key
-    if local_s3 and not settings.aws_access_key_id and not settings.aws_secret_access_key:
+    own_s3 = s3.hostname in LOOPBACK and not Address(s3.hostname or "", s3.port or 80).answers()
+    if own_s3 and not settings.aws_access_key_id and not settings.aws_secret_access_key:
         set_secret("AWS_ACCESS_KEY_ID", f"quarry-{new_secret()[:12]}")
         set_secret("AWS_SECRET_ACCESS_KEY", new_secret())
         print(f"S3: keys generated into {env_file()} (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
@@ -216,7 +217,7 @@ def generate_secrets(run_dir: Path) -> None:
 
 def up(run_dir: Path) -> None:
     """Start an embedded server for each loopback address where nothing answers."""
-    generate_secrets(run_dir)
+    generate_secrets()
     for name, (address, embedded) in servers(run_dir).items():
         marker = run_dir / f"embedded-{name.lower()}"
         if address.answers():

@@ -13,6 +13,7 @@ import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.config import Settings
 from common.datasets import Dataset, register_dataset
 from common.errors import ObjectMissing, UserError
 from common.ingest.manifest import (
@@ -58,9 +59,9 @@ def plan_manifest(
     if not files:
         raise UserError(f"{source}: no manifest files (.csv, .jsonl, .parquet) there")
     source_format = str(format_of(files[0]))  # the first file's: each unit reads by its own name
-    check_first_sources(store, source_format, files[0], request.image_column)  # before anything is written
+    schema, first = first_rows(store, source_format, files[0], set(request.overrides), request.image_column)
+    check_sources(store.settings, first, request.image_column, files[0])  # before anything is written
     objects = [stage(store, raw_bucket, request.name, name) for name in files]
-    schema = first_schema(store, source_format, objects[0][0], files[0], set(request.overrides))
     with conn.transaction():
         manifest_dataset(conn, request, schema, files[0], source_format)
     units = []
@@ -130,26 +131,15 @@ def stage(store: ObjectStore, bucket: str, dataset: str, name: str) -> tuple[str
     return f"s3://{bucket}/{key}", size, etag
 
 
-def first_schema(
-    store: ObjectStore, source_format: str, uri: str, name: str, text_columns: set[str]
-) -> pa.Schema:
-    """The columns of the first manifest file: Parquet's footer, or the first rows' inferred types."""
-    if source_format == "parquet":
-        bucket, key = parse_s3_uri(uri)
-        try:
-            return pq.ParquetFile(f"{bucket}/{key}", filesystem=store.arrow).schema_arrow
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise UserError(f"manifest {name}: not a Parquet file ({exc})") from exc
-    with local_copy(store, name) as path:
-        first = next(read_batches(path, name, source_format, text_columns, BadLines()), None)
-    if first is None:
-        raise UserError(f"manifest {name}: no rows")
-    return first.schema
+FIRST_ROWS = 1000  # a Parquet manifest's rows read to check its first images' buckets
 
 
-def check_first_sources(store: ObjectStore, source_format: str, name: str, image_column: str) -> None:
-    """UserError, before anything is recorded, when the manifest's first rows name images in a
-    bucket sources may not come from (later rows like them become failed locations, unread)."""
+def first_rows(
+    store: ObjectStore, source_format: str, name: str, text_columns: set[str], image_column: str
+) -> tuple[pa.Schema, pa.RecordBatch]:
+    """The columns of the first manifest file (Parquet's footer, or the first rows' inferred
+    types) and its first rows, in one read of it where it is (a local path or an s3:// object):
+    of a Parquet file, only the image column of its first FIRST_ROWS rows."""
     if source_format == "parquet":
         try:
             if name.startswith("s3://"):
@@ -157,18 +147,25 @@ def check_first_sources(store: ObjectStore, source_format: str, name: str, image
                 parquet = pq.ParquetFile(f"{bucket}/{key}", filesystem=store.arrow)
             else:
                 parquet = pq.ParquetFile(name)
-        except (pa.ArrowInvalid, OSError):
-            return  # not Parquet: first_schema says so
-        if image_column not in parquet.schema_arrow.names:
-            return
-        first = next(parquet.iter_batches(batch_size=1000, columns=[image_column]), None)
-    else:
-        with local_copy(store, name) as path:
-            first = next(read_batches(path, name, source_format, {image_column}, BadLines()), None)
-    if first is None or image_column not in first.schema.names:
-        return
-    for value in first.column(image_column).to_pylist():
-        if isinstance(value, str) and (refusal := store.settings.refuse_source(value)):
+            columns = [image_column] if image_column in parquet.schema_arrow.names else []
+            first = next(parquet.iter_batches(batch_size=FIRST_ROWS, columns=columns), None)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise UserError(f"manifest {name}: not a Parquet file ({exc})") from exc
+        return parquet.schema_arrow, first if first is not None else pa.record_batch([], names=[])
+    with local_copy(store, name) as path:
+        first = next(read_batches(path, name, source_format, text_columns, BadLines()), None)
+    if first is None:
+        raise UserError(f"manifest {name}: no rows")
+    return first.schema, first
+
+
+def check_sources(settings: Settings, rows: pa.RecordBatch, image_column: str, name: str) -> None:
+    """UserError when one of these manifest rows names an image in a bucket sources may not come
+    from (later rows like them become failed locations, unread)."""
+    if image_column not in rows.schema.names:
+        return  # manifest_dataset says so
+    for value in rows.column(image_column).to_pylist():
+        if isinstance(value, str) and (refusal := settings.refuse_source(value)):
             raise UserError(f"manifest {name}: {refusal}")
 
 

@@ -23,7 +23,7 @@ from common.config import Settings
 from common.db import connect, first_line
 from common.errors import QueryError
 from common.packed_ids import PackedIds
-from common.query_role import check_query_session, query_role_url
+from common.query_role import check_query_session
 
 INTEGER_TYPE_OIDS = frozenset({20, 21, 23})  # int8, int2, int4
 # keys of libpg_query's parse tree that mark a statement that writes or locks
@@ -40,8 +40,15 @@ WRITES = {
 # and signals are all volatile), and these volatile ones of pg_catalog, which only draw numbers,
 # read the clock or wait (docs/decisions.md, "User SQL").
 VOLATILE_ALLOWED = frozenset(
-    {"random", "gen_random_uuid", "clock_timestamp", "timeofday", "pg_sleep", "pg_sleep_for"}
-    | {"pg_sleep_until"}
+    {
+        "random",
+        "gen_random_uuid",
+        "clock_timestamp",
+        "timeofday",
+        "pg_sleep",
+        "pg_sleep_for",
+        "pg_sleep_until",
+    }
 )
 # every function of these names, in every schema, with whether one of them may not be called
 CALLABLE = """
@@ -134,8 +141,7 @@ def user_session(settings: Settings, snapshot: str | None = None) -> Iterator[ps
     """A READ ONLY, REPEATABLE READ transaction on a session logged in as the query role, limits
     set, in the exported `snapshot` when one is given (every reader of one selection sees the
     same catalog); QueryError for what the server refuses inside it."""
-    url = query_role_url(settings.database_url, settings.query_role, settings.query_role_password)
-    with connect(url, autocommit=True) as conn:
+    with connect(settings.query_database_url, autocommit=True) as conn:
         check_query_session(conn, settings.query_role)
         conn.read_only = True
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ

@@ -120,7 +120,7 @@ def add_object_locations(
     none, with something else, or in a bucket sources may not come from (SOURCE_BUCKETS) gets a
     location that says so (its items fail, unread)."""
     image = sql.Identifier(image_column)
-    listed = [] if settings.source_buckets == "*" else settings.source_buckets.split(",")
+    named, all_but = settings.source_rule
     conn.execute(
         sql.SQL(
             """INSERT INTO locations (dataset, id, uri, error)
@@ -133,8 +133,9 @@ def add_object_locations(
                       END
                FROM load l JOIN {table} c ON c.{match} = l.{match},
                LATERAL (SELECT substring(l.{image} FROM '^s3://([^/]+)/') AS name) n,
-               LATERAL (SELECT n.name AS name, n.name = %(raw)s OR n.name = ANY(%(listed)s)
-                               OR (%(any)s AND n.name IS DISTINCT FROM %(output)s) AS allowed) b
+               LATERAL (SELECT n.name AS name, n.name = ANY(%(named)s)
+                               OR n.name IS DISTINCT FROM %(all_but)s AND %(all_but)s IS NOT NULL
+                               AS allowed) b
                ON CONFLICT DO NOTHING"""
         ).format(
             id=sql.Identifier(dataset.id_column),
@@ -146,10 +147,8 @@ def add_object_locations(
             "dataset": dataset.id,
             "uri": S3_URI,
             "none": f"no image location (column {image_column} is empty)",
-            "raw": settings.raw_bucket,
-            "listed": listed,
-            "any": settings.source_buckets == "*",
-            "output": settings.output_bucket,
+            "named": named,
+            "all_but": all_but,
         },
     )
 

@@ -14,7 +14,6 @@ from common.config import Settings
 from common.errors import QuarryError
 from common.jobs import cancel_job, record_job
 from common.ledger import ItemResult, upsert_items
-from common.query_role import query_role_url
 from common.roles import GUARDED_BUILTINS
 from quarry import Quarry
 from tests.conftest import run_cli
@@ -32,7 +31,7 @@ def guarded(
     the canary whole, no job recorded."""
     db.execute("DROP TABLE IF EXISTS canary")
     db.execute("CREATE TABLE canary AS SELECT generate_series(1, 3) AS id")
-    reader_url = query_role_url(settings.database_url, settings.query_role, settings.query_role_password)
+    reader_url = settings.query_database_url
     with (
         psycopg.connect(ingested["DATABASE_URL"], autocommit=True, application_name=SENTINEL) as sentinel,
         psycopg.connect(reader_url, autocommit=True, application_name=READER_SENTINEL) as reader,
@@ -177,7 +176,7 @@ def test_the_server_refuses_the_guarded_built_ins_to_every_role_but_the_owner(
         assert db.execute(
             "SELECT has_function_privilege(%s, %s, 'EXECUTE')", (owner_name, function)
         ).fetchone() == (True,)
-    reader_url = query_role_url(settings.database_url, settings.query_role, settings.query_role_password)
+    reader_url = settings.query_database_url
     with psycopg.connect(reader_url, autocommit=True) as reader:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             reader.execute("SELECT pg_advisory_lock(1)")
