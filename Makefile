@@ -11,7 +11,7 @@ OVERLAY ?= example
 # `make model` trains on these folders (the committed model's data); empty: DATASET_PATH
 DATASET ?= $(wildcard ../shared/fashion-sample ../shared/fashion-train)
 
-.PHONY: help install build up down demo test lint docs model bench image k8s-render clean
+.PHONY: help install build up down demo test lint docs model bench peers image k8s-render clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
@@ -73,6 +73,17 @@ bench: install ## augmentation and inference benchmarks (albumentations as the b
 	$(BIN)/python -m bench.inference
 	$(BIN)/python -m bench.ledger_scale
 
+# bench.peers runs Daft and Ray Data from an environment of their own (never Quarry's dependencies)
+PEERS ?= .venv-peers
+$(PEERS)/bin/python:
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q 'daft==0.7.26' 'ray[data]==2.60.0' 'boto3>=1.34,<2' \
+	  'opencv-python-headless>=4.9,<6' 'pyarrow>=15,<26'
+
+peers: install $(PEERS)/bin/python ## Quarry against Daft and Ray Data on a real S3 server (bench.peers)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.peers
+
 image: ## build the image quarry:VERSION (RUNTIME=gpu: quarry:VERSION-gpu)
 	docker build --build-arg RUNTIME=$(RUNTIME) -t $(IMAGE):$(VERSION)$(if $(filter gpu,$(RUNTIME)),-gpu) .
 
@@ -80,4 +91,4 @@ k8s-render: ## print the Kubernetes manifests of deploy/k8s/overlays/$(OVERLAY) 
 	@kubectl kustomize deploy/k8s/overlays/$(OVERLAY)
 
 clean: down ## stop the stack and remove the virtualenv
-	rm -rf $(VENV) $(TOOLS) .run
+	rm -rf $(VENV) $(TOOLS) $(PEERS) .run

@@ -37,7 +37,7 @@ class Read:
     length: int | None
     sources: list[Source] = field(default_factory=list)
 
-    def slice_of(self, data: bytes | bytearray, source: Source) -> bytes:
+    def slice_of(self, data: bytes | bytearray | memoryview, source: Source) -> bytes:
         """A source's bytes out of this read's bytes."""
         if source.offset is None or source.length is None:
             return bytes(data)

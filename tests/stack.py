@@ -212,8 +212,17 @@ class Stack:
         return redis.Redis.from_url(self.env["CELERY_BROKER_URL"], socket_timeout=2)
 
     # --- Quarry's processes -------------------------------------------------------------
-    def start_pool(self, queue: str, wait: bool = True, env: dict[str, str] | None = None) -> None:
-        pool, concurrency = POOLS[queue]
+    def start_pool(
+        self,
+        queue: str,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        *,
+        pool: str | None = None,
+        concurrency: int | None = None,
+    ) -> None:
+        """Start a pool (the tests' POOLS, unless `pool` and `concurrency` say otherwise)."""
+        pool, concurrency = pool or POOLS[queue][0], concurrency or POOLS[queue][1]
         log = self.log_dir / f"worker-{queue}.log"
         ready_before = log.read_text().count(" ready.") if log.exists() else 0
         self.start(
