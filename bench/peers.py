@@ -20,6 +20,7 @@ Run: python -m bench.peers [--tiers sample,repeated,photographs] [--systems daft
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -34,9 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import boto3
 import cv2
+import kombu.utils.json
 import numpy as np
 import psutil
 import psycopg
@@ -45,10 +48,19 @@ import pyarrow.parquet as pq
 from botocore.config import Config
 
 from bench.photographs import jpeg_photographs
+from common.augment import parse_spec
+from common.augment.pipeline import Pipeline
+from common.augment.sizing import spec_floor
 from common.catalog import CatalogStats, RejectedLine, read_styles
+from common.config import Settings
 from common.db import connect, ensure_database
+from common.images import decode, encode
 from common.jobs import job_progress
+from common.jobspec import JobSpec
 from common.paths import default_dataset_path
+from common.sources import Source
+from common.storage import ObjectStore
+from common.transform import Output
 from producer import s3_gateway
 from tests.stack import BIN, Stack, free_port, wait_until
 
@@ -61,6 +73,7 @@ SIDE = 224
 # the local stack's pools (deploy/local/stack.sh): what `make up` gives a user
 POOLS = {"transform": ("prefork", 2), "upload": ("threads", 16), "inference": ("prefork", 1)}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+STEP_IMAGES = 1000  # images each step is timed over, alone (step_costs)
 BOUND_REQUESTS = 3000  # requests of each kind the bound is measured over
 
 
@@ -72,6 +85,7 @@ class Tier:
     selected: int = 0
     get_ms: float = 0.0
     put_ms: float = 0.0
+    ids: list[int] = field(default_factory=list)
     rates: dict[str, tuple[float, float]] = field(default_factory=dict)  # system: (img/s, server ms/img)
 
     @property
@@ -184,7 +198,7 @@ def store_tier(tier: Tier, s3: object, server: int) -> str:
                 batch = []
         list(pool.map(put, batch))
     tier.get_ms, tier.put_ms = request_costs(tier, ids[:BOUND_REQUESTS], s3, server)
-    tier.count = len(ids)
+    tier.count, tier.ids = len(ids), ids
     tier.selected = sum(category in CATEGORIES for category in categories)
     table = pa.table({"id": ids, "master_category": categories, "article_type": articles, "uri": uris})
     buffer = io.BytesIO()
@@ -210,6 +224,64 @@ def rendered(raw: bytes) -> bytes:
     image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
     small = cv2.resize(image, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
     return bytes(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 90])[1])
+
+
+def step_costs(tier: Tier, ids: list[int], env: dict[str, str]) -> dict[str, float]:
+    """CPU ms an image spends in each step of Quarry's files output, each step alone in this
+    process over `ids` (process CPU time, so obstore's own threads count): the GET and the PUT
+    with obstore (what the pools use) and boto3 (what they used before), decode, render and
+    encode with Quarry's functions, and the message (kombu's JSON there and back, with the
+    Redis transport's base64 of the body). The ledger's share is PostgreSQL's CPU in the run."""
+    endpoint = env["S3_ENDPOINT_URL"]
+    settings = Settings(s3_endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET)
+    store, client = ObjectStore(settings), s3_client(endpoint)
+    sources = [Source(f"s3://{RAW}/{tier.name}/{i}.jpg") for i in ids]
+    costs: dict[str, float] = {}
+
+    def timed(step: str, work: Callable[[], object]) -> object:
+        started = time.process_time()
+        result = work()
+        costs[step] = (time.process_time() - started) * 1000 / len(ids)
+        return result
+
+    raws = timed("fetch (obstore)", lambda: [store.read(source)[0] for source in sources])
+    timed(
+        "fetch (boto3)",
+        lambda: [client.get_object(Bucket=RAW, Key=f"{tier.name}/{i}.jpg")["Body"].read() for i in ids],  # type: ignore[attr-defined]
+    )
+    stages = parse_spec(f"resize({SIDE}, {SIDE})").stages
+    spec = JobSpec(job_id="steps", augment=stages, decode_floor=spec_floor(stages, False))
+    floor = (spec.decode_floor[0], spec.decode_floor[1]) if spec.decode_floor else None
+    pipeline = Pipeline.from_spec(spec.augment)
+    pixels = timed("decode", lambda: [decode(raw, floor, settings.image_max_pixels) for raw in raws])  # type: ignore[attr-defined]
+    rendered = timed("render", lambda: [pipeline.apply(p, seed=(0, 0, 0)) for p in pixels])  # type: ignore[attr-defined]
+    jpegs = timed("encode", lambda: [encode(image, "jpeg", spec.quality) for image in rendered])  # type: ignore[attr-defined]
+    outputs = [Output(i, 0, n, jpeg, "jpeg", "") for n, (i, jpeg) in enumerate(zip(ids, jpegs, strict=True))]
+    timed(
+        "message", lambda: [Output.from_message(m) for m in through_broker([o.to_message() for o in outputs])]
+    )
+    timed(
+        "PUT (obstore)",
+        lambda: [
+            store.put(OUT, f"steps/{o.image_id}.jpg", o.data, content_type="image/jpeg", metadata={})
+            for o in outputs
+        ],
+    )
+    timed(
+        "PUT (boto3)",
+        lambda: [client.put_object(Bucket=OUT, Key=f"steps/{o.image_id}.jpg", Body=o.data) for o in outputs],  # type: ignore[attr-defined]
+    )
+    return costs
+
+
+def through_broker(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as the upload task's argument travels: kombu's JSON, the Redis transport's base64
+    body, and back, one message of 64 outputs at a time."""
+    back: list[dict[str, Any]] = []
+    for start in range(0, len(messages), 64):
+        body = base64.b64encode(kombu.utils.json.dumps(messages[start : start + 64]).encode())
+        back += kombu.utils.json.loads(base64.b64decode(body))
+    return back
 
 
 def run_peer(system: str, tier: Tier, manifest: str, endpoint: str) -> float:
@@ -248,8 +320,10 @@ def run_quarry(stack: Stack, output: str, tier: Tier, profile: Path | None) -> f
         wait_until(lambda: job_progress(conn, job_id).ended, 3600, "the job", 0.1)  # type: ignore[union-attr]
         seconds = time.monotonic() - started
         end = job_progress(conn, job_id)
-    if spy:
+    if spy and profile:
         stop_profile(spy)
+        for pool, steps in profile_shares(profile).items():
+            print(f"    profile, {pool} pool: " + ", ".join(f"{k} {v:.0%}" for k, v in steps.items()))
     assert end is not None
     if end.failed or end.done != tier.selected:
         raise RuntimeError(f"quarry {output}: {end.done} done, {end.failed} failed of {tier.selected}")
@@ -279,6 +353,57 @@ def start_profile(stack: Stack, out: Path) -> list[subprocess.Popen[bytes]]:
         )
         for pool in ("transform", "upload")
     ]
+
+
+# where a sampled stack is, by the first of these (file:function) met from its leaf up
+STEPS = (
+    ("fetch", ("storage.py:ObjectStore.fetch", "storage.py:ObjectStore.read_many")),
+    ("decode", ("images.py:decode", "images.py:imdecode")),
+    ("encode", ("images.py:encode",)),
+    ("render", ("augment/",)),
+    ("PUT", ("storage.py:ObjectStore.put",)),
+    ("ledger", ("common/ledger.py", "common/db.py", "common/datasets.py", "common/liveness.py", "psycopg")),
+    ("message", ("kombu", "base.py:StageTask.hand_off", "json", "base64", "from_message", "to_message")),
+)
+
+
+# leaf frames of a thread waiting for work, which py-spy does not always see as idle
+WAITING = (
+    "thread.py:_worker",
+    "threading.py:Condition.wait",
+    "eventio.py:_epoll.poll",
+    "billiard/connection.py",
+)
+
+
+def located(frame: str) -> str:
+    """`file:function` of a py-spy frame `function (file:line)`."""
+    function, _, where = frame.partition(" (")
+    return f"{where.rsplit(':', 1)[0]}:{function}"
+
+
+def step_of(stack: str) -> str:
+    """The step of one py-spy stack (`function (file:line);...`, root first)."""
+    for frame in reversed(stack.split(";")):
+        for step, needles in STEPS:
+            if any(needle in located(frame) for needle in needles):
+                return step
+    return "other (Celery, task bookkeeping)"
+
+
+def profile_shares(folder: Path) -> dict[str, dict[str, float]]:
+    """Per pool, the share of its busy samples (py-spy leaves idle threads out) in each step."""
+    shares: dict[str, dict[str, float]] = {}
+    for path in sorted(folder.glob("*.txt")):
+        counts: dict[str, int] = {}
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if any(needle in located(stack.rsplit(";", 1)[-1]) for needle in WAITING):
+                continue
+            counts[step_of(stack)] = counts.get(step_of(stack), 0) + int(count)
+        total = sum(counts.values()) or 1
+        shares[path.stem] = {step: n / total for step, n in sorted(counts.items(), key=lambda kv: -kv[1])}
+    return shares
 
 
 def stop_profile(spies: list[subprocess.Popen[bytes]]) -> None:
@@ -343,7 +468,7 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=10, help="the `repeated` tier: the sample this many times"
     )
-    parser.add_argument("--photographs", type=int, default=1000, help="1,024-px photographs in that tier")
+    parser.add_argument("--photographs", type=int, default=2000, help="1,024-px photographs in that tier")
     parser.add_argument(
         "--profile", type=Path, help="py-spy the pools during Quarry's files run into this folder"
     )
@@ -392,6 +517,8 @@ def main() -> None:
                     profile = args.profile / name if args.profile and system == "files" else None
                     run = partial(run_quarry, stack, system, tier, profile)
                 measure(system, tier, run, server.pid)
+            costs = step_costs(tier, tier.ids[:STEP_IMAGES], stack.env)
+            print("  steps, CPU ms/img: " + ", ".join(f"{step} {ms:.3f}" for step, ms in costs.items()))
             report(tier)
     finally:
         stack.stop_all()
