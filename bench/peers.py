@@ -136,6 +136,8 @@ def process_label(process: psutil.Process) -> str:
         return "other"
     for needle, label in (
         ("juicefs", "S3 server"),
+        (": quarry_worker ", "PostgreSQL, the pools' sessions"),
+        (": quarry_dispatcher ", "PostgreSQL, the dispatcher's session"),
         ("postgres", "PostgreSQL"),
         ("redis-server", "Redis"),
         ("-Q transform", "transform pool"),
@@ -151,8 +153,8 @@ def process_label(process: psutil.Process) -> str:
 
 
 def cpu_by_label() -> dict[str, float]:
-    """CPU seconds used so far by every process on the machine, summed by `process_label` (a
-    process started later counts from zero; one that ended is lost: the runs keep theirs alive)."""
+    """CPU seconds used so far by every process on the machine, summed by `process_label`; what
+    a process's ended children used (PostgreSQL's backends, the peer jobs) counts as its own."""
     used: dict[str, float] = {}
     for process in psutil.process_iter():
         try:
@@ -161,8 +163,8 @@ def cpu_by_label() -> dict[str, float]:
         except psutil.Error:
             continue
         used[label] = used.get(label, 0.0) + times.user + times.system
-        if process.pid == os.getpid():  # the peer jobs and `producer run`, ended and waited for
-            used["peer job or CLI"] = times.children_user + times.children_system
+        ended = "peer job or CLI" if process.pid == os.getpid() else label
+        used[ended] = used.get(ended, 0.0) + times.children_user + times.children_system
     return used
 
 
