@@ -151,12 +151,23 @@ def pin_etags(conn: psycopg.Connection, dataset: str, etags: dict[int, str]) -> 
     """Record the ETag first read from objects registered without one: later reads must match."""
     if not etags:
         return
+    # `l.id = ANY` gives the planner the ids to look up even where the table has no statistics
     conn.execute(
         """UPDATE locations l SET etag = p.etag
-           FROM unnest(%s::bigint[], %s::text[]) AS p (id, etag), datasets d
-           WHERE d.name = %s AND l.dataset = d.id AND l.id = p.id AND l.etag IS NULL AND l.shard IS NULL""",
-        (list(etags), list(etags.values()), dataset),
+           FROM unnest(%s::bigint[], %s::text[]) AS p (id, etag)
+           WHERE l.dataset = (SELECT d.id FROM datasets d WHERE d.name = %s) AND l.id = ANY (%s::bigint[])
+             AND l.id = p.id AND l.etag IS NULL AND l.shard IS NULL""",
+        (list(etags), list(etags.values()), dataset, list(etags)),
     )
+
+
+def analyze_dataset(conn: psycopg.Connection, name: str) -> None:
+    """Fresh planner statistics for what an ingest loaded. Without them PostgreSQL plans a new
+    dataset's chunk-sized lookups and ETag pins as scans of all its rows, once per chunk (a first
+    job over 30,000 registered images spent 0.6 ms of PostgreSQL's CPU an image on them); its
+    autovacuum analyzes a table only after a fifth of it changed, or never where it is off.
+    ANALYZE reads a fixed sample, so this costs the same at any size."""
+    conn.execute(sql.SQL("ANALYZE locations, shards, {}").format(get_dataset(conn, name).table))
 
 
 def lookup_catalog(conn: psycopg.Connection, dataset: str, image_ids: list[int]) -> dict[int, dict[str, Any]]:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from psycopg import sql
 
 from common.catalog import COLUMNS, STYLE_TYPES, CatalogStats, RejectedLine, read_styles
-from common.datasets import FASHION, FORMATS, check_name, dataset_names, register_dataset
+from common.datasets import FASHION, FORMATS, analyze_dataset, check_name, dataset_names, register_dataset
 from common.errors import UserError
 from common.ingest.manifest import format_of
 from common.ingest.register import add_catalog_rows, load_rows
@@ -101,6 +101,7 @@ def ingest(
     conn.execute(
         "UPDATE datasets SET source = %s WHERE name = %s", (described(request.source), summary.dataset)
     )
+    analyze_dataset(conn, summary.dataset)
     return summary.finish()
 
 
