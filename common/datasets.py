@@ -166,8 +166,10 @@ def analyze_dataset(conn: psycopg.Connection, name: str) -> None:
     dataset's chunk-sized lookups and ETag pins as scans of all its rows, once per chunk (a first
     job over 30,000 registered images spent 0.6 ms of PostgreSQL's CPU an image on them); its
     autovacuum analyzes a table only after a fifth of it changed, or never where it is off.
-    ANALYZE reads a fixed sample, so this costs the same at any size."""
-    conn.execute(sql.SQL("ANALYZE locations, shards, {}").format(get_dataset(conn, name).table))
+    ANALYZE reads a fixed sample, so this costs the same at any size. Nothing when the ingest
+    left no such dataset."""
+    if name in dataset_names(conn):
+        conn.execute(sql.SQL("ANALYZE locations, shards, {}").format(get_dataset(conn, name).table))
 
 
 def lookup_catalog(conn: psycopg.Connection, dataset: str, image_ids: list[int]) -> dict[int, dict[str, Any]]:
