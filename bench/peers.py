@@ -451,15 +451,16 @@ def drop_database(stack: Stack) -> None:
 
 
 def versions() -> str:
+    gateway = subprocess.run([s3_gateway.juicefs_binary(), "version"], capture_output=True, text=True).stdout
+    server = f"S3: {gateway.strip()} gateway (SQLite metadata, local data folder)"
+    if not PEERS_PYTHON.exists():
+        return server
     peers = subprocess.run(
         [str(PEERS_PYTHON), "-c", "import daft, ray; print(daft.__version__, ray.__version__)"],
         capture_output=True,
         text=True,
     ).stdout.split()
-    gateway = subprocess.run([s3_gateway.juicefs_binary(), "version"], capture_output=True, text=True).stdout
-    return (
-        f"Daft {peers[0]}, Ray {peers[1]}, S3: {gateway.strip()} gateway (SQLite metadata, local data folder)"
-    )
+    return f"Daft {peers[0]}, Ray {peers[1]}, {server}"
 
 
 def main() -> None:
@@ -481,6 +482,8 @@ def main() -> None:
         "photographs": Tier("photographs", photograph_images(args.photographs), 0),
     }
     systems = args.systems.split(",")
+    if {"daft", "ray"} & set(systems) and not PEERS_PYTHON.exists():
+        sys.exit(f"no {PEERS_PYTHON}: `make .venv-peers` installs Daft and Ray Data there")
     root = Path(tempfile.mkdtemp(prefix="quarry-peers-"))
     server, endpoint = s3_gateway.start(root / "s3", free_port(), KEY, SECRET)
     s3 = s3_client(endpoint)
