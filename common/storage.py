@@ -375,15 +375,22 @@ def credentials(settings: Settings) -> dict[str, str]:
 
 def object_store(settings: Settings, bucket: str) -> S3Store:
     """An obstore client for `bucket` on the configured endpoint: the keys when set, else the AWS
-    credential chain as boto3 walks it (environment, profile, instance role, web identity);
-    path-style addressing, boto3's timeouts, 3 retries of a transient error."""
+    credential chain as boto3 walks it (environment, profile, instance role, web identity), and
+    unsigned requests where that chain finds nothing (a public bucket reads; a private one answers
+    403, one line); path-style addressing, boto3's timeouts, 3 retries of a transient error."""
     endpoint = settings.s3_endpoint_url
     keys = credentials(settings)
-    auth: dict[str, Any] = (
-        {"access_key_id": keys["aws_access_key_id"], "secret_access_key": keys["aws_secret_access_key"]}
-        if keys
-        else {"credential_provider": Boto3CredentialProvider(boto3.Session())}
-    )
+    session = boto3.Session()
+    auth: dict[str, Any]
+    if keys:
+        auth = {
+            "access_key_id": keys["aws_access_key_id"],
+            "secret_access_key": keys["aws_secret_access_key"],
+        }
+    elif session.get_credentials() is not None:
+        auth = {"credential_provider": Boto3CredentialProvider(session)}
+    else:
+        auth = {"skip_signature": True}
     return S3Store(
         bucket,
         endpoint=endpoint,

@@ -49,6 +49,10 @@ class SilentLink:
                 client.close()
                 continue
             self.sockets += [client, upstream]
+            if self.closed.is_set():  # close() ran meanwhile and may have missed these two
+                client.close()
+                upstream.close()
+                return
             number, self.opened = self.opened, self.opened + 1
             for pair in ((client, upstream, True), (upstream, client, False)):
                 threading.Thread(target=self._forward, args=(*pair, number), daemon=True).start()
@@ -70,6 +74,9 @@ class SilentLink:
                 sink.sendall(data)
         except OSError:  # closed
             pass
+        finally:  # one side ended: so does the connection, as across a real link
+            source.close()
+            sink.close()
 
     def _count(self, data: bytes) -> None:
         """Arm on the marker, count the client's sends after it, go silent on the last one."""
