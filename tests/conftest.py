@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -149,6 +150,19 @@ def ingested(test_env: dict[str, str], store: ObjectStore) -> dict[str, str]:
     """The vendored sample, ingested through the real CLI (a re-run only checks what is stored)."""
     run_cli("ingest", env=test_env)
     return test_env
+
+
+def boto3_client(settings: Settings) -> Any:
+    """A boto3 S3 client on the test server, as another tool would read what Quarry wrote."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=settings.aws_secret_access_key,
+        region_name=settings.aws_default_region,
+    )
 
 
 def run_cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-import boto3
 import pytest
 
 from common.config import Settings
 from common.errors import ObjectMissing, StorageError, StorageUnavailable
 from common.sources import Source
 from common.storage import ObjectStore
+from tests.conftest import boto3_client
 from tests.stack import free_port
 
 
@@ -22,14 +22,7 @@ def test_an_output_put_keeps_its_type_and_metadata_for_every_client(
     key, bucket = f"errors/{uuid.uuid4().hex}.jpg", settings.raw_bucket  # a bucket images may come from
     store.ensure_bucket(bucket)
     store.put(bucket, key, b"\xff\xd8jpeg", content_type="image/jpeg", metadata={"job-id": "j1"})
-    client = boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint_url,
-        aws_access_key_id=settings.aws_access_key_id,
-        aws_secret_access_key=settings.aws_secret_access_key,
-        region_name=settings.aws_default_region,
-    )
-    head = client.head_object(Bucket=bucket, Key=key)
+    head = boto3_client(settings).head_object(Bucket=bucket, Key=key)
     assert (head["ContentType"], head["Metadata"]) == ("image/jpeg", {"job-id": "j1"})
     assert store.get(bucket, key) == b"\xff\xd8jpeg"
     data, etag = store.read(Source(f"s3://{bucket}/{key}", etag=head["ETag"]))

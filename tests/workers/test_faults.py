@@ -23,7 +23,7 @@ from common.db import connect, ensure_database
 from common.jobs import JobProgress, job_progress
 from common.storage import ObjectStore
 from producer.watchdog import EXIT_STALLED
-from tests.conftest import BIN, run_cli
+from tests.conftest import BIN, boto3_client, run_cli
 from tests.partition import SilentLink
 from tests.stack import Stack, wait_until
 
@@ -269,15 +269,7 @@ def test_a_stopped_upload_pool_holds_redis_memory_down(stack: Stack, settings: S
 
 
 def store_sizes(settings: Settings, job_id: str) -> list[tuple[str, int]]:
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint_url,
-        aws_access_key_id=settings.aws_access_key_id,
-        aws_secret_access_key=settings.aws_secret_access_key,
-        region_name=settings.aws_default_region,
-    )
+    client = boto3_client(settings)
     sizes = []
     for page in client.get_paginator("list_objects_v2").paginate(
         Bucket=settings.output_bucket, Prefix=f"{job_id}/"
