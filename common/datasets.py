@@ -17,7 +17,9 @@ NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 RESERVED = frozenset(
     {"datasets", "shards", "locations", "images", "jobs", "job_chunks", "job_items", "dispatchers"}
     | {"schema_version", "predictions", "ingest_units", "holders", "holds", "recorded_batches"}
+    | {"quarry_locks", "model_outputs", "embedding_sets", "embeddings", "duplicates"}
 )
+RESERVED_PREFIX = "embeddings_"  # the tables of common/embeddings.py
 FASHION = "styles"  # the Kaggle archive's dataset (and table) name
 FORMATS = ("kaggle", "folder", "csv", "jsonl", "parquet", "webdataset")  # what `producer ingest` reads
 
@@ -52,7 +54,7 @@ def check_name(name: str, what: str = "dataset name") -> str:
         raise UserError(
             f"{what} {name!r}: use lower-case letters, digits and _ (at most 63, not a digit first)"
         )
-    if name in RESERVED:
+    if name in RESERVED or name.startswith(RESERVED_PREFIX):
         raise UserError(f"{what} {name!r} is one of Quarry's own tables; choose another")
     return name
 

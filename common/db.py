@@ -20,9 +20,10 @@ from common.errors import ConfigError, DatabaseUnavailable, LockConflict
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 SCHEMA_LOCK_ID = 0x51A7  # advisory lock serialising concurrent schema creation
-SCHEMA_VERSION = 6  # 2: the job ledger (chunk states, leases, counters); 3: datasets, locations;
+SCHEMA_VERSION = 7  # 2: the job ledger (chunk states, leases, counters); 3: datasets, locations;
 # 4: selections recorded while they run (jobs.recorded_at, recorder_pid, slicing, error; state failed),
-# holders and holds (liveness); 5: datasets.source; 6: quarry_locks (row locks instead of advisory)
+# holders and holds (liveness); 5: datasets.source; 6: quarry_locks (row locks instead of advisory);
+# 7: model_outputs, jobs.inferred, job_chunks.inferred_mask, embedding_sets
 MIN_POSTGRES = 14  # a floor chosen, not tested: 15 and 18 are the versions tested
 CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError)
 # Two transactions that wanted each other's locks (one is rolled back), a serialization failure,

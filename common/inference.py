@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cache, partial
 from typing import Any
 
@@ -16,7 +16,8 @@ from common.errors import PermanentError, QuarryError
 from common.images import decode
 from common.jobspec import JobSpec
 from common.ledger import ItemResult
-from common.model import Classifier
+from common.model import Classifier, Prediction
+from common.outputs import OutputCache, image_digest, no_cache, predict_once
 from common.shards import Shard
 from common.transform import Output
 
@@ -86,78 +87,134 @@ def refs_for(spec: JobSpec, outputs: Sequence[Output], results: Sequence[ItemRes
     return refs
 
 
+@dataclass
+class Inferred:
+    """A batch's item results, and the embeddings of the images the model read as stored."""
+
+    results: list[ItemResult]
+    embeddings: list[tuple[int, list[float], bytes]] = field(default_factory=list)  # id, vector, digest
+
+
+def as_stored(spec: JobSpec) -> Callable[[int], bool]:
+    """Whether the model reads a variant's image as stored (its embedding is the image's)."""
+    return lambda variant: spec.infer_on == "raw" or spec.is_passthrough(variant)
+
+
+def run_model(
+    classifier: Classifier, sources: Mapping[Any, bytes | QuarryError], top_k: int, decoder: Decoder
+) -> Callable[[list[Hashable]], dict[Hashable, Prediction | str]]:
+    """The model over some of `sources`: a Prediction for each, or why its image has none; a
+    transient storage error is raised (the task retries)."""
+
+    def run(keys: list[Hashable]) -> dict[Hashable, Prediction | str]:
+        pool = decoding_pool()
+        outputs: dict[Hashable, Prediction | str] = {}
+        ready: list[tuple[Hashable, np.ndarray]] = []
+        for key, image in zip(keys, pool.map(decoder, [sources[key] for key in keys]), strict=True):
+            if isinstance(image, PermanentError):
+                outputs[key] = f"inference: {image}"
+            else:
+                ready.append((key, image))
+        predictions = classifier.predict([image for _, image in ready], top_k, pool.map)
+        outputs.update((key, p) for (key, _), p in zip(ready, predictions, strict=True))
+        return outputs
+
+    return run
+
+
+def digests_of(sources: Mapping[Any, bytes | QuarryError]) -> dict[Hashable, bytes]:
+    return {key: image_digest(data) for key, data in sources.items() if not isinstance(data, QuarryError)}
+
+
 def infer_items(
     classifier: Classifier,
     refs: Sequence[ItemRef],
     fetch_many: Callable[[list[str]], dict[str, bytes | QuarryError]],
     top_k: int,
     decoder: Decoder = decoded,
-) -> list[ItemResult]:
-    """Classify every item in one batch; an unreadable image fails alone, a transient storage
-    error is raised for the task to retry."""
+    cache: OutputCache | None = None,
+    stored: Callable[[int], bool] = lambda variant: False,
+) -> Inferred:
+    """Classify every item in one batch (each image once; from `cache` where the model already
+    read the same bytes); an unreadable image fails alone, a transient storage error is raised
+    for the task to retry. Items whose variant is `stored` give their image's embedding."""
     fetched = fetch_many([ref.image_uri for ref in refs])
-    pool = decoding_pool()
-    results: list[ItemResult] = []
-    ready: list[tuple[ItemRef, np.ndarray]] = []
-    for ref, image in zip(refs, pool.map(decoder, [fetched[ref.image_uri] for ref in refs]), strict=True):
-        if isinstance(image, PermanentError):
-            results.append(
-                ItemResult(
-                    ref.image_id, ref.variant, ref.slot, "failed", ref.output_uri, error=f"inference: {image}"
-                )
+    cache = cache or OutputCache(no_cache, top_k, len(classifier.info.labels))
+    uris: list[Hashable] = list(dict.fromkeys(ref.image_uri for ref in refs))
+    digests = digests_of(fetched)
+    outputs, inferred = predict_once(uris, digests, cache, run_model(classifier, fetched, top_k, decoder))
+    run = Inferred([])
+    for ref in refs:
+        output = outputs[ref.image_uri]
+        if isinstance(output, str):
+            run.results.append(
+                ItemResult(ref.image_id, ref.variant, ref.slot, "failed", ref.output_uri, error=output)
             )
-        else:
-            ready.append((ref, image))
-    predictions = classifier.predict([image for _, image in ready], top_k, pool.map)
-    for (ref, _), prediction in zip(ready, predictions, strict=True):
-        results.append(
+            continue
+        ran = ref.image_uri in inferred
+        inferred.discard(ref.image_uri)  # counted once, on its first item
+        run.results.append(
             ItemResult(
                 ref.image_id,
                 ref.variant,
                 ref.slot,
                 "done",
                 ref.output_uri,
-                label=prediction.label,
-                score=prediction.score,
-                top_k=prediction.top_k,
+                label=output.label,
+                score=output.score,
+                top_k=output.top_k,
+                inferred=ran,
             )
         )
-    return results
+        if output.embedding is not None and stored(ref.variant):
+            run.embeddings.append((ref.image_id, output.embedding, digests[ref.image_uri]))
+    return run
 
 
 def classify_shard(
-    classifier: Classifier, shard: Shard, infer_on: str, top_k: int, decoder: Decoder = decoded
-) -> Shard:
+    classifier: Classifier,
+    shard: Shard,
+    infer_on: str,
+    top_k: int,
+    decoder: Decoder = decoded,
+    cache: OutputCache | None = None,
+    stored: Callable[[int], bool] = lambda variant: False,
+) -> tuple[Shard, Inferred]:
     """The final shard: each rendered sample's record gains the model's label, score and top-k
-    (from its own pixels, or its raw image's with `infer_on="raw"`, classified once per image);
-    an image the model cannot read fails alone. The staging-only raws are dropped."""
+    (from its own pixels, or its raw image's with `infer_on="raw"`, classified once per image; from
+    `cache` where the model already read the same bytes); an image the model cannot read fails
+    alone. The staging-only raws are dropped. Also which samples' items the model ran on
+    (`Inferred.results` holds only those, as done) and the embeddings of `stored` variants."""
     pending = [sample for sample in shard.samples if sample.image is not None]
-    sources: dict[object, bytes] = {}
+    sources: dict[Hashable, bytes | QuarryError] = {}
     for sample in pending:
         if infer_on == "raw":
             sources.setdefault(sample.image_id, shard.raws[sample.image_id][1])
         else:
             sources[sample.key] = sample.image  # type: ignore[assignment]
-    predictions: dict[object, Any] = {}
+    cache = cache or OutputCache(no_cache, top_k, len(classifier.info.labels))
+    digests = digests_of(sources)
     names = list(sources)
-    pool = decoding_pool()
+    outputs: dict[Hashable, Prediction | str] = {}
+    inferred: set[Hashable] = set()
+    model = run_model(classifier, sources, top_k, decoder)
     for start in range(0, len(names), SHARD_BATCH):
-        ready: list[tuple[object, np.ndarray]] = []
-        batch_names = names[start : start + SHARD_BATCH]
-        images = pool.map(decoder, [sources[name] for name in batch_names])
-        for name, image in zip(batch_names, images, strict=True):
-            if isinstance(image, PermanentError):
-                predictions[name] = f"inference: {image}"
-            else:
-                ready.append((name, image))
-        batch = classifier.predict([image for _, image in ready], top_k, pool.map)
-        predictions.update((name, p) for (name, _), p in zip(ready, batch, strict=True))
+        batch, ran = predict_once(names[start : start + SHARD_BATCH], digests, cache, model)
+        outputs.update(batch)
+        inferred |= ran
+    run = Inferred([])
     for sample in pending:
-        prediction = predictions[sample.image_id if infer_on == "raw" else sample.key]
+        name = sample.image_id if infer_on == "raw" else sample.key
+        prediction = outputs[name]
         if isinstance(prediction, str):
             sample.record["error"] = prediction  # the rendered image stays, as in `files` output
-        else:
-            sample.record.update(
-                label=prediction.label, score=round(prediction.score, 5), top_k=prediction.top_k
+            continue
+        sample.record.update(label=prediction.label, score=round(prediction.score, 5), top_k=prediction.top_k)
+        if name in inferred:
+            inferred.discard(name)
+            run.results.append(
+                ItemResult(sample.image_id, sample.variant, sample.slot, "done", inferred=True)
             )
-    return Shard(samples=shard.samples)
+        if prediction.embedding is not None and stored(sample.variant):
+            run.embeddings.append((sample.image_id, prediction.embedding, digests[name]))
+    return Shard(samples=shard.samples), run

@@ -28,6 +28,7 @@ class JobProgress:
     created_at: str = ""
     error: str | None = None  # why a failed job failed
     slicing: str | None = None  # how its selection was cut into slices, or why it was not
+    inferred: int | None = None  # images its model ran on (the rest from the catalog); None: no model
 
     @property
     def finished(self) -> bool:
@@ -47,6 +48,8 @@ class JobProgress:
             "failed": self.failed,
             "seconds": round(self.seconds, 3),
         }
+        if self.inferred is not None:
+            shown["inferred"] = self.inferred
         return shown | ({"error": self.error} if self.error else {})
 
 
@@ -106,20 +109,22 @@ SELECT j.id, CASE WHEN j.state = 'running' AND j.recorded_at IS NULL THEN 'recor
        extract(epoch FROM coalesce(j.finished_at, clock_timestamp()) - j.created_at),
        (j.chunks + coalesce(r.chunks, 0))::integer, coalesce(f.chunks, 0),
        to_char(j.created_at, 'YYYY-MM-DD HH24:MI:SS'),
-       j.error, j.slicing
+       j.error, j.slicing,
+       CASE WHEN j.spec ->> 'model' IS NOT NULL THEN j.inferred + coalesce(f.inferred, 0) END
 FROM jobs j LEFT JOIN LATERAL (
     -- what a recording job has committed so far (common/recording.py)
     SELECT sum(b.chunks) AS chunks, sum(b.items) AS items FROM recorded_batches b WHERE b.job_id = j.id
 ) r ON true LEFT JOIN LATERAL (
     -- items already recorded in the chunks now in flight (at most the dispatch budget)
-    SELECT sum(c.done) AS done, sum(c.failed) AS failed, count(*) AS chunks
+    SELECT sum(c.done) AS done, sum(c.failed) AS failed, count(*) AS chunks,
+           sum(bit_count(c.inferred_mask)) AS inferred
     FROM job_chunks c WHERE c.job_id = j.id AND c.state = 'dispatched'
 ) f ON true
 """
 
 
 def progress_from_row(row: tuple[Any, ...]) -> JobProgress:
-    job_id, state, total, done, failed, seconds, chunks, in_flight, created, error, slicing = row
+    job_id, state, total, done, failed, seconds, chunks, in_flight, created, error, slicing, inferred = row
     return JobProgress(
         str(job_id),
         state,
@@ -132,6 +137,7 @@ def progress_from_row(row: tuple[Any, ...]) -> JobProgress:
         created,
         error,
         slicing,
+        None if inferred is None else int(inferred),
     )
 
 
@@ -219,31 +225,33 @@ def retry_job(conn: psycopg.Connection, job_id: str) -> tuple[int, int]:
         counted = conn.execute(
             """
             WITH old AS (
-                SELECT chunk_index, state, done, failed FROM job_chunks
+                SELECT chunk_index, state, done, failed,
+                       coalesce(bit_count(inferred_mask), 0) AS inferred FROM job_chunks
                 WHERE job_id = %(job)s AND failed > 0 AND state <> 'dispatched'
                 ORDER BY chunk_index FOR UPDATE
             ), reset AS (
                 UPDATE job_chunks c SET state = 'pending', attempts = 0, started_by = NULL, failed = 0,
                     failed_mask = NULL, last_error = NULL, lease_until = NULL
                 FROM old WHERE c.job_id = %(job)s AND c.chunk_index = old.chunk_index
-                RETURNING old.state, old.done, old.failed
+                RETURNING old.state, old.done, old.failed, old.inferred
             )
             SELECT count(*), coalesce(sum(failed), 0),
                    coalesce(sum(done) FILTER (WHERE state = 'finished'), 0),
-                   coalesce(sum(failed) FILTER (WHERE state = 'finished'), 0)
+                   coalesce(sum(failed) FILTER (WHERE state = 'finished'), 0),
+                   coalesce(sum(inferred) FILTER (WHERE state = 'finished'), 0)
             FROM reset
             """,
             {"job": job_id},
         ).fetchone()
         assert counted is not None  # an aggregate always returns a row
-        chunks, items, done_back, failed_back = counted
+        chunks, items, done_back, failed_back, inferred_back = counted
         conn.execute("DELETE FROM job_items WHERE job_id = %s AND status = 'failed'", (job_id,))
         wake_dispatchers(conn)
         conn.execute(
-            """UPDATE jobs SET done = done - %s, failed = failed - %s, finished_at = NULL,
-                   state = 'running'
+            """UPDATE jobs SET done = done - %s, failed = failed - %s, inferred = inferred - %s,
+                   finished_at = NULL, state = 'running'
                WHERE id = %s""",
-            (done_back, failed_back, job_id),
+            (done_back, failed_back, inferred_back, job_id),
         )
         conn.execute(
             "UPDATE jobs SET state = 'finished', finished_at = clock_timestamp()"

@@ -27,6 +27,10 @@ class JobSpec:
     image_format: str | None = None  # None: keep the source format
     quality: int = 90
     model: str | None = None  # path or s3:// URI; None = no inference stage
+    model_name: str | None = None  # what --model was given (`default`): the embeddings' `model`
+    model_digest: str | None = None  # sha256 of the model file when the job started (common/outputs.py)
+    embedding_dimensions: int | None = None  # the model's embedding output's length, if it has one
+    embedding_set: int | None = None  # where its embeddings are recorded (common/embeddings.py)
     infer_on: InferOn = "augmented"
     top_k: int = 5
     item_rows: ItemRows = "all"  # job_items rows for every item, or for failures only

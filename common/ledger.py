@@ -37,6 +37,7 @@ class ItemResult:
     label: str | None = None
     score: float | None = None
     top_k: list[dict[str, Any]] | None = None
+    inferred: bool = False  # the model ran on its image (else its outputs came from the catalog)
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ def record_progress(
             return False
         row = conn.execute(
             """
-            SELECT items, done_mask, failed_mask FROM job_chunks
+            SELECT items, done_mask, failed_mask, inferred_mask FROM job_chunks
             WHERE job_id = %s AND chunk_index = %s AND state = 'dispatched'
             FOR UPDATE
             """,
@@ -194,9 +195,17 @@ def record_progress(
         ).fetchone()
         if row is None:
             return False
-        items, done_bits, failed_bits = row
+        items, done_bits, failed_bits, inferred_bits = row
         apply_results(
-            conn, ticket, items, bits_to_int(done_bits), bits_to_int(failed_bits), results, item_rows, lease_s
+            conn,
+            ticket,
+            items,
+            bits_to_int(done_bits),
+            bits_to_int(failed_bits),
+            results,
+            item_rows,
+            lease_s,
+            bits_to_int(inferred_bits),
         )
         return True
 
@@ -210,11 +219,15 @@ def apply_results(
     results: Sequence[ItemResult],
     item_rows: ItemRows,
     lease_s: int,
+    inferred: int = 0,
 ) -> None:
     """Merge results into a locked chunk's bitmaps; fold the counts into the job when it is full.
-    A done result wins over a failed one, whichever came first."""
+    A done result wins over a failed one, whichever came first; an item the model ran on counts
+    as inferred when it first becomes done (a re-sent message counts nothing again)."""
     for result in results:
         if result.status == "done":
+            if result.inferred and not (done >> result.slot) & 1:
+                inferred |= 1 << result.slot
             done |= 1 << result.slot
         else:
             failed |= 1 << result.slot
@@ -227,6 +240,7 @@ def apply_results(
     conn.execute(
         """
         UPDATE job_chunks SET done_mask = %s::varbit, failed_mask = %s::varbit, done = %s, failed = %s,
+            inferred_mask = %s::varbit,
             state = CASE WHEN %s THEN 'finished' ELSE state END, lease_until = now() + %s::interval
         WHERE job_id = %s AND chunk_index = %s
         """,
@@ -235,6 +249,7 @@ def apply_results(
             int_to_bits(failed, items),
             n_done,
             n_failed,
+            int_to_bits(inferred, items),
             finished,
             lease(lease_s),
             ticket.job_id,
@@ -244,14 +259,14 @@ def apply_results(
     if finished:
         conn.execute(
             """
-            UPDATE jobs SET done = done + %s, failed = failed + %s,
+            UPDATE jobs SET done = done + %s, failed = failed + %s, inferred = inferred + %s,
                 state = CASE WHEN done + failed + %s >= total AND recorded_at IS NOT NULL
                              THEN 'finished' ELSE state END,
                 finished_at = CASE WHEN done + failed + %s >= total AND recorded_at IS NOT NULL
                                    THEN clock_timestamp() END
             WHERE id = %s
             """,
-            (n_done, n_failed, n_done + n_failed, n_done + n_failed, ticket.job_id),
+            (n_done, n_failed, inferred.bit_count(), n_done + n_failed, n_done + n_failed, ticket.job_id),
         )
 
 
@@ -320,7 +335,7 @@ def fail_exhausted(conn: psycopg.Connection, max_attempts: int, lease_s: int) ->
     rows = conn.execute(
         """
         SELECT c.job_id, c.chunk_index, c.dispatches, c.attempts, c.image_ids, c.items, c.done_mask,
-               c.failed_mask, c.last_error, j.spec ->> 'item_rows'
+               c.failed_mask, c.last_error, j.spec ->> 'item_rows', c.inferred_mask
         FROM job_chunks c JOIN jobs j ON j.id = c.job_id
         WHERE j.id = ANY (%s) AND c.state = 'dispatched' AND c.lease_until < now()
           AND c.started_by IS NOT NULL AND c.attempts >= %s
@@ -340,6 +355,7 @@ def fail_exhausted(conn: psycopg.Connection, max_attempts: int, lease_s: int) ->
         failed_bits,
         last_error,
         item_rows,
+        inferred_bits,
     ) in rows:
         why = last_error or f"no stage finished it within the {lease_s} s lease"
         error = f"gave up after {attempts} attempts: {why}"
@@ -351,22 +367,38 @@ def fail_exhausted(conn: psycopg.Connection, max_attempts: int, lease_s: int) ->
             if not ((done | failed) >> slot) & 1
         ]
         ticket = Ticket(str(job_id), chunk, dispatch)
-        apply_results(conn, ticket, items, done, failed, results, item_rows or "all", lease_s)
+        apply_results(
+            conn,
+            ticket,
+            items,
+            done,
+            failed,
+            results,
+            item_rows or "all",
+            lease_s,
+            bits_to_int(inferred_bits),
+        )
     return len(rows)
 
 
 def claim_chunks(conn: psycopg.Connection, job_id: str, count: int, lease_s: int) -> list[tuple[int, int]]:
-    """Mark up to `count` pending chunks of a job dispatched; (chunk index, dispatch) of each."""
+    """Mark up to `count` pending chunks of a job dispatched; (chunk index, dispatch) of each.
+    The chunks are picked once (MATERIALIZED): as the inner side of a nested loop, a locking
+    subquery is run again for each outer row, and each run skips the rows the update already
+    moved and takes the next ones, so the LIMIT held for none of them (PostgreSQL 18 plans it so)."""
     rows = conn.execute(
         """
+        WITH p AS MATERIALIZED (
+            SELECT chunk_index FROM job_chunks WHERE job_id = %s AND state = 'pending'
+            ORDER BY chunk_index LIMIT %s FOR UPDATE SKIP LOCKED
+        )
         UPDATE job_chunks c SET state = 'dispatched', dispatches = c.dispatches + 1, started_by = NULL,
             lease_until = now() + %s::interval
-        FROM (SELECT chunk_index FROM job_chunks WHERE job_id = %s AND state = 'pending'
-              ORDER BY chunk_index LIMIT %s FOR UPDATE SKIP LOCKED) p
+        FROM p
         WHERE c.job_id = %s AND c.chunk_index = p.chunk_index
         RETURNING c.chunk_index, c.dispatches
         """,
-        (lease(lease_s), job_id, count, job_id),
+        (job_id, count, lease(lease_s), job_id),
     ).fetchall()
     return sorted((int(index), int(dispatch)) for index, dispatch in rows)
 

@@ -6,6 +6,8 @@ Any ONNX model that carries these metadata_props can be served:
                       "channel_order": "RGB"|"BGR", "mean": [3 floats], "std": [3 floats]}
                      pixels are scaled to [0, 1] before mean/std; the input is NCHW float32
   quarry.hierarchy   optional JSON {label: [master_category, sub_category]}
+  quarry.embedding   optional: the name of a second output, N x D float32, each image's
+                     embedding (recorded in the catalog's `embeddings`; docs/content.md)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 LABELS_KEY = "quarry.labels"
 PREPROCESS_KEY = "quarry.preprocess"
 HIERARCHY_KEY = "quarry.hierarchy"
+EMBEDDING_KEY = "quarry.embedding"
 CUDA = "CUDAExecutionProvider"
 PREFERRED_PROVIDERS = (CUDA, "CPUExecutionProvider")
 Mapper = Callable[[Callable[[np.ndarray], np.ndarray], Iterable[np.ndarray]], Iterator[np.ndarray]]
@@ -117,6 +120,7 @@ class Prediction:
     label: str
     score: float
     top_k: list[dict[str, Any]]
+    embedding: list[float] | None = None  # the model's embedding output, where it declares one
 
 
 @dataclass(frozen=True)
@@ -126,10 +130,15 @@ class ModelInfo:
     labels: list[str]
     preprocess: Preprocess
     hierarchy: dict[str, list[str]]
+    embedding: str | None = None  # the output holding each image's embedding
+    dimensions: int | None = None  # its length
 
 
 def read_metadata(
-    metadata: dict[str, str], input_shape: Sequence[Any], output_shape: Sequence[Any]
+    metadata: dict[str, str],
+    input_shape: Sequence[Any],
+    output_shape: Sequence[Any],
+    other_outputs: dict[str, Sequence[Any]] | None = None,
 ) -> ModelInfo:
     """Check a model's metadata against its input and output shapes."""
     missing = [key for key in (LABELS_KEY, PREPROCESS_KEY) if key not in metadata]
@@ -158,7 +167,14 @@ def read_metadata(
     classes = output_shape[-1] if output_shape else None
     if isinstance(classes, int) and classes != len(labels):
         raise ModelError(f"model has {classes} outputs but {len(labels)} labels")
-    return ModelInfo(labels, preprocess, hierarchy)
+    embedding = metadata.get(EMBEDDING_KEY) or None
+    dimensions = None
+    if embedding is not None:
+        shape = (other_outputs or {}).get(embedding)
+        if shape is None:
+            raise ModelError(f"metadata {EMBEDDING_KEY} names {embedding!r}, which is not one of its outputs")
+        dimensions = shape[-1] if len(shape) == 2 and isinstance(shape[-1], int) else None
+    return ModelInfo(labels, preprocess, hierarchy, embedding, dimensions)
 
 
 class Classifier:
@@ -185,22 +201,30 @@ class Classifier:
         self.provider = self.session.get_providers()[0]
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
+        outputs = self.session.get_outputs()
         self.info = read_metadata(
             self.session.get_modelmeta().custom_metadata_map,
             model_input.shape,
-            self.session.get_outputs()[0].shape,
+            outputs[0].shape,
+            {output.name: output.shape for output in outputs[1:]},
         )
+        self.output_names = [outputs[0].name] + ([self.info.embedding] if self.info.embedding else [])
+        self.digest = model_digest(model)
         log.info("model loaded: %d labels, running on %s", len(self.info.labels), self.provider)
 
     def logits(self, tensor: np.ndarray) -> np.ndarray:
         """Raw model outputs for one preprocessed batch."""
-        return self.session.run(None, {self.input_name: tensor})[0]
+        return self.session.run(self.output_names[:1], {self.input_name: tensor})[0]
 
     def predict(self, images: Sequence[np.ndarray], top_k: int = 5, mapper: Mapper = map) -> list[Prediction]:
         """Top-k labels with softmax scores for BGR uint8 images (`mapper`: see `Preprocess.tensor`)."""
         if not images:
             return []
-        probabilities = softmax(self.logits(self.info.preprocess.tensor(images, mapper)))
+        outputs = self.session.run(
+            self.output_names, {self.input_name: self.info.preprocess.tensor(images, mapper)}
+        )
+        probabilities = softmax(outputs[0])
+        embeddings = outputs[1].tolist() if len(outputs) > 1 else [None] * len(probabilities)
         k = min(top_k, probabilities.shape[1])
         best = np.argsort(-probabilities, axis=1)[:, :k]
         labels = self.info.labels
@@ -209,9 +233,22 @@ class Classifier:
                 labels[row[0]],
                 float(probs[row[0]]),
                 [{"label": labels[i], "score": round(float(probs[i]), 5)} for i in row],
+                embedding,
             )
-            for row, probs in zip(best, probabilities, strict=True)
+            for row, probs, embedding in zip(best, probabilities, embeddings, strict=True)
         ]
+
+
+def model_digest(model: str | Path | bytes) -> str:
+    """The sha256 of a model's bytes (hex): what its outputs are cached under (common/outputs.py)."""
+    digest = hashlib.sha256()
+    if isinstance(model, bytes):
+        digest.update(model)
+        return digest.hexdigest()
+    with open(model, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -34,6 +34,8 @@ LEDGER = (
     "holds",
     "recorded_batches",
     "quarry_locks",
+    "model_outputs",
+    "embedding_sets",
 )  # never readable
 ROLES_LOCK = "roles"  # a row of quarry_locks: one maintenance of Quarry's roles at a time
 # role attributes that would let a session escape: none of them may be set

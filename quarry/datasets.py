@@ -11,9 +11,11 @@ import psycopg
 from psycopg import sql
 
 from common.datasets import get_dataset
+from common.embeddings import drop_dataset_sets
 from common.errors import UserError
 
 if TYPE_CHECKING:
+    from common.config import Settings
     from common.storage import ObjectStore
 
 # where Quarry puts a dataset's objects in RAW_BUCKET: packed image folders, uploaded local
@@ -68,12 +70,12 @@ def list_datasets(conn: psycopg.Connection) -> list[DatasetInfo]:
     return found
 
 
-def drop_dataset(conn: psycopg.Connection, store: ObjectStore, name: str, raw_bucket: str) -> int:
+def drop_dataset(conn: psycopg.Connection, store: ObjectStore, name: str, settings: Settings) -> int:
     """Remove a dataset: its table, its locations, its shards' records, its ingest units (a later
     ingest of the same sources registers them again), and exactly the objects Quarry wrote for
-    it: the shards and staged files those records name, in `raw_bucket` under the dataset's own
-    prefixes, that no other dataset still references. Sources registered where they are stay.
-    UserError while a job on it runs. How many objects were deleted."""
+    it: the shards and staged files those records name, in RAW_BUCKET under the dataset's own
+    prefixes, that no other dataset still references; and its embeddings. Sources registered
+    where they are stay. UserError while a job on it runs. How many objects were deleted."""
     with conn.transaction():
         dataset = get_dataset(conn, name)
         conn.execute("SELECT FROM datasets WHERE id = %s FOR UPDATE", (dataset.id,))
@@ -108,10 +110,12 @@ def drop_dataset(conn: psycopg.Connection, store: ObjectStore, name: str, raw_bu
             )
         }
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(dataset.table))
+        drop_dataset_sets(conn, settings, name)
     from common.storage import parse_s3_uri  # boto3 loads only when something is deleted
 
     written = removed | {source for source, _ in units if source not in still_used}
     written |= {companion for source, companion in units if companion and source not in still_used}
+    raw_bucket = settings.raw_bucket
     own = tuple(f"s3://{raw_bucket}/{prefix}/{name}/" for prefix in QUARRY_PREFIXES)
     deleted = 0
     for uri in sorted(uri for uri in written if uri.startswith(own)):

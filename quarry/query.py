@@ -153,12 +153,16 @@ def user_session(settings: Settings, snapshot: str | None = None) -> Iterator[ps
                     sql.Literal(f"{settings.query_timeout_s}s"), sql.Literal(settings.query_work_mem)
                 )
             )
+            conn.execute(VECTOR_SEARCH)
             try:
                 yield conn
             except psycopg.Error as exc:
                 raise translate(exc, settings.query_timeout_s) from exc
 
 
+# a similarity search with a WHERE returns its whole LIMIT: pgvector's HNSW scan goes on past
+# ef_search candidates until enough rows pass the filter, in exact distance order (docs/content.md)
+VECTOR_SEARCH = "SET LOCAL hnsw.iterative_scan = strict_order"
 PROBE = "SELECT q.id FROM ({body}) AS q LIMIT %(none)s"
 # A bounded slice: its distinct ids as one sorted bigint[] (read as PackedIds, cut into chunks by
 # the recorder). The range is on the query's own output, so it holds whatever the query is; the

@@ -26,6 +26,7 @@ from common.datasets import lookup_locations
 from common.db import connect, ensure_database, ensure_schema
 from common.roles import ensure_roles
 from common.storage import ObjectStore
+from tests.postgres import pg_url
 from tests.stack import RequestLog, Stack, start_moto
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
@@ -67,7 +68,7 @@ def test_env(s3_endpoint: str) -> Iterator[dict[str, str]]:
     """Environment for this test session; the database is created here and dropped after."""
     name = f"quarry_test_{uuid.uuid4().hex[:8]}"
     env = {
-        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
+        "DATABASE_URL": pg_url(name),
         "CELERY_BROKER_URL": f"redis://127.0.0.1:6379/{TEST_REDIS_DB}",
         "S3_ENDPOINT_URL": s3_endpoint,
         "AWS_ACCESS_KEY_ID": "quarry-tests",  # the test server takes any key; Quarry ships none
@@ -92,7 +93,7 @@ def test_env(s3_endpoint: str) -> Iterator[dict[str, str]]:
             os.environ[key] = value
     get_settings.cache_clear()
     redis.Redis.from_url(env["CELERY_BROKER_URL"]).flushdb()
-    with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+    with connect(pg_url("postgres"), autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     shutil.rmtree(env["MODEL_CACHE_DIR"], ignore_errors=True)
 

@@ -20,6 +20,7 @@ from torch import nn
 from common.config import get_settings
 from common.model import HIERARCHY_KEY, LABELS_KEY, PREPROCESS_KEY, Preprocess
 from training.dataset import is_held_out, label_set, load_examples, load_pixels
+from training.embedding_output import add_embedding_output
 from training.evaluate import evaluate_onnx, write_card
 
 PREPROCESS = Preprocess(
@@ -139,6 +140,7 @@ def export(model: nn.Module, labels: list[str], hierarchy: dict[str, list[str]],
     ):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
+    add_embedding_output(proto)  # the penultimate layer, for `embeddings` (docs/content.md)
     onnx.save(proto, str(out))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from functools import lru_cache, partial
 from multiprocessing import get_context
 from pathlib import Path
@@ -13,11 +14,13 @@ from typing import Any
 from celery.signals import celeryd_after_setup
 
 from common.config import get_settings
-from common.errors import QuarryError
-from common.inference import ItemRef, classify_shard, infer_items, model_decoder
+from common.embeddings import record_embeddings
+from common.errors import ModelError, QuarryError
+from common.inference import Inferred, ItemRef, as_stored, classify_shard, infer_items, model_decoder
 from common.jobspec import JobSpec
 from common.ledger import Ticket
 from common.model import Classifier, locate_model, require_cuda
+from common.outputs import OutputCache, cached_outputs, no_cache, store_outputs
 from common.paths import MODELS_DIR
 from common.shards import read_tar, shard_key, store_shard
 from common.sources import Source
@@ -43,10 +46,30 @@ class InferenceTask(StageTask):
         return fetched
 
     @lru_cache(maxsize=2)  # noqa: B019 - one task instance per process; models are few
-    def classifier(self, reference: str) -> Classifier:
-        """The model, loaded once per process and kept."""
+    def classifier(self, reference: str, digest: str | None) -> Classifier:
+        """The model the job started with, loaded once per process and kept; ModelError when the
+        file now holds other bytes (its outputs would be recorded under the wrong model)."""
         path = locate_model(reference, MODELS_DIR, Path(self.settings.model_cache_dir), lambda: self.store)
-        return require_cuda(path) if self.settings.require_gpu else Classifier(path)
+        classifier = require_cuda(path) if self.settings.require_gpu else Classifier(path)
+        if digest is not None and classifier.digest != digest:
+            raise ModelError(f"the model {reference} changed since the job started: run the job again")
+        return classifier
+
+    def output_cache(self, spec: JobSpec, classifier: Classifier) -> OutputCache:
+        """The catalog's outputs of this model (none for a job from before schema 7)."""
+        if spec.model_digest is None:
+            return OutputCache(no_cache, spec.top_k, len(classifier.info.labels))
+        model = bytes.fromhex(spec.model_digest)
+        return OutputCache(
+            lambda images: self.ledger(cached_outputs, model, images), spec.top_k, len(classifier.info.labels)
+        )
+
+    def keep(self, spec: JobSpec, cache: OutputCache, run: Inferred) -> None:
+        """Store what the model computed, and the embeddings of the images it read as stored."""
+        if spec.model_digest is not None:
+            self.ledger(store_outputs, bytes.fromhex(spec.model_digest), cache.new)
+        if spec.embedding_set is not None:
+            self.ledger(record_embeddings, spec.embedding_set, run.embeddings)
 
 
 @app.task(base=InferenceTask, bind=True, name=INFERENCE)
@@ -62,16 +85,20 @@ def infer_batch(
     assert spec.model, "inference tasks are only sent for jobs with a model"
     if not self.is_live(ticket):
         return 0
-    classifier = self.classifier(spec.model)
-    results = infer_items(
+    classifier = self.classifier(spec.model, spec.model_digest)
+    cache = self.output_cache(spec, classifier)
+    run = infer_items(
         classifier,
         [ItemRef.from_message(ref) for ref in refs],
         partial(self.fetch_many, job_id=spec.job_id),
         spec.top_k,
         model_decoder(classifier, spec.exact_decode, self.settings.image_max_pixels),
+        cache,
+        as_stored(spec),
     )
-    self.record(spec, ticket, results)
-    return sum(result.status == "done" for result in results)
+    self.keep(spec, cache, run)
+    self.record(spec, ticket, run.results)
+    return sum(result.status == "done" for result in run.results)
 
 
 @app.task(base=InferenceTask, bind=True, name=INFERENCE_SHARD)
@@ -97,15 +124,21 @@ def infer_shard(
         return 0
     started = time.monotonic()
     bucket = self.settings.output_bucket
-    classifier = self.classifier(spec.model)
-    shard = classify_shard(
+    classifier = self.classifier(spec.model, spec.model_digest)
+    cache = self.output_cache(spec, classifier)
+    shard, run = classify_shard(
         classifier,
         read_tar(self.store.get(bucket, staging_key)),
         spec.infer_on,
         spec.top_k,
         model_decoder(classifier, spec.exact_decode, self.settings.image_max_pixels),
+        cache,
+        as_stored(spec),
     )
     results = store_shard(self.store, bucket, spec, ticket.chunk, shard, time.monotonic() - started)
+    ran = {result.slot for result in run.results}
+    results = [replace(result, inferred=result.slot in ran) for result in results]
+    self.keep(spec, cache, run)
     self.record(spec, ticket, results)
     self.store.delete(bucket, staging_key)
     return len(results)

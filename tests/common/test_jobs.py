@@ -28,6 +28,7 @@ from common.ledger import (
 )
 from producer.dispatch import RunningJob, allocate, claim
 from quarry.submit import submit_job
+from tests.postgres import pg_url
 
 LEASE = 60
 
@@ -212,7 +213,7 @@ def test_a_database_with_pre_ledger_job_tables_is_refused_in_one_line(settings: 
             with pytest.raises(ConfigError, match="drop tables job_items, job_chunks, jobs"):
                 ensure_schema(conn)
     finally:
-        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        with psycopg.connect(pg_url("postgres"), autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 

@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from common.db import SCHEMA_VERSION, connect, ensure_database, ensure_schema
+from tests.postgres import pg_url
 
 V2_IMAGES = """
 CREATE TABLE schema_version (version integer NOT NULL);
@@ -26,12 +27,12 @@ INSERT INTO images (id, raw_key, size_bytes, width, height, checksum, status, er
 @pytest.fixture
 def v2_database() -> Iterator[psycopg.Connection]:
     name = f"quarry_v2_{uuid.uuid4().hex[:8]}"
-    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    url = pg_url(name)
     ensure_database(url)
     with connect(url, autocommit=True) as conn:
         conn.execute(V2_IMAGES)
         yield conn
-    with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+    with connect(pg_url("postgres"), autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 

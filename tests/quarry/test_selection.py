@@ -22,6 +22,7 @@ from quarry.query import user_session
 from quarry.record import Recording
 from quarry.submit import start_job, submit_job
 from tests.conftest import run_cli
+from tests.postgres import pg_url
 from tests.stack import BIN, wait_until
 
 DATASET = "sliced"
@@ -45,7 +46,7 @@ def private(test_env: dict[str, str]) -> Iterator[tuple[Settings, dict[str, str]
     """A database of this module's own, with the dataset: the session's dispatcher and pools
     (started by earlier modules) must not take these jobs' chunks."""
     name = f"quarry_selection_{uuid.uuid4().hex[:8]}"
-    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    url = pg_url(name)
     ensure_database(url)
     settings = get_settings().model_copy(update={"database_url": url})
     with connect(url, autocommit=True) as conn:
@@ -53,7 +54,7 @@ def private(test_env: dict[str, str]) -> Iterator[tuple[Settings, dict[str, str]
         ensure_roles(conn, settings)
         make_dataset(conn)
     yield settings, {**test_env, "DATABASE_URL": url}
-    with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+    with connect(pg_url("postgres"), autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 

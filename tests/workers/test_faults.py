@@ -25,6 +25,7 @@ from common.storage import ObjectStore
 from producer.watchdog import EXIT_STALLED
 from tests.conftest import BIN, boto3_client, run_cli
 from tests.partition import SilentLink
+from tests.postgres import pg_port, pg_url
 from tests.stack import Stack, wait_until
 
 pytestmark = pytest.mark.slow
@@ -42,14 +43,14 @@ def fault_env(test_env: dict[str, str], store: ObjectStore) -> Iterator[dict[str
     name = f"quarry_fault_{uuid.uuid4().hex[:8]}"
     env = {
         **test_env,
-        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
+        "DATABASE_URL": pg_url(name),
         "CHUNK_LEASE_S": str(LEASE_S),
         "DISPATCH_INTERVAL_S": "0.2",
     }
     ensure_database(env["DATABASE_URL"])
     run_cli("ingest", env=env)
     yield env
-    with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+    with connect(pg_url("postgres"), autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
@@ -176,7 +177,7 @@ def test_postgresql_connections_terminated_for_10_s_lose_nothing(
     wait_for_progress(stack, job_id, 40)
     database = stack.env["DATABASE_URL"].rsplit("/", 1)[1]
     terminated = 0
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+    with psycopg.connect(pg_url("postgres"), autocommit=True) as admin:
         storm_ends = time.monotonic() + 10
         while time.monotonic() < storm_ends:
             terminated += admin.execute(
@@ -359,9 +360,11 @@ def test_a_dispatcher_cut_off_mid_claim_exits_and_its_successor_finishes_the_job
     stall_s = 5
     stack.env["DISPATCH_BUDGET_CHUNKS"] = "4"
     stack.env["DISPATCH_STALL_S"] = str(stall_s)
-    link = SilentLink(("127.0.0.1", 5432))
+    link = SilentLink(("127.0.0.1", pg_port()))
     try:
-        through_link = stack.env["DATABASE_URL"].replace(":5432/", f":{link.port}/") + "?sslmode=disable"
+        through_link = (
+            stack.env["DATABASE_URL"].replace(f":{pg_port()}/", f":{link.port}/") + "?sslmode=disable"
+        )
         stack.start_pools()
         stack.start_dispatcher("dispatcher-cut-off", env={"DATABASE_URL": through_link})
         job_id = submit(stack, *JOB)
@@ -392,7 +395,7 @@ def test_a_pool_whose_link_goes_silent_mid_chunk_finishes_the_job(
     the connections open at that moment, without closing them: no error ever comes by itself.
     The stage's time limit (from the lease) or the broker's socket timeout ends the wait, the
     lease machinery sends the chunk again, and reconnections get through."""
-    port = 5432 if variable == "DATABASE_URL" else stack.redis_port
+    port = pg_port() if variable == "DATABASE_URL" else stack.redis_port
     link = SilentLink(("127.0.0.1", int(port or 0)), new_connections_pass=True)
     try:
         through_link = stack.env[variable].replace(f":{port}/", f":{link.port}/")

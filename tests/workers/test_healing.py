@@ -18,6 +18,7 @@ import pytest
 from common.db import connect, ensure_database
 from common.storage import ObjectStore
 from tests.conftest import run_cli
+from tests.postgres import pg_url
 from tests.stack import Stack, wait_until
 
 pytestmark = pytest.mark.slow
@@ -32,11 +33,11 @@ def heal_env(test_env: dict[str, str], store: ObjectStore) -> Iterator[dict[str,
     """A database of its own (the session's dispatcher must not see these jobs), ingested; every
     setting of the ledger at its default."""
     name = f"quarry_heal_{uuid.uuid4().hex[:8]}"
-    env = {**test_env, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}"}
+    env = {**test_env, "DATABASE_URL": pg_url(name)}
     ensure_database(env["DATABASE_URL"])
     run_cli("ingest", env=env)
     yield env
-    with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+    with connect(pg_url("postgres"), autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 

@@ -16,10 +16,11 @@ from psycopg import errors as pg_errors
 
 from common.config import Settings, login_url
 from tests.conftest import SAMPLE, run_cli
+from tests.postgres import pg_url
 from tests.stack import Stack, wait_until
 
 pytestmark = pytest.mark.slow
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+ADMIN_URL = pg_url("postgres")
 SESSIONS = """
 SELECT a.usename, r.rolsuper FROM pg_stat_activity a JOIN pg_roles r ON r.rolname = a.usename
 WHERE a.datname = %s AND a.backend_type = 'client backend'
@@ -37,7 +38,7 @@ def owned(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
         admin.execute(f"CREATE DATABASE {database} OWNER {owner}")
     env = {
         **test_env,
-        "DATABASE_URL": f"postgresql://{owner}@127.0.0.1:5432/{database}",
+        "DATABASE_URL": pg_url(database, user=owner),
         "RAW_BUCKET": f"raw-lp-{suffix}",
         "OUTPUT_BUCKET": f"out-lp-{suffix}",
     }

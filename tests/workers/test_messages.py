@@ -23,11 +23,12 @@ from common.roles import ensure_roles
 from common.storage import ObjectStore
 from common.transform import Output
 from tests.conftest import SAMPLE
+from tests.postgres import pg_url
 from tests.stack import Stack, wait_until
 from workers.routes import INFERENCE_SHARD, UPLOAD
 
 pytestmark = pytest.mark.slow
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+ADMIN_URL = pg_url("postgres")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def private(
     """A database of its own (no dispatcher reads it), a broker of its own, the upload and
     inference pools."""
     name = f"quarry_messages_{uuid.uuid4().hex[:8]}"
-    env = {**test_env, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}"}
+    env = {**test_env, "DATABASE_URL": pg_url(name)}
     ensure_database(env["DATABASE_URL"])
     with connect(env["DATABASE_URL"], autocommit=True) as conn:
         ensure_schema(conn)

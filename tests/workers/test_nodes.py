@@ -21,6 +21,7 @@ import pytest
 from common.db import connect, ensure_database
 from common.storage import ObjectStore
 from tests.conftest import run_cli
+from tests.postgres import pg_url
 from tests.stack import Stack, wait_until
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,7 @@ def cluster(test_env: dict[str, str], store: ObjectStore, tmp_path: Path) -> Ite
     name = f"quarry_nodes_{uuid.uuid4().hex[:8]}"
     env = {
         **test_env,
-        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
+        "DATABASE_URL": pg_url(name),
         "DISPATCH_INTERVAL_S": "0.2",
         "QUARRY_RUN_DIR": str(tmp_path / "run"),
         "TRANSFORM_CONCURRENCY": "1",
@@ -52,7 +53,7 @@ def cluster(test_env: dict[str, str], store: ObjectStore, tmp_path: Path) -> Ite
     for node in ("a", "b", "c"):
         kill_node(stack, node)
     stack.stop_all()
-    with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+    with connect(pg_url("postgres"), autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 

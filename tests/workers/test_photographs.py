@@ -33,6 +33,7 @@ from tests.photographs import (
     with_comment,
     with_stray_byte,
 )
+from tests.postgres import pg_url
 from tests.stack import Stack, start_moto, wait_until
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,7 @@ def photo_env(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
     s3, endpoint = start_moto(root / "moto.log")
     env = {
         **test_env,
-        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
+        "DATABASE_URL": pg_url(name),
         "S3_ENDPOINT_URL": endpoint,
         "IMAGE_MAX_PIXELS": str(MAX_PIXELS),
         "IMAGE_MAX_BYTES": str(MAX_BYTES),
@@ -89,7 +90,7 @@ def photo_env(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
     finally:
         s3.terminate()
         s3.wait(10)
-        with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        with connect(pg_url("postgres"), autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
