@@ -220,9 +220,47 @@ def generate_secrets() -> None:
     get_settings.cache_clear()
 
 
+def lacks_pgvector(url: str) -> bool:
+    """Whether the PostgreSQL at `url` answers and offers no `vector` extension (False where it
+    cannot be asked: its maintenance database refused this login)."""
+    maintenance = psycopg.conninfo.make_conninfo(url, dbname="postgres", connect_timeout=5)
+    try:
+        with psycopg.connect(maintenance) as conn:
+            row = conn.execute("SELECT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'vector')")
+            found = row.fetchone()
+    except psycopg.Error:
+        return False
+    return not (found and found[0])
+
+
+def choose_postgres() -> None:
+    """Where DATABASE_URL is not set and the loopback server it defaults to has no pgvector (which
+    embeddings need: docs/content.md), point the stack at an embedded server on a free loopback
+    port instead, in the env file; a DATABASE_URL the user set is used as it is."""
+    settings = get_settings()
+    address, user = postgres_address(settings.database_url)
+    given = "DATABASE_URL" in os.environ or "DATABASE_URL=" in (
+        env_file().read_text() if env_file().exists() else ""
+    )
+    if given or not address.loopback or not address.answers() or not lacks_pgvector(settings.database_url):
+        return
+    port = next(
+        p for p in range(address.port + 1, address.port + 100) if not Address(address.host, p).answers()
+    )
+    url = psycopg.conninfo.make_conninfo(settings.database_url, port=str(port))
+    database = psycopg.conninfo.conninfo_to_dict(url).get("dbname") or "quarry"
+    set_secret("DATABASE_URL", f"postgresql://{user}@{address.host}:{port}/{database}")
+    print(
+        f"PostgreSQL at {address.host}:{address.port} has no pgvector (embeddings need it): the stack"
+        f" uses its own at {address.host}:{port} (DATABASE_URL in {env_file()})"
+    )
+    get_settings.cache_clear()
+
+
 def up(run_dir: Path) -> None:
     """Start an embedded server for each loopback address where nothing answers."""
     generate_secrets()
+    choose_postgres()
     for name, (address, embedded) in servers(run_dir).items():
         marker = run_dir / f"embedded-{name.lower()}"
         if address.answers():

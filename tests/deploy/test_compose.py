@@ -24,7 +24,7 @@ from tests.deploy.render import (
     project_version,
     schema_errors,
 )
-from tests.postgres import pg_url
+from tests.postgres import pg_port, pg_url
 
 GPU = ("docker-compose.yml", "docker-compose.gpu.yml")
 INITDB = ROOT / "deploy" / "compose" / "initdb"
@@ -143,7 +143,7 @@ def initdb_names() -> Iterator[str]:
 def test_the_compose_database_is_owned_by_a_role_that_is_not_a_superuser(initdb_names: str) -> None:
     """deploy/compose/initdb, run as the postgres image runs it (its superuser, on a new volume;
     here with the names made unique): the owner is no superuser, owns the database, and is the
-    only role besides superusers that may run the guarded built-ins there."""
+    only role besides superusers that may run the guarded built-ins there; pgvector is installed."""
     script = (INITDB / "10-quarry.sh").read_text()
     script = re.sub(r"\bquarry\b", initdb_names, script)
     result = subprocess.run(
@@ -153,6 +153,7 @@ def test_the_compose_database_is_owned_by_a_role_that_is_not_a_superuser(initdb_
             "POSTGRES_USER": "postgres",
             "QUARRY_DB_PASSWORD": "initdb-test",
             "PGHOST": "127.0.0.1",
+            "PGPORT": str(pg_port()),
         },
         capture_output=True,
         text=True,
@@ -168,6 +169,9 @@ def test_the_compose_database_is_owned_by_a_role_that_is_not_a_superuser(initdb_
             "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()"
         )
         assert owner.fetchone() == (initdb_names,)
+        assert conn.execute("SELECT extname FROM pg_extension WHERE extname = 'vector'").fetchone() == (
+            "vector",
+        )
         guarded = conn.execute(
             "SELECT p.oid::regprocedure::text, has_function_privilege('public', p.oid, 'EXECUTE'),"
             " has_function_privilege(%s, p.oid, 'EXECUTE') FROM pg_proc p"

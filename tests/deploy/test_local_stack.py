@@ -23,9 +23,12 @@ import pytest
 import redis
 from jupyter_client import BlockingKernelClient
 
+from common.config import get_settings
 from common.db import connect, postgres_too_old
+from common.embeddings import vector_available
 from producer.dispatch import redis_too_old
-from tests.postgres import pg_url
+from producer.embedded import choose_postgres
+from tests.postgres import machine_url, pg_url
 from tests.stack import free_port
 
 pytestmark = pytest.mark.slow
@@ -371,3 +374,33 @@ def test_make_build_without_a_docker_engine_builds_the_virtualenv_the_local_stac
     built = as_user(None, "make", "build", env={**os.environ})
     assert built.returncode == 0, built.stderr
     assert built.stdout.splitlines()[0] == "no Docker engine answers: the local stack runs from .venv"
+
+
+def test_a_machine_postgresql_without_pgvector_gives_way_to_the_embedded_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DATABASE_URL not set, and the server it defaults to (this machine's, 127.0.0.1:5432) has no
+    pgvector: the stack is pointed at its own server on the next free loopback port, in the env
+    file, and says so in one line. A DATABASE_URL the user set is kept."""
+    with connect(machine_url("postgres"), autocommit=True) as admin:
+        if vector_available(admin):
+            pytest.skip("this machine's PostgreSQL has pgvector: the stack keeps it")
+    env_path = tmp_path / "quarry.env"
+    monkeypatch.setenv("QUARRY_ENV_FILE", str(env_path))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    try:
+        choose_postgres()
+        chosen = dict(line.split("=", 1) for line in env_path.read_text().splitlines())["DATABASE_URL"]
+        port = int(chosen.rsplit(":", 1)[1].split("/")[0])
+        assert chosen == f"postgresql://postgres@127.0.0.1:{port}/quarry" and port > 5432
+        assert capsys.readouterr().out.strip().splitlines() == [
+            f"PostgreSQL at 127.0.0.1:5432 has no pgvector (embeddings need it): the stack uses its own"
+            f" at 127.0.0.1:{port} (DATABASE_URL in {env_path})"
+        ]
+        monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/mine")
+        env_path.unlink()
+        choose_postgres()
+        assert not env_path.exists()
+    finally:
+        get_settings.cache_clear()

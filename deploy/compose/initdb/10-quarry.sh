@@ -3,13 +3,15 @@
 # producer logs in as (not a superuser: it may create the roles of the pools, the dispatcher and
 # user SQL, and nothing more), its database, and that database's built-ins that run SQL text,
 # change a session or signal another taken from PUBLIC and left to the owner alone (the same
-# list as common/roles.py's GUARDED_BUILTINS and `producer init` as a superuser).
+# list as common/roles.py's GUARDED_BUILTINS and `producer init` as a superuser); and pgvector
+# in that database, for the embeddings of jobs whose model has an embedding output.
 set -euo pipefail
 psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname postgres \
   -v owner_password="$QUARRY_DB_PASSWORD" <<'SQL'
 CREATE ROLE quarry LOGIN NOSUPERUSER NOCREATEDB CREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD :'owner_password';
 CREATE DATABASE quarry OWNER quarry;
 \connect quarry
+CREATE EXTENSION IF NOT EXISTS vector;  -- embeddings (common/embeddings.py)
 DO $$
 DECLARE guarded regprocedure;
 BEGIN
