@@ -176,3 +176,39 @@ def record_embeddings(
             [row[2] for row in rows],
         ),
     )
+
+
+def similar_query(
+    conn: psycopg.Connection,
+    dataset: str,
+    id_column: str,
+    image_id: int,
+    k: int,
+    model: str,
+    where: str | None,
+) -> str:
+    """The SQL of the `k` images of `dataset` nearest to `image_id` under `model` (cosine distance,
+    served by the set's HNSW index), with `where` (a condition on the dataset's columns, as `s`)
+    applied first: columns `id` and `distance`, nearest first. Plain SQL for `producer run`."""
+    table, column = sql.Identifier(dataset), sql.Identifier(id_column)
+    anchor = sql.SQL(
+        "(SELECT embedding FROM embeddings WHERE dataset = {} AND model = {} AND id = {})"
+    ).format(sql.Literal(dataset), sql.Literal(model), sql.Literal(int(image_id)))
+    text = sql.SQL(
+        "SELECT s.{column} AS id, e.embedding <=> {anchor} AS distance\n"
+        "FROM {table} s JOIN embeddings e\n"
+        "  ON e.dataset = {dataset} AND e.model = {model} AND e.id = s.{column}\n"
+        "WHERE s.{column} <> {image}{where}\n"
+        "ORDER BY e.embedding <=> {anchor}\n"
+        "LIMIT {k}"
+    ).format(
+        column=column,
+        anchor=anchor,
+        table=table,
+        dataset=sql.Literal(dataset),
+        model=sql.Literal(model),
+        image=sql.Literal(int(image_id)),
+        where=sql.SQL(" AND ({})").format(sql.SQL(where)) if where else sql.SQL(""),
+        k=sql.Literal(int(k)),
+    )
+    return text.as_string(conn)

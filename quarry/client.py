@@ -432,6 +432,21 @@ class Quarry:
         data = read_dataset_image(self.settings.dataset_path, image_id)
         return Preview(image_id, contact_sheet(spec, image_id, data, self.settings.image_max_pixels))
 
+    def similar(
+        self, dataset: str, image_id: int, k: int = 10, *, where: str | None = None, model: str = "default"
+    ) -> str:
+        """The SQL of the `k` images of `dataset` most like `image_id` under `model` (its
+        embeddings, recorded by a job with that model; cosine distance, nearest first), among
+        those matching `where` (a condition on the dataset's columns, which the query names `s`):
+        columns `id` and `distance`. Pass it to `sql()` to read them, or to `run()` to render them."""
+        check_range("k", k, 1, 10_000)
+        from common.embeddings import similar_query
+
+        with self.connection() as conn:
+            self.ensure_ready(conn)
+            found = get_dataset(conn, dataset)
+            return similar_query(conn, found.name, found.id_column, image_id, k, model, where)
+
     def sql(self, query: str, limit: int | None = SQL_ROW_LIMIT) -> pd.DataFrame:
         """A read-only query on the catalog as a DataFrame of at most `limit` rows, with the same
         guard as `run`: one plain query, run as the query role, READ ONLY, QUERY_TIMEOUT_S."""

@@ -162,7 +162,8 @@ def test_a_similarity_query_selects_its_limit_through_run_and_sql_and_the_index_
         row[0] for row in db.execute("SELECT image_id FROM job_items WHERE job_id = %s", (summary["job_id"],))
     }
     with db.transaction(force_rollback=True):
-        db.execute("SET LOCAL enable_seqscan = off")  # 300 rows: the planner would rather sort them
+        # 300 rows: the planner would rather sort them; this asks whether the index can serve it
+        db.execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off")
         plan = "\n".join(row[0] for row in db.execute("EXPLAIN " + query))
     table = db.execute(
         "SELECT id FROM embedding_sets WHERE dataset = 'styles' AND model = 'default'"
@@ -194,3 +195,24 @@ def test_without_pgvector_a_job_that_would_record_embeddings_is_refused_and_othe
     finally:
         with connect(machine_url("postgres"), autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_quarry_similar_gives_the_sql_of_the_nearest_images_under_a_condition(
+    db: psycopg.Connection, embedded_sample: list[int]
+) -> None:
+    quarry = Quarry.from_env()
+    anchor = embedded_sample[0]
+    query = quarry.similar("styles", anchor, 8, where="s.gender = 'Women'")
+    found = quarry.sql(query)
+    assert len(found) == 8 and anchor not in set(found["id"])
+    assert list(found["distance"]) == sorted(found["distance"])
+    genders = db.execute("SELECT DISTINCT gender FROM styles WHERE id = ANY(%s)", (list(found["id"]),))
+    assert genders.fetchall() == [("Women",)]
+    with db.transaction(force_rollback=True):
+        db.execute("SET LOCAL enable_indexscan = off")  # the exact answer: every distance computed
+        exact = [row[0] for row in db.execute(query)]
+    assert list(found["id"]) == exact
+    with db.transaction(force_rollback=True):
+        db.execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off")
+        plan = "\n".join(row[0] for row in db.execute("EXPLAIN " + query))
+    assert "_embedding_idx" in plan, plan
