@@ -287,7 +287,8 @@ def test_make_up_uses_the_machines_servers_and_its_notebook_url_runs_the_quickst
     assert summary["rows"] == summary["items"] > 0
     assert summary["failed"] == 0 and summary["classified"] == summary["items"]
     assert len(summary["selected"]) >= 2 and summary["matrix_rows"] == summary["selected"]
-    for figure in ("preview.png", "confusion.png"):
+    assert summary["nearest"] == 8 and summary["embedded"] == summary["items"]
+    for figure in ("preview.png", "confusion.png", "similar.png"):
         assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
