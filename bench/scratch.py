@@ -12,13 +12,13 @@ SERVER = "postgresql://postgres@127.0.0.1:5432"
 
 
 @contextmanager
-def scratch_database(prefix: str) -> Iterator[str]:
-    """The URL of a new database `{prefix}_{random}` on the machine's PostgreSQL."""
+def scratch_database(prefix: str, server: str = SERVER) -> Iterator[str]:
+    """The URL of a new database `{prefix}_{random}` on `server` (the machine's PostgreSQL)."""
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    url = f"{SERVER}/{name}"
+    url = f"{server}/{name}"
     ensure_database(url)
     try:
         yield url
     finally:
-        with connect(f"{SERVER}/postgres", autocommit=True) as admin:
+        with connect(f"{server}/postgres", autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
