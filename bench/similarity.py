@@ -72,7 +72,7 @@ def fill(conn: psycopg.Connection, table: str, count: int, clusters: int, querie
     conn.execute(  # a planted copy is in its anchor's category; every other row in one of 20
         "INSERT INTO items SELECT g, CASE WHEN g > %(first)s"
         " THEN ((((g - %(first)s - 1) / 10 + 1) * 7919) %% %(n)s)"
-        " ELSE (g * 7919) %% %(n)s END FROM generate_series(1, %(count)s) g",
+        " ELSE (g * 7919) %% %(n)s END FROM generate_series(1::bigint, %(count)s) g",
         {"first": count - planted, "n": CATEGORIES, "count": count},
     )
     return list(range(1, queries + 1))

@@ -15,13 +15,14 @@ import pytest
 
 from common.config import Settings
 from common.db import connect, ensure_database
-from common.embeddings import vector_available
+from common.embeddings import VECTOR_MISSING, vector_available
 from common.paths import MODELS_DIR
 from quarry import Quarry
 from tests.conftest import run_cli
 from tests.postgres import machine_url
 from tests.stack import Stack
 
+VECTOR_REFUSAL = f"error: {VECTOR_MISSING}"
 SHIPPED = MODELS_DIR / "fashion-classifier.onnx"
 SIMILAR = """SELECT s.id FROM styles s
 JOIN embeddings e ON e.dataset = 'styles' AND e.id = s.id AND e.model = 'default'
@@ -186,8 +187,8 @@ def test_without_pgvector_a_job_that_would_record_embeddings_is_refused_and_othe
         refused = run_cli(
             "run", "--query", "SELECT id FROM styles LIMIT 5", "--model", "default", env=env, check=False
         )
-        assert refused.returncode != 0
-        assert len(refused.stderr.strip().splitlines()) == 1 and "pgvector" in refused.stderr, refused.stderr
+        assert refused.returncode == 1
+        assert refused.stderr.strip().splitlines() == [VECTOR_REFUSAL], refused.stderr
         with connect(env["DATABASE_URL"], autocommit=True) as conn:
             assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
         recorded = run_cli("run", "--query", "SELECT id FROM styles LIMIT 5", "--json", env=env)
