@@ -5,7 +5,8 @@ in one run on one PostgreSQL with pgvector (this machine's when it has it, else 
 planted neighbours: --queries anchors get 10 near copies each. A catalog table gives each id a
 `category` of 20 (5% of the rows each). Quarry's own set (common/embeddings.py: its table, the
 `embeddings` view) is filled, then its HNSW index is built (the time and bytes per vector are
-reported). Each anchor is then searched with the issue's query shape through the view: its 10
+reported), and the rate at which rows are added to the indexed set, as a job's inference pool
+adds them. Each anchor is then searched with the issue's query shape through the view: its 10
 nearest of one category (WHERE s.category = c) and its 10 nearest overall, with the session
 settings user SQL runs with (quarry/query.py's VECTOR_SEARCH), at two hnsw.ef_search values, and
 once with index scans off (the exact answer). Reported: p50/p95 latency, recall@10 against the
@@ -172,6 +173,16 @@ def main() -> None:
                     plan = [row[0] for row in conn.execute("EXPLAIN " + query, {"anchor": 1, "category": 1})]
                 index = "HNSW index" if any("_embedding_idx" in line for line in plan) else "no index (exact)"
                 print(f"{name} plan: {index}: {' / '.join(line.strip() for line in plan[:6])}")
+            added = min(20_000, args.count // 10)  # rows a job adds to a set that is indexed already
+            started = time.perf_counter()
+            conn.execute(
+                f"INSERT INTO {found.table} (id, embedding, image) SELECT %s + id, embedding, image"
+                f" FROM {found.table} WHERE id <= %s",
+                (args.count, added),
+            )
+            inserted = time.perf_counter() - started
+            conn.execute(f"DELETE FROM {found.table} WHERE id > %s", (args.count,))
+            print(f"adding {added:,} rows to the indexed set: {added / inserted:,.0f} rows/s (one session)")
             conn.autocommit = False
             exact = search(
                 conn,
