@@ -73,8 +73,9 @@ def write_card(
 A small CNN (7 conv layers, {report["size_bytes"] / 1024:.0f} KiB ONNX) that predicts a product's
 `article_type` from its photo; `sub_category` and `master_category` follow from the label through
 the `quarry.hierarchy` metadata. Its penultimate layer (256 values) is a second output,
-`embedding`, declared by `quarry.embedding` (docs/content.md). Trained by `make model` (`python -m training.train`), {epochs} epochs,
-CPU (2 threads), seed 7, in {seconds / 60:.1f} min of training on the 2-core development machine.
+`embedding`, declared by `quarry.embedding` (docs/content.md). Trained by `make model`
+(`python -m training.train`), {epochs} epochs, CPU (2 threads), seed 7, in {seconds / 60:.1f} min of
+training on the 2-core development machine.
 
 ## Data and split
 - Source: the Kaggle "Fashion Product Images (Small)" rows that have an image, from {folders}.
