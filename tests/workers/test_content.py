@@ -187,7 +187,7 @@ def test_without_pgvector_a_job_that_would_record_embeddings_is_refused_and_othe
         refused = run_cli(
             "run", "--query", "SELECT id FROM styles LIMIT 5", "--model", "default", env=env, check=False
         )
-        assert refused.returncode == 1
+        assert refused.returncode == 2  # refused, as every bad setting is
         assert refused.stderr.strip().splitlines() == [VECTOR_REFUSAL], refused.stderr
         with connect(env["DATABASE_URL"], autocommit=True) as conn:
             assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)

@@ -29,13 +29,16 @@ WHERE a.datname = %s AND a.backend_type = 'client backend'
 
 @pytest.fixture(scope="module")
 def owned(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A database owned by a role with CREATEROLE and no more, initialised by that owner, with a
-    broker, the three pools and a dispatcher of its own."""
+    """A database owned by a role with CREATEROLE and no more, with pgvector created by a superuser
+    (as docs/content.md tells an administrator), initialised by that owner, with a broker, the
+    three pools and a dispatcher of its own."""
     suffix = uuid.uuid4().hex[:8]
     owner, database = f"quarry_owner_{suffix}", f"quarry_lp_{suffix}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
         admin.execute(f"CREATE ROLE {owner} LOGIN NOSUPERUSER NOCREATEDB CREATEROLE")
         admin.execute(f"CREATE DATABASE {database} OWNER {owner}")
+    with psycopg.connect(pg_url(database), autocommit=True) as admin:  # as an administrator would
+        admin.execute("CREATE EXTENSION vector")  # (only a superuser may create it: not trusted)
     env = {
         **test_env,
         "DATABASE_URL": pg_url(database, user=owner),
