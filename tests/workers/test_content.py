@@ -18,7 +18,7 @@ from common.db import connect, ensure_database
 from common.embeddings import VECTOR_MISSING, vector_available
 from common.paths import MODELS_DIR
 from quarry import Quarry
-from tests.conftest import run_cli
+from tests.conftest import SAMPLE, run_cli
 from tests.postgres import machine_url
 from tests.stack import Stack
 
@@ -217,3 +217,24 @@ def test_quarry_similar_gives_the_sql_of_the_nearest_images_under_a_condition(
         db.execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off")
         plan = "\n".join(row[0] for row in db.execute("EXPLAIN " + query))
     assert "_embedding_idx" in plan, plan
+
+
+def test_dropping_a_dataset_drops_its_embeddings(
+    workers: Stack, db: psycopg.Connection, own_datasets: None, tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in sorted((SAMPLE / "images").glob("*.jpg"))[:6]:
+        shutil.copy(path, folder / path.name)
+    name = f"drop_{uuid.uuid4().hex[:6]}"
+    run_cli("ingest", str(folder), "--dataset", name, env=workers.env)
+    summary = run_job(workers.env, f"SELECT id FROM {name}", "--dataset", name, "--model", "default")
+    assert summary["done"] == 6
+    sets = db.execute("SELECT id FROM embedding_sets WHERE dataset = %s", (name,)).fetchall()
+    assert len(sets) == 1
+    assert db.execute("SELECT count(*) FROM embeddings WHERE dataset = %s", (name,)).fetchone() == (6,)
+
+    run_cli("drop-dataset", name, env=workers.env)
+    assert db.execute("SELECT count(*) FROM embedding_sets WHERE dataset = %s", (name,)).fetchone() == (0,)
+    assert db.execute("SELECT to_regclass(%s)", (f"embeddings_{sets[0][0]}",)).fetchone() == (None,)
+    assert db.execute("SELECT count(*) FROM embeddings WHERE dataset = %s", (name,)).fetchone() == (0,)
