@@ -445,7 +445,9 @@ class Quarry:
         with self.connection() as conn:
             self.ensure_ready(conn)
             found = get_dataset(conn, dataset)
-            return similar_query(conn, found.name, found.id_column, image_id, k, model, where)
+            query = similar_query(conn, found.name, found.id_column, image_id, k, model, where)
+        check_query(query)  # `where` is user SQL: one plain SELECT, or refused here in one line
+        return query
 
     def sql(self, query: str, limit: int | None = SQL_ROW_LIMIT) -> pd.DataFrame:
         """A read-only query on the catalog as a DataFrame of at most `limit` rows, with the same

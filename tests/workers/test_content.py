@@ -16,6 +16,7 @@ import pytest
 from common.config import Settings
 from common.db import connect, ensure_database
 from common.embeddings import VECTOR_MISSING, vector_available
+from common.errors import QueryError
 from common.paths import MODELS_DIR
 from quarry import Quarry
 from tests.conftest import SAMPLE, run_cli
@@ -217,6 +218,8 @@ def test_quarry_similar_gives_the_sql_of_the_nearest_images_under_a_condition(
         db.execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off")
         plan = "\n".join(row[0] for row in db.execute("EXPLAIN " + query))
     assert "_embedding_idx" in plan, plan
+    with pytest.raises(QueryError):
+        quarry.similar("styles", anchor, 8, where="true; DELETE FROM styles")
 
 
 def test_dropping_a_dataset_drops_its_embeddings(
