@@ -11,7 +11,7 @@ OVERLAY ?= example
 # `make model` trains on these folders (the committed model's data); empty: DATASET_PATH
 DATASET ?= $(wildcard ../shared/fashion-sample ../shared/fashion-train)
 
-.PHONY: help install build up down demo test lint docs model bench peers image k8s-render clean
+.PHONY: help install build up down demo test test-fast lint docs model bench peers image k8s-render clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ demo: up ## up, ingest the default dataset, run a query end to end, print the su
 
 test: install $(TOOLS)/bin/img2dataset ## run the whole suite against real PostgreSQL, Redis, S3 and workers
 	$(BIN)/python -m pytest
+
+test-fast: install ## the tests that need no server (no PostgreSQL, Redis, S3 or workers): after every edit
+	$(BIN)/python -m pytest -m "not server" -q
 
 # tests make WebDataset shards with img2dataset itself, in a venv of its own (its dependencies,
 # albumentations and wandb among them, stay out of Quarry's)

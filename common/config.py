@@ -176,6 +176,9 @@ class Settings(BaseSettings):
     holder_timeout_s: float = Field(
         default=15, gt=0, description="a worker process silent this long is lost: its chunks are sent again"
     )
+    stall_warning_s: float = Field(
+        default=60, gt=0, description="`--wait` and Job.wait: say so when no item ended for this long"
+    )
     queue_quiet_s: float = Field(
         default=10,
         gt=0,

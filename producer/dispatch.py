@@ -235,5 +235,6 @@ def run_dispatcher(app: Celery, settings: Settings, *, max_ticks: int | None = N
             time.sleep(min(5.0, settings.dispatch_interval_s * 4))
         watchdog.beat()
         # chunks waiting for room: look again soon, a slot frees as each chunk finishes
-        wakeup.wait(settings.dispatch_busy_interval_s if report.waiting else settings.dispatch_interval_s)
+        if wakeup.wait(settings.dispatch_busy_interval_s if report.waiting else settings.dispatch_interval_s):
+            log.info("woken by a new or retried job")
     wakeup.close()

@@ -94,7 +94,11 @@ class Job:
         progress bar: a notebook widget in Jupyter, text in a terminal."""
         with self.quarry.connection() as conn:
             return follow(
-                conn, self.id, display or (ProgressBar() if progress else Silent()), timeout_s=timeout
+                conn,
+                self.id,
+                display or (ProgressBar() if progress else Silent()),
+                timeout_s=timeout,
+                stall_warning_s=self.quarry.settings.stall_warning_s,
             )
 
     def rows(self) -> Iterator[dict[str, Any]]:

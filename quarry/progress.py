@@ -13,7 +13,6 @@ from common.errors import UserError
 from common.jobs import JobProgress, dispatcher_last_seen_s, job_progress
 
 BAR_WIDTH = 30
-STALL_WARNING_S = 60  # say so when nothing moved for this long: are the pools running?
 DISPATCHER_SILENT_S = 10  # a dispatcher says it is alive every tick (DISPATCH_INTERVAL_S)
 
 
@@ -76,8 +75,10 @@ def follow(
     *,
     timeout_s: float | None = None,
     interval_s: float = 0.5,
+    stall_warning_s: float = 60,
 ) -> JobProgress:
-    """Poll the job's counts until every item is done or failed (or the timeout passes)."""
+    """Poll the job's counts until every item is done or failed (or the timeout passes); say so
+    once when nothing moved for `stall_warning_s` (are the pools running?)."""
     started = last_change = time.monotonic()
     last_seen = -1
     warned = False
@@ -90,8 +91,8 @@ def follow(
         now = time.monotonic()
         if finished != last_seen:
             last_seen, last_change, warned = finished, now, False
-        elif not warned and now - last_change > STALL_WARNING_S:
-            display.warn(f"no progress for {STALL_WARNING_S} s: {stall_hint(conn)}")
+        elif not warned and now - last_change > stall_warning_s:
+            display.warn(f"no progress for {stall_warning_s:g} s: {stall_hint(conn)}")
             warned = True
         if progress.ended:
             break

@@ -3,6 +3,8 @@ loopback, and (for end-to-end tests) real Celery worker processes for all three 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -32,7 +34,48 @@ from tests.stack import RequestLog, Stack, start_moto
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 BIN = Path(sys.executable).parent
 IMG2DATASET = Path(__file__).resolve().parent.parent / ".venv-tools" / "bin" / "img2dataset"  # `make test`
+WITH_IMAGES = (
+    "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"  # the sample's 295
+)
 TEST_REDIS_DB = int(os.environ.get("QUARRY_TEST_REDIS_DB", "13"))  # another db: a second suite at once
+
+# What a test needs, told by the fixtures it uses or where it lives (docs/testing.md): `make
+# test-fast` runs every test marked with none of these, with no server running.
+SERVER_FIXTURES = {"test_env", "postgres_server"}  # every server fixture depends on one of them
+WORKER_FIXTURES = {"workers"}
+WORKER_MODULES = {"tests/workers", "tests/deploy/test_local_stack.py", "tests/deploy/test_guards.py"}
+FAULT_MODULES = {
+    "tests/workers/test_faults.py",
+    "tests/workers/test_healing.py",
+    "tests/workers/test_races.py",
+    "tests/workers/test_nodes.py",
+}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def lives_in(item: pytest.Item, places: set[str]) -> bool:
+    where = item.path.relative_to(ROOT).as_posix()
+    return any(where == place or where.startswith(place + "/") for place in places)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with what it needs: `server` (PostgreSQL, Redis or S3), `workers` (real
+    pool or dispatcher processes), `faults` (it kills or freezes one of them)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        workers = bool(fixtures & WORKER_FIXTURES) or lives_in(item, WORKER_MODULES)
+        if workers or fixtures & SERVER_FIXTURES or item.get_closest_marker("server"):
+            item.add_marker(pytest.mark.server)
+        if workers:
+            item.add_marker(pytest.mark.workers)
+        if lives_in(item, FAULT_MODULES):
+            item.add_marker(pytest.mark.faults)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The tests' PostgreSQL server (tests/postgres.py), for a test that makes a database of its own."""
+    return pg_url("postgres")
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +139,57 @@ def test_env(s3_endpoint: str) -> Iterator[dict[str, str]]:
     with connect(pg_url("postgres"), autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     shutil.rmtree(env["MODEL_CACHE_DIR"], ignore_errors=True)
+
+
+PrivateDatabase = Callable[..., contextlib.AbstractContextManager[dict[str, str]]]
+
+
+@pytest.fixture(scope="session")
+def private_database(test_env: dict[str, str]) -> Iterator[PrivateDatabase]:
+    """`with private_database(prefix, contents, **env) as env:` a database of the caller's own
+    (the session's dispatcher and pools never see its jobs), dropped with FORCE after; `env` is
+    the session's with DATABASE_URL pointing at it and the given settings on top. `contents`:
+    "sample" (a copy of a template database the vendored sample was ingested into once, by the
+    real CLI), "schema" (Quarry's tables and roles, no dataset) or "bare". `url_of` names another
+    server's databases (tests/postgres.py machine_url)."""
+    templates: list[str] = []
+
+    def template() -> str:
+        if not templates:
+            name = f"quarry_template_{uuid.uuid4().hex[:8]}"
+            ensure_database(pg_url(name))
+            run_cli("ingest", env={**test_env, "DATABASE_URL": pg_url(name)})
+            templates.append(name)
+        return templates[0]
+
+    @contextlib.contextmanager
+    def private(
+        prefix: str, contents: str = "sample", url_of: Callable[[str], str] = pg_url, **settings: str
+    ) -> Iterator[dict[str, str]]:
+        name = f"quarry_{prefix}_{uuid.uuid4().hex[:8]}"
+        env = {**test_env, **settings, "DATABASE_URL": url_of(name)}
+        admin_url = url_of("postgres")
+        with connect(admin_url, autocommit=True) as admin:
+            if contents == "sample":
+                admin.execute(
+                    sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(*map(sql.Identifier, (name, template())))
+                )
+            else:
+                admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            if contents == "schema":
+                with connect(env["DATABASE_URL"], autocommit=True) as conn:
+                    ensure_schema(conn)
+                    ensure_roles(conn, Settings(database_url=env["DATABASE_URL"]))
+            yield env
+        finally:
+            with connect(admin_url, autocommit=True) as admin:
+                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    yield private
+    with connect(pg_url("postgres"), autocommit=True) as admin:
+        for name in templates:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture(scope="session")
@@ -179,6 +273,14 @@ def run_cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.C
     if check and result.returncode != 0:
         raise AssertionError(f"producer {' '.join(args)} exited {result.returncode}: {result.stderr}")
     return result
+
+
+def run_job(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any]]:
+    """`producer run ARGS --wait --json` followed to the job's end: (its exit status, 0 or 1 for
+    failed items, and the job's summary)."""
+    result = run_cli("run", *args, "--wait", "--json", "--wait-timeout", "180", env=env, check=False)
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode, json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def raw_image(db: psycopg.Connection, store: ObjectStore, image_id: int, dataset: str = "styles") -> bytes:

@@ -10,6 +10,8 @@ import contextlib
 from functools import cache
 from urllib.parse import urlsplit
 
+import psycopg
+
 from tests.vector_server import MACHINE, vector_server
 
 
@@ -34,3 +36,19 @@ def pg_port() -> int:
 def machine_url(database: str) -> str:
     """A database of this machine's own server (which may lack pgvector)."""
     return f"{MACHINE}/{database}"
+
+
+def deadlocks(conn: psycopg.Connection) -> int:
+    """Deadlocks PostgreSQL counted in this connection's database, every backend's included. A
+    backend reports its statistics when it exits, and otherwise only once a second at most: the
+    database's other backends are ended first (Quarry's processes reconnect on their own), and
+    the count is read once they are gone."""
+    from tests.stack import wait_until
+
+    others = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    conn.execute(f"SELECT pg_terminate_backend(pid) {others}")
+    wait_until(lambda: conn.execute(f"SELECT count(*) {others}").fetchone() == (0,), 30, "backends to exit")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()
+    assert row is not None
+    return int(row[0])

@@ -19,6 +19,8 @@ import psycopg
 import redis
 
 from common.jobs import JobProgress, job_progress
+from common.storage import ObjectStore
+from workers.routes import TASK_ROUTES
 
 BIN = Path(sys.executable).parent
 POOLS = {"transform": ("prefork", 2), "upload": ("threads", 8), "inference": ("prefork", 1)}
@@ -211,6 +213,24 @@ class Stack:
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.env["CELERY_BROKER_URL"], socket_timeout=2)
 
+    def drained(self) -> bool:
+        """Whether no stage message waits in a queue and none is taken and not yet acked (a
+        worker acks after it records)."""
+        client = self.redis()
+        queues = {route["queue"] for route in TASK_ROUTES.values()}
+        return client.hlen("unacked") == 0 and all(client.llen(queue) == 0 for queue in queues)
+
+    def last_tick(self) -> object:
+        """When a dispatcher last said it was alive (each tick does)."""
+        with psycopg.connect(self.env["DATABASE_URL"]) as conn:
+            row = conn.execute("SELECT max(seen_at) FROM dispatchers").fetchone()
+        return None if row is None else row[0]
+
+    def wait_ticked(self, timeout: float = 60) -> None:
+        """Wait for the dispatcher's next tick."""
+        before = self.last_tick()
+        wait_until(lambda: self.last_tick() != before, timeout, "a dispatcher tick")
+
     # --- Quarry's processes -------------------------------------------------------------
     def start_pool(
         self,
@@ -297,6 +317,33 @@ class Stack:
             except psycopg.OperationalError:
                 time.sleep(0.2)
         raise AssertionError("PostgreSQL did not answer")
+
+    def wait_ended(self, job_id: str, timeout: float = 240) -> JobProgress:
+        """The job's counts once it ended; AssertionError with every log past `timeout`."""
+        try:
+            wait_until(lambda: self.progress(job_id).ended, timeout, f"job {job_id} to end", interval=0.5)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; {self.progress(job_id)}\n{self.logs()}") from exc
+        return self.progress(job_id)
+
+    def assert_finished_cleanly(
+        self, job_id: str, total: int, store: ObjectStore | None = None, bucket: str = ""
+    ) -> None:
+        """Once the job ended: finished, every one of `total` items done once and none failed, one
+        done row per item, and (with `store`) one object per item under the job in `bucket`."""
+        final = self.wait_ended(job_id)
+        assert (final.state, final.failed, final.done, final.total) == ("finished", 0, total, total), (
+            self.logs()
+        )
+        with psycopg.connect(self.env["DATABASE_URL"]) as conn:
+            rows = conn.execute(
+                "SELECT count(*), count(DISTINCT (image_id, variant)) FROM job_items"
+                " WHERE job_id = %s AND status = 'done'",
+                (job_id,),
+            ).fetchone()
+        assert rows == (total, total)
+        if store is not None:
+            assert len(store.list_keys(bucket, f"{job_id}/")) == total
 
     def redispatched(self, job_id: str) -> int:
         """Dispatches beyond the first, over the job's chunks."""

@@ -143,6 +143,8 @@ class StageTask(Task):
         limit = self.settings.upload_backlog_messages
         give_up_at = started + 0.8 * stage_time_limits(self.settings)[0]
         renewed = time.monotonic()
+        if self.queue_length(queue) >= limit:
+            log.info("job %s chunk %d waits for room in %s", ticket.job_id, ticket.chunk, queue)
         while self.queue_length(queue) >= limit:
             if time.monotonic() > give_up_at:
                 self.ledger(hand_back, ticket)

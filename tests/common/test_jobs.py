@@ -2,7 +2,6 @@
 
 import contextlib
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,7 +9,7 @@ import psycopg
 import pytest
 
 from common.config import Settings, get_settings
-from common.db import Database, ensure_database, ensure_schema
+from common.db import Database, ensure_schema
 from common.errors import ConfigError, UnknownJob, UserError
 from common.jobs import cancel_job, job_progress, retry_job
 from common.jobspec import JobSpec
@@ -28,7 +27,8 @@ from common.ledger import (
 )
 from producer.dispatch import RunningJob, allocate, claim
 from quarry.submit import submit_job
-from tests.postgres import pg_url
+from tests.conftest import PrivateDatabase
+from tests.postgres import deadlocks
 
 LEASE = 60
 
@@ -203,18 +203,16 @@ def test_claim_respects_the_budget_across_jobs(db: psycopg.Connection, settings:
     assert claim(db, small)[1] == []  # the budget is full
 
 
-def test_a_database_with_pre_ledger_job_tables_is_refused_in_one_line(settings: Settings) -> None:
-    name = f"quarry_old_{uuid.uuid4().hex[:8]}"
-    url = settings.database_url.rsplit("/", 1)[0] + "/" + name
-    ensure_database(url)
-    try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("CREATE TABLE jobs (id uuid PRIMARY KEY, state text)")  # version 1's shape
-            with pytest.raises(ConfigError, match="drop tables job_items, job_chunks, jobs"):
-                ensure_schema(conn)
-    finally:
-        with psycopg.connect(pg_url("postgres"), autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+def test_a_database_with_pre_ledger_job_tables_is_refused_in_one_line(
+    private_database: PrivateDatabase,
+) -> None:
+    with (
+        private_database("old", "bare") as env,
+        psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn,
+    ):
+        conn.execute("CREATE TABLE jobs (id uuid PRIMARY KEY, state text)")  # version 1's shape
+        with pytest.raises(ConfigError, match="drop tables job_items, job_chunks, jobs"):
+            ensure_schema(conn)
 
 
 def test_a_deadlock_is_run_again_by_the_database_layer(db: psycopg.Connection, settings: Settings) -> None:
@@ -247,11 +245,4 @@ def test_a_deadlock_is_run_again_by_the_database_layer(db: psycopg.Connection, s
     with ThreadPoolExecutor(2) as pool:
         outcomes = [pool.submit(run, a, b) for a, b in ((0, 1), (1, 0))]
         assert [outcome.result(timeout=60) for outcome in outcomes] == ["done", "done"]
-    time.sleep(1.5)  # backends report their statistics at most once a second
     assert deadlocks(db) > before  # there was one, and it was retried
-
-
-def deadlocks(conn: psycopg.Connection) -> int:
-    conn.execute("SELECT pg_stat_clear_snapshot()")
-    row = conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
-    return int(row.fetchone()[0])  # type: ignore[index]

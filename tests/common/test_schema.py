@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 
-from common.db import SCHEMA_VERSION, connect, ensure_database, ensure_schema
-from tests.postgres import pg_url
+from common.db import SCHEMA_VERSION, connect, ensure_schema
+from tests.conftest import PrivateDatabase
 
 V2_IMAGES = """
 CREATE TABLE schema_version (version integer NOT NULL);
@@ -25,15 +24,10 @@ INSERT INTO images (id, raw_key, size_bytes, width, height, checksum, status, er
 
 
 @pytest.fixture
-def v2_database() -> Iterator[psycopg.Connection]:
-    name = f"quarry_v2_{uuid.uuid4().hex[:8]}"
-    url = pg_url(name)
-    ensure_database(url)
-    with connect(url, autocommit=True) as conn:
+def v2_database(private_database: PrivateDatabase) -> Iterator[psycopg.Connection]:
+    with private_database("v2", "bare") as env, connect(env["DATABASE_URL"], autocommit=True) as conn:
         conn.execute(V2_IMAGES)
         yield conn
-    with connect(pg_url("postgres"), autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def test_a_version_2_catalog_becomes_locations_of_the_styles_dataset(v2_database: psycopg.Connection) -> None:

@@ -1,5 +1,4 @@
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -155,20 +154,25 @@ def test_the_next_group_is_read_while_one_is_rendered() -> None:
     index = {i: Location(Source("s3://raw/shard.tar", i * 1000, size)) for i in range(1, 7)}
     reads: list[list[int]] = []
     second_read = threading.Event()
+    first_released = threading.Event()
+    early: list[int] = []  # reads started while the first group was still in use
 
     def fetch(sources: list[Source]) -> Fetched:
         reads.append([s.offset or 0 for s in sources])
         if len(reads) == 2:
             second_read.set()
+        if len(reads) > 2 and not first_released.is_set():
+            early.append(len(reads))
         return dict.fromkeys(sources, (RAW, '"etag"'))
 
     spec = JobSpec(job_id="j", augment=[{"op": "hflip", "p": 1.0, "args": {}}])
     groups = transform_images(spec, list(index), index, fetch, bytes_in_flight=4 * size, max_pixels=10**8)
     first = next(groups)
     assert second_read.wait(10), "the second group was not read while the first was in use"
-    time.sleep(0.2)  # were a third read started now, it would show
-    assert reads == [[1000, 2000], [3000, 4000]] and [o.image_id for o in first.outputs] == [1, 2]
+    assert reads[:2] == [[1000, 2000], [3000, 4000]] and [o.image_id for o in first.outputs] == [1, 2]
+    first_released.set()
     assert [o.image_id for g in groups for o in g.outputs] == [3, 4, 5, 6] and len(reads) == 3
+    assert early == [], "a third group was read while the first was still in use"
 
 
 def test_a_failed_read_ahead_is_raised_to_the_task() -> None:

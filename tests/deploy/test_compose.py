@@ -28,7 +28,6 @@ from tests.postgres import pg_port, pg_url
 
 GPU = ("docker-compose.yml", "docker-compose.gpu.yml")
 INITDB = ROOT / "deploy" / "compose" / "initdb"
-ADMIN_URL = pg_url("postgres")
 
 
 def command_of(service: dict[str, Any]) -> str:
@@ -131,11 +130,11 @@ def test_the_gpu_override_reserves_a_gpu_and_refuses_to_run_on_cpu() -> None:
 
 
 @pytest.fixture
-def initdb_names() -> Iterator[str]:
+def initdb_names(postgres_server: str) -> Iterator[str]:
     """A role and database name for one run of the Compose init script, dropped after."""
     name = f"quarry_initdb_{uuid.uuid4().hex[:8]}"
     yield name
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+    with psycopg.connect(postgres_server, autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.execute(f"DROP ROLE IF EXISTS {name}")
 
@@ -160,7 +159,7 @@ def test_the_compose_database_is_owned_by_a_role_that_is_not_a_superuser(initdb_
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    with psycopg.connect(ADMIN_URL.rsplit("/", 1)[0] + f"/{initdb_names}", autocommit=True) as conn:
+    with psycopg.connect(pg_url(initdb_names), autocommit=True) as conn:
         role = conn.execute(
             "SELECT rolsuper, rolcreaterole, rolcanlogin FROM pg_roles WHERE rolname = %s", (initdb_names,)
         ).fetchone()

@@ -7,11 +7,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from tests.stack import BIN, Stack, free_port, wait_until
-
-pytestmark = pytest.mark.slow
 
 
 def test_require_gpu_stops_an_inference_worker_that_would_run_on_cpu(

@@ -31,7 +31,6 @@ from producer.embedded import choose_postgres
 from tests.postgres import machine_url, pg_url
 from tests.stack import free_port
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 USER = "quarrytest"
 SYSTEM_PYTHON = Path("/usr/bin/python3")

@@ -3,7 +3,6 @@ would change the result, failure, cancel and early finishes while the rest is st
 
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -11,18 +10,16 @@ import psycopg
 import pytest
 
 from common.config import Settings, get_settings
-from common.db import connect, ensure_database, ensure_schema
+from common.db import connect
 from common.errors import JobFailed
 from common.jobs import cancel_job, job_progress
 from common.jobspec import JobSpec
 from common.ledger import ItemResult, Ticket, claim_chunks, open_chunk, record_progress
 from common.recording import fail_orphaned_recordings
-from common.roles import ensure_roles
 from quarry.query import user_session
 from quarry.record import Recording
 from quarry.submit import start_job, submit_job
-from tests.conftest import run_cli
-from tests.postgres import pg_url
+from tests.conftest import PrivateDatabase, run_cli
 from tests.stack import BIN, wait_until
 
 DATASET = "sliced"
@@ -42,20 +39,15 @@ AS 'SELECT $1 <= $2 OR $1 > $3 OR pg_sleep(0.02) IS NOT NULL'
 
 
 @pytest.fixture(scope="module")
-def private(test_env: dict[str, str]) -> Iterator[tuple[Settings, dict[str, str]]]:
+def private(private_database: PrivateDatabase) -> Iterator[tuple[Settings, dict[str, str]]]:
     """A database of this module's own, with the dataset: the session's dispatcher and pools
     (started by earlier modules) must not take these jobs' chunks."""
-    name = f"quarry_selection_{uuid.uuid4().hex[:8]}"
-    url = pg_url(name)
-    ensure_database(url)
-    settings = get_settings().model_copy(update={"database_url": url})
-    with connect(url, autocommit=True) as conn:
-        ensure_schema(conn)
-        ensure_roles(conn, settings)
-        make_dataset(conn)
-    yield settings, {**test_env, "DATABASE_URL": url}
-    with connect(pg_url("postgres"), autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with private_database("selection", "schema") as env:
+        url = env["DATABASE_URL"]
+        settings = get_settings().model_copy(update={"database_url": url})
+        with connect(url, autocommit=True) as conn:
+            make_dataset(conn)
+        yield settings, env
 
 
 def make_dataset(db: psycopg.Connection) -> None:
@@ -232,7 +224,11 @@ def test_cancel_during_recording_stops_the_recording_and_the_job(
     progress = job_progress(db, spec.job_id)
     assert progress is not None and progress.state == "cancelled"
     chunks = progress.chunks
-    time.sleep(1)
+    running = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE state = 'active' AND query LIKE '%slow_between%' AND pid <> pg_backend_pid()"
+    )
+    wait_until(lambda: db.execute(running).fetchone() == (0,), 30, "the slices' statements to end")
     assert job_progress(db, spec.job_id).chunks == chunks  # type: ignore[union-attr]
     assert chunks < db.execute(f"SELECT count(*) / 50 FROM {DATASET}").fetchone()[0]  # type: ignore[index]
 

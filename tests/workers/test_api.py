@@ -16,10 +16,10 @@ from common.errors import (
     UserError,
 )
 from quarry import Job, Preview, Quarry
+from tests.conftest import WITH_IMAGES
 from tests.stack import free_port
-from tests.workers.test_pipeline import WITH_IMAGES
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("workers")]
+pytestmark = pytest.mark.usefixtures("workers")
 FOOTWEAR = WITH_IMAGES + " AND s.master_category = 'Footwear'"
 SPEC = "hflip(p=0.5) | resize(64, 64)"
 

@@ -8,11 +8,10 @@ import pytest
 
 from common.config import Settings
 from common.storage import ObjectStore
-from tests.conftest import raw_image, relocate, run_cli
-from tests.stack import free_port, wait_until
+from tests.conftest import WITH_IMAGES, raw_image, relocate, run_cli
+from tests.stack import Stack, free_port, wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("workers")]
-WITH_IMAGES = "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"
+pytestmark = pytest.mark.usefixtures("workers")
 
 
 def status(env: dict[str, str], job_id: str) -> dict:  # type: ignore[type-arg]
@@ -33,41 +32,51 @@ def test_retry_after_a_fix_reruns_exactly_the_failed_items(
         for (image_id,), key in zip(victims, originals, strict=True)
     ]
     try:
-        job_id = submit(ingested, WITH_IMAGES + " ORDER BY s.id LIMIT 40", "--chunk-size", "10", "--wait")
-    except AssertionError:  # exit 1: items failed, as intended
-        job_id = db.execute("SELECT id::text FROM jobs ORDER BY created_at DESC LIMIT 1").fetchone()[0]
-    finally:
+        waited = run_cli(
+            "run",
+            "--query",
+            WITH_IMAGES + " ORDER BY s.id LIMIT 40",
+            "--chunk-size",
+            "10",
+            "--wait",
+            env=ingested,
+            check=False,
+        )
+        assert waited.returncode == 1, waited.stderr  # --wait: items failed, so a failing exit
+        job_id = waited.stdout.strip().splitlines()[-1]
         for key, data in originals.items():  # the fix
             store.put(settings.raw_bucket, key, data, content_type="image/jpeg", metadata={})
-    first = status(ingested, job_id)
-    assert (first["state"], first["done"], first["failed"]) == ("finished", 37, 3)
-    kept = dict(
-        db.execute(
-            "SELECT image_id, updated_at FROM job_items WHERE job_id = %s AND status = 'done'", (job_id,)
+        first = status(ingested, job_id)
+        assert (first["state"], first["done"], first["failed"]) == ("finished", 37, 3)
+        kept = dict(
+            db.execute(
+                "SELECT image_id, updated_at FROM job_items WHERE job_id = %s AND status = 'done'", (job_id,)
+            )
         )
-    )
-    out = run_cli("retry", job_id, env=ingested).stdout.strip()
-    assert out == f"job {job_id}: 3 failed items in 1 chunks sent again"
-    wait_until(lambda: status(ingested, job_id)["state"] == "finished", 60, "the retried job")
-    final = status(ingested, job_id)
-    assert (final["done"], final["failed"]) == (40, 0)
-    after = dict(db.execute("SELECT image_id, updated_at FROM job_items WHERE job_id = %s", (job_id,)))
-    assert {i: after[i] for i in kept} == kept  # the 37 done items were not redone
-    assert set(after) - set(kept) == {image_id for (image_id,) in victims}
-    assert len(store.list_keys(settings.output_bucket, f"{job_id}/")) == 40
-    for put_back in undo:
-        put_back()
+        out = run_cli("retry", job_id, env=ingested).stdout.strip()
+        assert out == f"job {job_id}: 3 failed items in 1 chunks sent again"
+        wait_until(lambda: status(ingested, job_id)["state"] == "finished", 60, "the retried job")
+        final = status(ingested, job_id)
+        assert (final["done"], final["failed"]) == (40, 0)
+        after = dict(db.execute("SELECT image_id, updated_at FROM job_items WHERE job_id = %s", (job_id,)))
+        assert {i: after[i] for i in kept} == kept  # the 37 done items were not redone
+        assert set(after) - set(kept) == {image_id for (image_id,) in victims}
+        assert len(store.list_keys(settings.output_bucket, f"{job_id}/")) == 40
+    finally:
+        for put_back in undo:
+            put_back()
 
 
-def test_cancel_stops_a_running_job_and_jobs_lists_it(ingested, db: psycopg.Connection) -> None:
+def test_cancel_stops_a_running_job_and_jobs_lists_it(ingested, workers: Stack) -> None:
     job_id = submit(
         ingested, WITH_IMAGES, "--chunk-size", "1", "--variants", "3", "--augment", "rotate(limit=30)"
     )
     wait_until(lambda: status(ingested, job_id)["done"] > 0, 60, "first items")
     assert run_cli("cancel", job_id, env=ingested).stdout.strip() == f"job {job_id}: cancelled"
-    time.sleep(3)  # messages already in the queues are dropped by the stages
+    wait_until(workers.drained, 120, "the queues to drain")  # the stages drop the job's messages
     settled = status(ingested, job_id)
-    time.sleep(3)
+    workers.wait_ticked()  # a dispatcher tick later, nothing more was sent
+    assert workers.drained()
     later = status(ingested, job_id)
     assert later["state"] == "cancelled" and later["done"] == settled["done"] < later["total"]
     listed = [json.loads(line) for line in run_cli("jobs", "--json", env=ingested).stdout.splitlines()]

@@ -8,18 +8,20 @@ import shutil
 import uuid
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import onnx
 import psycopg
 import pytest
 
 from common.config import Settings
-from common.db import connect, ensure_database
+from common.db import connect
 from common.embeddings import VECTOR_MISSING, vector_available
 from common.errors import QueryError
 from common.paths import MODELS_DIR
+from common.storage import ObjectStore
 from quarry import Quarry
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import SAMPLE, PrivateDatabase, run_cli, run_job
 from tests.postgres import machine_url
 from tests.stack import Stack
 
@@ -33,10 +35,11 @@ ORDER BY e.embedding <=> (SELECT embedding FROM embeddings
 LIMIT %(limit)s"""
 
 
-def run_job(env: dict[str, str], query: str, *args: str) -> dict:  # type: ignore[type-arg]
-    result = run_cli("run", "--query", query, "--wait", "--json", *args, env=env, check=False)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def finished(env: dict[str, str], query: str, *args: str) -> dict[str, Any]:
+    """The summary of a job of `query` that ran to its end with no failed item."""
+    code, summary = run_job(env, "--query", query, *args)
+    assert code == 0, summary
+    return summary
 
 
 def results(db: psycopg.Connection, job_id: str) -> list[tuple]:  # type: ignore[type-arg]
@@ -62,7 +65,7 @@ def test_a_job_with_the_default_model_records_an_embedding_per_image_and_runs_it
     workers: Stack, db: psycopg.Connection, sample_ids: list[int]
 ) -> None:
     ids = sample_ids[:40]
-    first = run_job(workers.env, ids_query(ids), "--model", "default")
+    first = finished(workers.env, ids_query(ids), "--model", "default")
     assert (first["state"], first["done"], first["inferred"]) == ("finished", 40, 40)
     embedded = db.execute(
         "SELECT id, vector_dims(embedding) FROM embeddings WHERE dataset = 'styles' AND model = 'default'"
@@ -73,7 +76,7 @@ def test_a_job_with_the_default_model_records_an_embedding_per_image_and_runs_it
     before = db.execute("SELECT id, embedding::text FROM embeddings WHERE id = ANY(%s) ORDER BY id", (ids,))
     before_rows = before.fetchall()
 
-    second = run_job(workers.env, ids_query(ids), "--model", "default")
+    second = finished(workers.env, ids_query(ids), "--model", "default")
     assert (second["state"], second["done"], second["inferred"]) == ("finished", 40, 0)
     assert results(db, second["job_id"]) == results(db, first["job_id"])
     after = db.execute("SELECT id, embedding::text FROM embeddings WHERE id = ANY(%s) ORDER BY id", (ids,))
@@ -81,16 +84,30 @@ def test_a_job_with_the_default_model_records_an_embedding_per_image_and_runs_it
     status = run_cli("status", second["job_id"], "--json", env=workers.env)
     assert json.loads(status.stdout)["inferred"] == 0
 
-    third = run_job(workers.env, ids_query(ids + sample_ids[40:41]), "--model", "default")
+    third = finished(workers.env, ids_query(ids + sample_ids[40:41]), "--model", "default")
     assert (third["done"], third["inferred"]) == (41, 1)
+
+
+def test_a_model_in_s3_is_the_same_model_as_its_bytes_say(
+    workers: Stack, db: psycopg.Connection, store: ObjectStore, sample_ids: list[int]
+) -> None:
+    """`--model s3://...`: the shipped model's file, uploaded, is fetched by the pools and is the
+    same model (its outputs are the catalog's, computed by the shipped one: nothing runs again)."""
+    store.ensure_bucket("models")
+    store.upload_file(str(MODELS_DIR / "fashion-classifier.onnx"), "models", "fashion.onnx", content_type="x")
+    query = ids_query(sample_ids[:10])
+    shipped = finished(workers.env, query, "--model", "default")
+    fetched = finished(workers.env, query, "--model", "s3://models/fashion.onnx")
+    assert (shipped["inferred"], fetched["inferred"], fetched["done"]) == (10, 0, 10)
+    assert results(db, fetched["job_id"]) == results(db, shipped["job_id"])
 
 
 def test_webdataset_output_takes_the_outputs_from_the_catalog_too(
     workers: Stack, db: psycopg.Connection, sample_ids: list[int]
 ) -> None:
     query = ids_query(sample_ids[:30])
-    first = run_job(workers.env, query, "--model", "default", "--output", "webdataset")
-    second = run_job(workers.env, query, "--model", "default", "--output", "webdataset")
+    first = finished(workers.env, query, "--model", "default", "--output", "webdataset")
+    second = finished(workers.env, query, "--model", "default", "--output", "webdataset")
     assert (first["inferred"], second["inferred"], second["done"]) == (30, 0, 30)
     assert results(db, second["job_id"]) == results(db, first["job_id"])
 
@@ -101,14 +118,14 @@ def test_a_model_changed_under_the_same_name_runs_again_and_replaces_its_embeddi
     model = tmp_path / "classifier.onnx"
     shutil.copy(SHIPPED, model)
     query = ids_query(sample_ids[:20])
-    first = run_job(workers.env, query, "--model", str(model))
+    first = finished(workers.env, query, "--model", str(model))
     assert first["inferred"] == 20
     digest = db.execute("SELECT digest FROM embedding_sets WHERE model = %s", (str(model),)).fetchone()
 
     proto = onnx.load(str(model))
     proto.metadata_props.add(key="note", value="retrained")  # other bytes, the same name
     onnx.save(proto, str(model))
-    second = run_job(workers.env, query, "--model", str(model))
+    second = finished(workers.env, query, "--model", str(model))
     assert (second["done"], second["inferred"]) == (20, 20)
     sets = db.execute("SELECT digest FROM embedding_sets WHERE model = %s", (str(model),)).fetchall()
     assert len(sets) == 1 and digest is not None and sets[0][0] != digest[0]
@@ -119,7 +136,7 @@ def test_a_model_changed_under_the_same_name_runs_again_and_replaces_its_embeddi
 @pytest.fixture
 def embedded_sample(workers: Stack, db: psycopg.Connection, sample_ids: list[int]) -> list[int]:
     """Every readable image of the sample with its embedding under `default`."""
-    summary = run_job(workers.env, ids_query(sample_ids), "--model", "default", "--output", "webdataset")
+    summary = finished(workers.env, ids_query(sample_ids), "--model", "default", "--output", "webdataset")
     assert (summary["state"], summary["done"]) == ("finished", len(sample_ids))
     return sample_ids
 
@@ -157,7 +174,7 @@ def test_a_similarity_query_selects_its_limit_through_run_and_sql_and_the_index_
         "SELECT min(id) FROM styles WHERE gender = 'Women' AND id = ANY(%s)", (embedded_sample,)
     )
     query = SIMILAR % {"gender": "'Women'", "anchor": anchor.fetchone()[0], "limit": 25}  # type: ignore[index]
-    summary = run_job(workers.env, query, "--augment", "resize(64, 64)", "--output", "webdataset")
+    summary = finished(workers.env, query, "--augment", "resize(64, 64)", "--output", "webdataset")
     assert (summary["state"], summary["total"], summary["done"]) == ("finished", 25, 25)
     frame = Quarry.from_env().sql(query)
     assert len(frame) == 25 and set(frame["id"]) == {
@@ -174,16 +191,13 @@ def test_a_similarity_query_selects_its_limit_through_run_and_sql_and_the_index_
 
 
 def test_without_pgvector_a_job_that_would_record_embeddings_is_refused_and_others_run(
-    test_env: dict[str, str],
+    private_database: PrivateDatabase,
 ) -> None:
     """On this machine's PostgreSQL when it has no pgvector (Debian's 15 has none)."""
     with connect(machine_url("postgres"), autocommit=True) as admin:
         if vector_available(admin):
             pytest.skip("this machine's PostgreSQL has pgvector: there is no server without it to try")
-    name = f"quarry_novector_{uuid.uuid4().hex[:8]}"
-    env = {**test_env, "DATABASE_URL": machine_url(name)}
-    ensure_database(env["DATABASE_URL"])
-    try:
+    with private_database("novector", "bare", url_of=machine_url) as env:
         run_cli("ingest", env=env)
         refused = run_cli(
             "run", "--query", "SELECT id FROM styles LIMIT 5", "--model", "default", env=env, check=False
@@ -194,9 +208,6 @@ def test_without_pgvector_a_job_that_would_record_embeddings_is_refused_and_othe
             assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
         recorded = run_cli("run", "--query", "SELECT id FROM styles LIMIT 5", "--json", env=env)
         assert json.loads(recorded.stdout.strip().splitlines()[-1])["total"] == 5
-    finally:
-        with connect(machine_url("postgres"), autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def test_quarry_similar_gives_the_sql_of_the_nearest_images_under_a_condition(
@@ -231,7 +242,7 @@ def test_dropping_a_dataset_drops_its_embeddings(
         shutil.copy(path, folder / path.name)
     name = f"drop_{uuid.uuid4().hex[:6]}"
     run_cli("ingest", str(folder), "--dataset", name, env=workers.env)
-    summary = run_job(workers.env, f"SELECT id FROM {name}", "--dataset", name, "--model", "default")
+    summary = finished(workers.env, f"SELECT id FROM {name}", "--dataset", name, "--model", "default")
     assert summary["done"] == 6
     sets = db.execute("SELECT id FROM embedding_sets WHERE dataset = %s", (name,)).fetchall()
     assert len(sets) == 1

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.storage import ObjectStore
-from tests.conftest import SAMPLE, run_cli, upload_folder
+from tests.conftest import SAMPLE, run_cli, run_job, upload_folder
 from tests.stack import RequestLog, Stack
 
 pytestmark = pytest.mark.usefixtures("own_datasets")
@@ -62,11 +62,6 @@ def manifest_dataset(
         env=env,
     )
     return name, uris
-
-
-def run_job(env: dict[str, str], *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
-    result = run_cli("run", "--wait", "--json", *args, env=env, check=False)
-    return result.returncode, json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_a_manifest_dataset_runs_by_reference_through_augment_model_and_shards(

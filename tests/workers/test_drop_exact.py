@@ -16,7 +16,7 @@ from common.storage import ObjectStore
 from tests.conftest import SAMPLE, run_cli
 from tests.stack import Stack
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_datasets")]
+pytestmark = pytest.mark.usefixtures("own_datasets")
 
 
 def sample_folder(tmp_path: Path, count: int) -> Path:

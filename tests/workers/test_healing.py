@@ -1,12 +1,13 @@
-"""Healing in seconds with the default settings (a 300 s lease): a worker process lost while it
-holds a chunk, or a message lost with the broker, has its chunk sent again within 30 s; a pool
-sent SIGTERM hands everything on; an image that kills its worker fails alone."""
+"""Healing without waiting for a lease: a worker process lost while it holds a chunk, or a message
+lost with the broker, has its chunk sent again by the dispatcher's liveness check (the lease is an
+hour here, so it cannot be the lease running out); a pool sent SIGTERM hands everything on; an
+image that kills its worker fails alone. How soon (30 s with the default settings) is measured by
+`python -m bench.faults`, not asserted here."""
 
 from __future__ import annotations
 
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,30 +16,22 @@ import numpy as np
 import psycopg
 import pytest
 
-from common.db import connect, ensure_database
-from common.storage import ObjectStore
-from tests.conftest import run_cli
-from tests.postgres import pg_url
+from tests.conftest import WITH_IMAGES, PrivateDatabase, run_cli
 from tests.stack import Stack, wait_until
 
-pytestmark = pytest.mark.slow
-WITH_IMAGES = "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"
 IMAGES = 295  # stored images of the vendored sample
 JOB = ("--augment", "hflip | rotate(limit=15) | resize(224, 224)", "--variants", "2", "--chunk-size", "10")
-HEALED_S = 30  # the bound: a lost chunk is sent again this soon after its loss
+HEAL_TIMEOUT_S = 240  # a deadline for the wait only: healing takes seconds (bench.faults)
+LEASE_S = "3600"  # no chunk's lease runs out during a test: only the liveness check sends again
+SENT_AGAIN = "chunks of lost workers or lost messages sent again"  # the dispatcher's line
 
 
 @pytest.fixture(scope="module")
-def heal_env(test_env: dict[str, str], store: ObjectStore) -> Iterator[dict[str, str]]:
+def heal_env(private_database: PrivateDatabase) -> Iterator[dict[str, str]]:
     """A database of its own (the session's dispatcher must not see these jobs), ingested; every
-    setting of the ledger at its default."""
-    name = f"quarry_heal_{uuid.uuid4().hex[:8]}"
-    env = {**test_env, "DATABASE_URL": pg_url(name)}
-    ensure_database(env["DATABASE_URL"])
-    run_cli("ingest", env=env)
-    yield env
-    with connect(pg_url("postgres"), autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    setting of the ledger at its default but the lease."""
+    with private_database("heal", CHUNK_LEASE_S=LEASE_S) as env:
+        yield env
 
 
 @pytest.fixture
@@ -63,66 +56,63 @@ def held(stack: Stack) -> set[tuple[str, int]]:
         return {(str(job), chunk) for job, chunk in conn.execute("SELECT job_id, chunk_index FROM holds")}
 
 
-def wait_sent_again(stack: Stack, lost: dict[tuple[str, int], int], since: float) -> float:
-    """Seconds from `since` until every chunk of `lost` (key -> its dispatches at the loss) was
-    dispatched again or finished; fails past HEALED_S."""
+def wait_sent_again(stack: Stack, lost: dict[tuple[str, int], int]) -> None:
+    """Wait until every chunk of `lost` (key -> its dispatches at the loss) was dispatched again,
+    restarting a pool that ended with the broker as its supervisor would; then the dispatcher
+    says its liveness check sent them."""
+    assert lost, "the precondition failed: no chunk was lost"
 
     def healed() -> bool:
+        stack.restart_exited_pools()
         now = dispatches(stack)
-        return all(now[key][0] == "finished" or now[key][1] > count for key, count in lost.items())
+        return all(now[key][1] > count for key, count in lost.items())
 
-    wait_until(healed, HEALED_S + 5, f"chunks {sorted(lost)} to be sent again", interval=0.2)
-    return time.monotonic() - since
-
-
-def assert_finished_cleanly(stack: Stack, job_id: str) -> None:
-    wait_until(lambda: stack.progress(job_id).ended, 240, "the job to end", interval=0.5)
-    final = stack.progress(job_id)
-    assert (final.state, final.failed, final.done, final.total) == ("finished", 0, IMAGES * 2, IMAGES * 2), (
-        stack.logs()
-    )
+    wait_until(healed, HEAL_TIMEOUT_S, f"chunks {sorted(lost)} to be sent again", interval=0.2)
+    assert SENT_AGAIN in stack.log("dispatcher"), stack.logs()
 
 
 @pytest.mark.parametrize("queue", ["transform", "upload", "inference"])
-def test_a_pool_killed_holding_a_chunk_has_it_sent_again_within_30_s(stack: Stack, queue: str) -> None:
+def test_a_pool_killed_holding_a_chunk_has_it_sent_again_by_the_liveness_check(
+    stack: Stack, queue: str
+) -> None:
     job_id = stack.submit(WITH_IMAGES, *JOB, "--model", "default")
     tickets = stack.kill_pool_mid_chunk(queue)
-    killed = time.monotonic()
     lost = {(str(t["job_id"]), int(t["chunk"])): int(t["dispatch"]) for t in tickets}  # type: ignore[call-overload]
-    time.sleep(5)  # its supervisor restarts it
-    stack.start_pool(queue)
-    seconds = wait_sent_again(stack, lost, killed)
-    print(f"{queue} pool killed holding {len(lost)} chunks: sent again {seconds:.1f} s later")
-    assert seconds <= HEALED_S
-    assert_finished_cleanly(stack, job_id)
+    stack.start_pool(queue)  # as its supervisor would
+    wait_sent_again(stack, lost)
+    stack.assert_finished_cleanly(job_id, IMAGES * 2)
 
 
-def test_a_broker_restarted_empty_has_every_lost_chunk_sent_again_within_30_s(stack: Stack) -> None:
+def test_a_broker_restarted_empty_has_every_lost_chunk_sent_again_by_the_liveness_check(stack: Stack) -> None:
     job_id = stack.submit(WITH_IMAGES, *JOB, "--model", "default")
     wait_until(lambda: stack.progress(job_id).done >= 40, 120, "40 items")
+    pools = [name for name in stack.processes if name.startswith("worker-")]
+    for name in pools:  # frozen: what they hold stays held, what is queued stays queued
+        stack.send_signal(name, signal.SIGSTOP)
+
+    def queued() -> dict[tuple[str, int], int]:
+        holding = held(stack)
+        sent = dispatches(stack)
+        return {
+            key: count for key, (state, count) in sent.items() if state == "dispatched" and key not in holding
+        }
+
+    wait_until(queued, 60, "a dispatched chunk no pool holds")  # the dispatcher fills the queues
     stack.stop("redis", signal.SIGKILL)  # no persistence: every queued message is gone
-    before = {key: count for key, (state, count) in dispatches(stack).items() if state == "dispatched"}
-    time.sleep(3)
+    lost = queued()  # no message can be taken now
     stack.start_redis()
-    answered = time.monotonic()
-    lost = {key: count for key, count in before.items() if key not in held(stack)}
-    for _ in range(10):  # its supervisor restarts a pool that ended with the broker
-        stack.restart_exited_pools()
-        time.sleep(0.5)
-    seconds = wait_sent_again(stack, lost, answered)
-    print(f"broker restarted empty: {len(lost)} chunks sent again {seconds:.1f} s after it answered")
-    assert seconds <= HEALED_S
-    assert_finished_cleanly(stack, job_id)
+    for name in pools:
+        stack.send_signal(name, signal.SIGCONT)
+    wait_sent_again(stack, lost)
+    stack.assert_finished_cleanly(job_id, IMAGES * 2)
 
 
 def test_a_pool_sent_sigterm_hands_everything_on_and_nothing_waits(stack: Stack) -> None:
     job_id = stack.submit(WITH_IMAGES, *JOB)
     wait_until(lambda: stack.progress(job_id).done >= 40, 120, "40 items")
-    stopped = time.monotonic()
     stack.terminate("worker-transform")  # a warm shutdown: its running tasks finish first
-    print(f"transform pool stopped by SIGTERM in {time.monotonic() - stopped:.1f} s")
     stack.start_pool("transform")
-    assert_finished_cleanly(stack, job_id)
+    stack.assert_finished_cleanly(job_id, IMAGES * 2)
     assert stack.redispatched(job_id) == 0  # nothing was lost: no chunk was sent twice
 
 
@@ -165,8 +155,7 @@ def test_an_image_that_kills_its_worker_fails_alone_after_the_last_attempt(
     )
     for image_id in (None, POISON):
         kill_transform_on(stack, job_id, 0, image_id)
-        time.sleep(2)  # its supervisor restarts it
-        stack.start_pool("transform")
+        stack.start_pool("transform")  # as its supervisor would
     wait_until(lambda: stack.progress(job_id).ended, 120, "the job to end", interval=0.5)
     final = stack.progress(job_id)
     assert (final.state, final.done, final.failed) == ("finished", 22, 2), stack.logs()

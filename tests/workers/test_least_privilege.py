@@ -19,8 +19,6 @@ from tests.conftest import SAMPLE, run_cli
 from tests.postgres import pg_url
 from tests.stack import Stack, wait_until
 
-pytestmark = pytest.mark.slow
-ADMIN_URL = pg_url("postgres")
 SESSIONS = """
 SELECT a.usename, r.rolsuper FROM pg_stat_activity a JOIN pg_roles r ON r.rolname = a.usename
 WHERE a.datname = %s AND a.backend_type = 'client backend'
@@ -34,7 +32,7 @@ def owned(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
     three pools and a dispatcher of its own."""
     suffix = uuid.uuid4().hex[:8]
     owner, database = f"quarry_owner_{suffix}", f"quarry_lp_{suffix}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+    with psycopg.connect(pg_url("postgres"), autocommit=True) as admin:
         admin.execute(f"CREATE ROLE {owner} LOGIN NOSUPERUSER NOCREATEDB CREATEROLE")
         admin.execute(f"CREATE DATABASE {database} OWNER {owner}")
     with psycopg.connect(pg_url(database), autocommit=True) as admin:  # as an administrator would
@@ -54,7 +52,7 @@ def owned(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
         yield stack
     finally:
         stack.stop_all()
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        with psycopg.connect(pg_url("postgres"), autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
             admin.execute(f"DROP ROLE IF EXISTS {owner}")
 
@@ -67,7 +65,7 @@ def test_no_session_of_a_job_is_a_superuser(owned: Stack, tmp_path: Path) -> Non
     run_cli("ingest", str(folder), "--dataset", "photos", env=owned.env)
     database = psycopg.conninfo.conninfo_to_dict(owned.env["DATABASE_URL"])["dbname"]
     seen: set[tuple[str, bool]] = set()
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+    with psycopg.connect(pg_url("postgres"), autocommit=True) as admin:
         job_id = owned.submit(
             "SELECT id FROM photos", "--model", "default", "--augment", "resize(64, 64)", "--chunk-size", "4"
         )

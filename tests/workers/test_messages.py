@@ -14,45 +14,29 @@ import psycopg
 import pytest
 from celery import Celery
 
-from common.config import Settings
-from common.db import connect, ensure_database, ensure_schema
 from common.jobs import record_job
 from common.jobspec import JobSpec
 from common.ledger import Ticket, claim_chunks
-from common.roles import ensure_roles
 from common.storage import ObjectStore
 from common.transform import Output
-from tests.conftest import SAMPLE
-from tests.postgres import pg_url
+from tests.conftest import SAMPLE, PrivateDatabase
 from tests.stack import Stack, wait_until
 from workers.routes import INFERENCE_SHARD, UPLOAD
 
-pytestmark = pytest.mark.slow
-ADMIN_URL = pg_url("postgres")
-
 
 @pytest.fixture(scope="module")
-def private(
-    test_env: dict[str, str], store: ObjectStore, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
+def private(private_database: PrivateDatabase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A database of its own (no dispatcher reads it), a broker of its own, the upload and
     inference pools."""
-    name = f"quarry_messages_{uuid.uuid4().hex[:8]}"
-    env = {**test_env, "DATABASE_URL": pg_url(name)}
-    ensure_database(env["DATABASE_URL"])
-    with connect(env["DATABASE_URL"], autocommit=True) as conn:
-        ensure_schema(conn)
-        ensure_roles(conn, Settings(database_url=env["DATABASE_URL"]))
-    stack = Stack(env, tmp_path_factory.mktemp("messages"))
-    try:
-        stack.start_redis()
-        stack.start_pool("upload")
-        stack.start_pool("inference")
-        yield stack
-    finally:
-        stack.stop_all()
-        with connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with private_database("messages", "schema") as env:
+        stack = Stack(env, tmp_path_factory.mktemp("messages"))
+        try:
+            stack.start_redis()
+            stack.start_pool("upload")
+            stack.start_pool("inference")
+            yield stack
+        finally:
+            stack.stop_all()
 
 
 def dispatched_job(stack: Stack, spec: JobSpec) -> Ticket:

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import WITH_IMAGES
 from tests.stack import Stack, free_port, wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("workers")]
-QUERY = "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"
+pytestmark = pytest.mark.usefixtures("workers")
 
 
 def promql(port: int, query: str) -> list[dict[str, Any]]:
@@ -63,7 +63,7 @@ def test_prometheus_scrapes_the_dispatcher_and_promql_returns_the_ledgers_counts
             lambda: scraped(prometheus_port, 'up{job="quarry-dispatcher"}') == 1, 60, "the first scrape"
         )
         job_id = stack.submit(
-            QUERY, "--augment", "hflip | rotate(limit=10)", "--variants", "3", "--chunk-size", "20"
+            WITH_IMAGES, "--augment", "hflip | rotate(limit=10)", "--variants", "3", "--chunk-size", "20"
         )
         wait_until(lambda: stack.progress(job_id).ended, 300, "the job")
         ledger = stack.progress(job_id)

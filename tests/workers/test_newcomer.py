@@ -21,15 +21,10 @@ from common.config import Settings
 from common.errors import UserError
 from common.storage import ObjectStore
 from quarry import Quarry
-from tests.conftest import BIN, SAMPLE, run_cli
+from tests.conftest import BIN, SAMPLE, run_cli, run_job
 from tests.stack import RequestLog, Stack, wait_until
 
 pytestmark = pytest.mark.usefixtures("own_datasets")
-
-
-def run_job(env: dict[str, str], *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
-    result = run_cli("run", "--wait", "--json", *args, env=env, check=False)
-    return result.returncode, json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def uploads(requests: list[tuple[str, str]]) -> list[str]:
@@ -56,6 +51,7 @@ def test_a_local_img2dataset_folder_is_uploaded_as_it_is_and_keeps_its_own_ids(
     db: psycopg.Connection,
     img2dataset_shards: Path,
     s3_requests: RequestLog,
+    tmp_path: Path,
 ) -> None:
     name = f"lookbook_{uuid.uuid4().hex[:6]}"
     tars = sorted(path.name for path in img2dataset_shards.glob("*.tar"))
@@ -93,6 +89,21 @@ def test_a_local_img2dataset_folder_is_uploaded_as_it_is_and_keeps_its_own_ids(
     assert uploads(s3_requests.requests()) == []  # nothing uploaded the second time
     counts = json.loads(again.stdout)
     assert (counts["files_uploaded"], counts["shards_present"], counts["rows"]) == (0, 3, 0)
+
+    # a changed file of a registered shard (the tar or a file beside it) is reported and left
+    changed = tmp_path / "changed"
+    shutil.copytree(img2dataset_shards, changed)
+    with (changed / tables[0]).open("ab") as table:
+        table.write(b"\0")
+    with (changed / tars[0]).open("ab") as tar:
+        tar.write(b"\0" * 512)
+    s3_requests.mark()
+    third = run_cli("ingest", str(changed), "--dataset", name, "--id-column", "sku", "--json", env=test_env)
+    assert uploads(s3_requests.requests()) == []
+    said = third.stdout + third.stderr
+    for path in (changed / tars[0], changed / tables[0]):
+        assert f"{path}: changed since its shard was registered; not uploaded again" in said, said
+    assert json.loads(third.stdout.strip().splitlines()[-1])["files_uploaded"] == 0
 
 
 def test_ids_of_a_webdataset_must_be_an_integer_column_given_once(

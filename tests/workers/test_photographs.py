@@ -8,8 +8,8 @@ the bound."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,10 +19,9 @@ import psycopg
 import pytest
 
 from common.config import Settings
-from common.db import connect, ensure_database
 from common.storage import ObjectStore
 from common.tarball import members
-from tests.conftest import run_cli
+from tests.conftest import PrivateDatabase, run_cli
 from tests.photographs import (
     bmp_bomb,
     bomb,
@@ -33,10 +32,8 @@ from tests.photographs import (
     with_comment,
     with_stray_byte,
 )
-from tests.postgres import pg_url
 from tests.stack import Stack, start_moto, wait_until
 
-pytestmark = pytest.mark.slow
 PHOTOS = 1000
 RSS_BOUND_MIB = 500  # docs/operations.md, "Memory of a transform process"
 PIPELINE = "hflip | rotate(limit=15) | resize(224, 224)"
@@ -47,21 +44,21 @@ LIMIT = "IMAGE_MAX_PIXELS, checked by OpenCV; {size:,} bytes, undecoded"
 
 
 @pytest.fixture(scope="module")
-def photo_env(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def photo_env(
+    private_database: PrivateDatabase, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
     """A database and an S3 server of their own (a gigabyte of photographs stays out of the
     session's), with 1,000 photographs of 3,000 x 2,000 and one bomb registered from a manifest."""
-    name = f"quarry_photos_{uuid.uuid4().hex[:8]}"
     root = tmp_path_factory.mktemp("photos")
     s3, endpoint = start_moto(root / "moto.log")
-    env = {
-        **test_env,
-        "DATABASE_URL": pg_url(name),
+    settings = {
         "S3_ENDPOINT_URL": endpoint,
         "IMAGE_MAX_PIXELS": str(MAX_PIXELS),
         "IMAGE_MAX_BYTES": str(MAX_BYTES),
     }
+    cleanup = contextlib.ExitStack()
     try:
-        ensure_database(env["DATABASE_URL"])
+        env = cleanup.enter_context(private_database("photos", "bare", **settings))
         store = ObjectStore(Settings(database_url=env["DATABASE_URL"], s3_endpoint_url=endpoint))
         store.ensure_bucket("photos")
         store.ensure_bucket(env["RAW_BUCKET"])
@@ -88,10 +85,9 @@ def photo_env(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
         sizes = json.dumps({i: len(data) for i, data in objects.items()})
         yield {**env, "PHOTO_MANIFEST": str(manifest), "SIZES": sizes}
     finally:
+        cleanup.close()
         s3.terminate()
         s3.wait(10)
-        with connect(pg_url("postgres"), autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """End to end through the real CLI, Redis, real worker processes, PostgreSQL and S3."""
 
 import json
-import time
 
 import psycopg
 import pytest
@@ -9,18 +8,12 @@ from celery import Celery
 
 from common.config import Settings
 from common.storage import ObjectStore
-from tests.conftest import raw_image, relocate, run_cli
+from tests.conftest import WITH_IMAGES, raw_image, relocate, run_cli, run_job
+from tests.stack import Stack, wait_until
 from workers.routes import TRANSFORM
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("workers")]
-WITH_IMAGES = "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"
+pytestmark = pytest.mark.usefixtures("workers")
 SPEC = "hflip(p=0.5) | rotate(limit=15) | brightness_contrast(0.2, 0.2) | resize(96, 128)"
-
-
-def run_job(env: dict[str, str], *args: str) -> tuple[int, dict[str, int | str]]:
-    result = run_cli("run", *args, "--wait", "--json", "--wait-timeout", "180", env=env, check=False)
-    assert result.returncode in (0, 1), result.stderr
-    return result.returncode, json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def results(env: dict[str, str], job_id: str) -> list[dict]:  # type: ignore[type-arg]
@@ -90,7 +83,7 @@ def test_a_corrupt_object_fails_its_item_and_the_chunk_goes_on(
 
 
 def test_a_chunk_delivered_twice_at_once_leaves_the_same_objects_rows_and_counts(
-    ingested, store: ObjectStore, settings: Settings, db: psycopg.Connection
+    ingested, store: ObjectStore, settings: Settings, db: psycopg.Connection, workers: Stack
 ) -> None:
     _code, summary = run_job(
         ingested,
@@ -121,11 +114,14 @@ def test_a_chunk_delivered_twice_at_once_leaves_the_same_objects_rows_and_counts
     sender = Celery(broker=settings.celery_broker_url)
     for _ in range(2):
         sender.send_task(TRANSFORM, args=[spec, ticket], queue="transform")
-    deadline = time.monotonic() + 60
-    while json.loads(run_cli("status", job_id, "--json", env=ingested).stdout)["state"] != "finished":
-        assert time.monotonic() < deadline, "the redelivered chunk did not finish"
-        time.sleep(0.3)
-    time.sleep(2)  # let the second copy finish too
+    wait_until(  # both copies ran to the end: nothing queued, nothing taken and not acked
+        lambda: (
+            workers.drained()
+            and json.loads(run_cli("status", job_id, "--json", env=ingested).stdout)["state"] == "finished"
+        ),
+        60,
+        "the redelivered chunk and its copy to finish",
+    )
     rows = db.execute(rows_sql, (job_id,)).fetchall()
     assert [row[:4] for row in rows] == [row[:4] for row in before_rows]
     assert all(after[4] > prior[4] for after, prior in zip(rows, before_rows, strict=True))

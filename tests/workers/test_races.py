@@ -12,20 +12,14 @@ import pytest
 
 from common.errors import UserError
 from quarry import Quarry
-from tests.conftest import run_cli
+from tests.conftest import WITH_IMAGES, run_cli
+from tests.postgres import deadlocks
 from tests.stack import wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("workers")]
-WITH_IMAGES = "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"
+pytestmark = pytest.mark.usefixtures("workers")
 ROUNDS = 40
 # a chunk per image, so chunks finish (and lock the job's counters) many times a second
 JOB = ("--chunk-size", "1", "--augment", "resize(32, 32)")
-
-
-def deadlocks(conn: psycopg.Connection) -> int:
-    conn.execute("SELECT pg_stat_clear_snapshot()")
-    row = conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
-    return int(row.fetchone()[0])  # type: ignore[index]
 
 
 def command(env: dict[str, str], *args: str) -> tuple[int, str]:
@@ -98,7 +92,6 @@ def test_cancel_and_retry_while_chunks_finish_never_deadlock(ingested, db: psyco
             "SELECT done, failed, total FROM jobs WHERE id = %s", (job_id,)
         ).fetchone()
         assert (done, failed) == (total, 0)
-    time.sleep(1.5)  # backends report their statistics at most once a second
     assert deadlocks(db) == before
 
 
@@ -108,14 +101,12 @@ def test_a_command_kept_from_its_lock_fails_in_one_line(ingested, db: psycopg.Co
     job_id = run_cli("run", "--query", WITH_IMAGES, *JOB, env=ingested).stdout.split()[-1]
     with psycopg.connect(ingested["DATABASE_URL"]) as holder:
         holder.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
-        started = time.monotonic()
         result = run_cli("cancel", job_id, env=ingested, check=False)
-        waited = time.monotonic() - started
         holder.rollback()
     assert result.returncode == 1, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: PostgreSQL: canceling statement due to lock timeout (")
-    assert lines[0].endswith(" tries)"), lines[0]
-    assert 25 < waited < 60, waited
+    tries = int(lines[0].rsplit("(", 1)[1].removesuffix(" tries)"))
+    assert tries > 1, lines[0]  # it tried again before giving up
     assert run_cli("cancel", job_id, env=ingested).stdout.strip() == f"job {job_id}: cancelled"

@@ -16,8 +16,8 @@ import pytest
 
 from common.config import Settings
 from common.storage import ObjectStore
+from tests.conftest import run_job
 from tests.stack import RequestLog
-from tests.workers.test_pipeline import run_job
 
 
 def raw_gets(log: RequestLog, settings: Settings) -> int:

@@ -13,10 +13,10 @@ import webdataset as wds
 
 from common.config import Settings
 from common.storage import ObjectStore
-from tests.conftest import run_cli
-from tests.workers.test_pipeline import WITH_IMAGES, run_job
+from tests.conftest import WITH_IMAGES, run_cli, run_job
+from tests.stack import RequestLog
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("workers")]
+pytestmark = pytest.mark.usefixtures("workers")
 SPEC = "hflip(p=0.5) | rotate(limit=15) | resize(64, 64)"
 MISSING_ID = 999_999_999  # selected, but no catalog row and no image: must fail alone
 
@@ -98,14 +98,21 @@ def test_shards_hold_every_item_and_match_their_manifest(
 
 
 def test_a_rerun_writes_byte_identical_shards_and_raw_inference_reads_each_raw_once(
-    ingested: dict[str, str], store: ObjectStore, settings: Settings
+    ingested: dict[str, str], store: ObjectStore, settings: Settings, s3_requests: RequestLog
 ) -> None:
     """Two jobs with the same spec and seed write the same tar bytes (the job id is the only
     difference in the records, so it is masked); with --infer-on raw the staging shard carries
-    the raws, so inference fetches nothing but the shard."""
+    the raws, so inference fetches nothing but the shard: the raw bucket gets the same GETs as
+    for the job without a model (counted at the S3 server)."""
     query = f"{WITH_IMAGES} AND s.master_category = 'Accessories'"
+
+    def raw_gets() -> int:
+        prefix = f"/{settings.raw_bucket}/"
+        return sum(method == "GET" and path.startswith(prefix) for method, path in s3_requests.requests())
+
     digests = []
     for _ in range(2):
+        s3_requests.mark()
         summary = run_webdataset_job(ingested, query, "--shard-size", "25", "--seed", "3")
         files = shard_files(store, settings.output_bucket, str(summary["job_id"]))
         digests.append(
@@ -117,5 +124,10 @@ def test_a_rerun_writes_byte_identical_shards_and_raw_inference_reads_each_raw_o
         )
     assert digests[0] == digests[1] and digests[0]
 
-    summary = run_webdataset_job(ingested, query, "--model", "default", "--infer-on", "raw")
+    without_model = raw_gets()
+    s3_requests.mark()
+    summary = run_webdataset_job(
+        ingested, query, "--shard-size", "25", "--seed", "3", "--model", "default", "--infer-on", "raw"
+    )
     assert summary["failed"] == 0 and summary["done"] == summary["total"]
+    assert without_model > 0 and raw_gets() == without_model
