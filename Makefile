@@ -47,7 +47,7 @@ demo: up ## up, ingest the default dataset, run a query end to end, print the su
 	  --variants 2 --model default
 
 test: install $(TOOLS)/bin/img2dataset ## run the whole suite against real PostgreSQL, Redis, S3 and workers
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 test-fast: install ## the tests that need no server (no PostgreSQL, Redis, S3 or workers): after every edit
 	$(BIN)/python -m pytest -m "not server" -q

@@ -21,7 +21,7 @@ from common.outputs import OutputCache, image_digest, no_cache, predict_once
 from common.shards import Shard
 from common.transform import Output
 
-SHARD_BATCH = 64  # images decoded and classified at once when a shard is classified
+MODEL_BATCH = 64  # images decoded and classified at once: memory does not grow with a message
 DECODING_THREADS_MAX = 4
 
 
@@ -122,6 +122,22 @@ def run_model(
     return run
 
 
+def predict_batches(
+    keys: list[Hashable],
+    digests: Mapping[Hashable, bytes],
+    cache: OutputCache,
+    model: Callable[[list[Hashable]], dict[Hashable, Any]],
+) -> tuple[dict[Hashable, Any], set[Hashable]]:
+    """predict_once over `keys`, MODEL_BATCH at a time: each output, and the keys the model ran on."""
+    outputs: dict[Hashable, Any] = {}
+    inferred: set[Hashable] = set()
+    for start in range(0, len(keys), MODEL_BATCH):
+        batch, ran = predict_once(keys[start : start + MODEL_BATCH], digests, cache, model)
+        outputs.update(batch)
+        inferred |= ran
+    return outputs, inferred
+
+
 def digests_of(sources: Mapping[Any, bytes | QuarryError]) -> dict[Hashable, bytes]:
     return {key: image_digest(data) for key, data in sources.items() if not isinstance(data, QuarryError)}
 
@@ -135,14 +151,15 @@ def infer_items(
     cache: OutputCache | None = None,
     stored: Callable[[int], bool] = lambda variant: False,
 ) -> Inferred:
-    """Classify every item in one batch (each image once; from `cache` where the model already
-    read the same bytes); an unreadable image fails alone, a transient storage error is raised
-    for the task to retry. Items whose variant is `stored` give their image's embedding."""
+    """Classify every item of one message (each image once, MODEL_BATCH at a time; from `cache`
+    where the model already read the same bytes); an unreadable image fails alone, a transient
+    storage error is raised for the task to retry. Items whose variant is `stored` give their
+    image's embedding."""
     fetched = fetch_many([ref.image_uri for ref in refs])
     cache = cache or OutputCache(no_cache, top_k, len(classifier.info.labels))
     uris: list[Hashable] = list(dict.fromkeys(ref.image_uri for ref in refs))
     digests = digests_of(fetched)
-    outputs, inferred = predict_once(uris, digests, cache, run_model(classifier, fetched, top_k, decoder))
+    outputs, inferred = predict_batches(uris, digests, cache, run_model(classifier, fetched, top_k, decoder))
     run = Inferred([])
     for ref in refs:
         output = outputs[ref.image_uri]
@@ -194,14 +211,9 @@ def classify_shard(
             sources[sample.key] = sample.image  # type: ignore[assignment]
     cache = cache or OutputCache(no_cache, top_k, len(classifier.info.labels))
     digests = digests_of(sources)
-    names = list(sources)
-    outputs: dict[Hashable, Prediction | str] = {}
-    inferred: set[Hashable] = set()
-    model = run_model(classifier, sources, top_k, decoder)
-    for start in range(0, len(names), SHARD_BATCH):
-        batch, ran = predict_once(names[start : start + SHARD_BATCH], digests, cache, model)
-        outputs.update(batch)
-        inferred |= ran
+    outputs, inferred = predict_batches(
+        list(sources), digests, cache, run_model(classifier, sources, top_k, decoder)
+    )
     run = Inferred([])
     for sample in pending:
         name = sample.image_id if infer_on == "raw" else sample.key

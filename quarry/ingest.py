@@ -25,6 +25,7 @@ from psycopg import sql
 
 from common.catalog import COLUMNS, STYLE_TYPES, CatalogStats, RejectedLine, read_styles
 from common.datasets import FASHION, FORMATS, analyze_dataset, check_name, dataset_names, register_dataset
+from common.db import first_line
 from common.errors import UserError
 from common.ingest.manifest import format_of
 from common.ingest.register import add_catalog_rows, load_rows
@@ -156,7 +157,13 @@ def local_metadata(folder: Path) -> pa.Table | None:
     if not any(path.suffix == ".tar" for path in files):
         raise UserError(f"{folder}: no .tar shards there")
     first = next((path for path in files if path.suffix == ".parquet"), None)
-    return None if first is None else keyed_table(pq.read_table(first), str(first))
+    if first is None:
+        return None
+    try:
+        table = pq.read_table(first)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{first}: not a readable Parquet file ({first_line(exc)})") from exc
+    return keyed_table(table, str(first))
 
 
 def infer_format(store: ObjectStore, source: str) -> str:

@@ -40,10 +40,13 @@ start() {  # start NAME CMD...: run in the background, pid and log in RUN_DIR
   echo $! >"$RUN_DIR/$name.pid"
 }
 
+answers() {  # answers URL: anything answers HTTP there (a real S3 server's 403 is an answer)
+  "$PY" -c "import sys; from producer.s3_gateway import answers; sys.exit(0 if answers(sys.argv[1]) else 1)" "$1"
+}
+
 wait_for_url() {  # wait_for_url URL [TRIES]: 0.2 s apart
   for _ in $(seq 1 "${2:-50}"); do
-    "$PY" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "$1" \
-      2>/dev/null && return 0
+    answers "$1" && return 0
     sleep 0.2
   done
   echo "no answer from $1" >&2; return 1
@@ -51,8 +54,7 @@ wait_for_url() {  # wait_for_url URL [TRIES]: 0.2 s apart
 
 up() {
   QUARRY_RUN_DIR="$RUN_DIR" "$PY" -m producer.embedded up || exit 1
-  if ! "$PY" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" \
-      "$S3_ENDPOINT_URL" 2>/dev/null; then
+  if ! answers "$S3_ENDPOINT_URL"; then  # a local server only where nothing answers
     port=$(echo "$S3_ENDPOINT_URL" | sed -E 's#.*:([0-9]+)/?$#\1#')
     start s3 "$BIN/moto_server" -H 127.0.0.1 -p "$port"
     wait_for_url "$S3_ENDPOINT_URL"

@@ -26,6 +26,7 @@ from jupyter_client import BlockingKernelClient
 from common.config import get_settings
 from common.db import connect, postgres_too_old
 from common.embeddings import vector_available
+from producer import s3_gateway
 from producer.dispatch import redis_too_old
 from producer.embedded import choose_postgres
 from tests.postgres import machine_url, pg_url
@@ -229,11 +230,29 @@ def test_a_remote_address_that_does_not_answer_is_an_error(tmp_path: Path) -> No
     assert result.stderr.strip() == "error: Redis does not answer at 192.0.2.1:6379 (CELERY_BROKER_URL)"
 
 
+@pytest.fixture
+def s3_with_keys(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A real S3 server that refuses anonymous requests (403), as a company's would: the JuiceFS
+    gateway (MinIO's S3 API) with keys of its own; the settings that reach it."""
+    keys = {"AWS_ACCESS_KEY_ID": "stack-test", "AWS_SECRET_ACCESS_KEY": uuid.uuid4().hex}
+    process, endpoint = s3_gateway.start(
+        tmp_path / "juicefs", free_port(), keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"]
+    )
+    try:
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            urllib.request.urlopen(endpoint, timeout=5)
+        yield {"S3_ENDPOINT_URL": endpoint, **keys}
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
 def test_make_up_uses_the_machines_servers_and_its_notebook_url_runs_the_quickstart(
-    test_env: dict[str, str], tmp_path: Path
+    test_env: dict[str, str], s3_with_keys: dict[str, str], tmp_path: Path
 ) -> None:
-    """`make up` where PostgreSQL and Redis answer: no embedded servers, and a JupyterLab URL whose
-    token opens it; the quickstart notebook, run on a kernel of that server, adds up."""
+    """`make up` where PostgreSQL, Redis and an S3 server that wants keys answer: no embedded
+    servers, no S3 server of its own, and a JupyterLab URL whose token opens it; the quickstart
+    notebook, run on a kernel of that server, adds up."""
     run_dir = tmp_path / "run"
     database = f"quarry_stack_{uuid.uuid4().hex[:8]}"  # its own: this stack's dispatcher sees no test's jobs
     notebook = nbformat.read(NOTEBOOK, as_version=4)
@@ -251,11 +270,13 @@ def test_make_up_uses_the_machines_servers_and_its_notebook_url_runs_the_quickst
         "PYTHON": sys.executable,
         "QUARRY_FIGURES": str(tmp_path),  # the notebook's kernel inherits the server's environment
         "QUARRY_ENV_FILE": str(tmp_path / "quarry.env"),
+        **s3_with_keys,
     }
     try:
         up = as_user(None, "make", "up", env=env)
         assert up.returncode == 0, up.stdout + up.stderr
         assert "started PostgreSQL" not in up.stdout and "started Redis" not in up.stdout
+        assert not (run_dir / "s3.pid").exists()  # the server that answered is used: none started
         embedded = [  # of this stack's (the tests' own server may be an embedded one)
             " ".join(p.info["cmdline"] or [])
             for p in psutil.process_iter(["cmdline"])

@@ -93,8 +93,7 @@ def test_a_local_img2dataset_folder_is_uploaded_as_it_is_and_keeps_its_own_ids(
     # a changed file of a registered shard (the tar or a file beside it) is reported and left
     changed = tmp_path / "changed"
     shutil.copytree(img2dataset_shards, changed)
-    with (changed / tables[0]).open("ab") as table:
-        table.write(b"\0")
+    pq.write_table(pq.read_table(changed / tables[0]), changed / tables[0], compression="none")
     with (changed / tars[0]).open("ab") as tar:
         tar.write(b"\0" * 512)
     s3_requests.mark()
@@ -104,6 +103,14 @@ def test_a_local_img2dataset_folder_is_uploaded_as_it_is_and_keeps_its_own_ids(
     for path in (changed / tars[0], changed / tables[0]):
         assert f"{path}: changed since its shard was registered; not uploaded again" in said, said
     assert json.loads(third.stdout.strip().splitlines()[-1])["files_uploaded"] == 0
+    with (changed / tables[0]).open("ab") as table:  # now not Parquet at all: refused in one line
+        table.write(b"\0")
+    refused = run_cli(
+        "ingest", str(changed), "--dataset", name, "--id-column", "sku", env=test_env, check=False
+    )
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert lines[0].startswith(f"error: {changed / tables[0]}: not a readable Parquet file ("), lines[0]
 
 
 def test_ids_of_a_webdataset_must_be_an_integer_column_given_once(
