@@ -290,6 +290,12 @@ class Stack:
             log = self.log_dir / f"worker-{queue}.log"
             wait_until(lambda log=log: " ready." in log.read_text(), 60, f"the {queue} pool")
 
+    def start_own(self) -> None:
+        """A broker of this stack's own, the three pools and a dispatcher."""
+        self.start_redis()
+        self.start_pools()
+        self.start_dispatcher()
+
     def start_dispatcher(self, name: str = "dispatcher", env: dict[str, str] | None = None) -> None:
         self.start(name, [str(BIN / "producer"), "dispatch"], env)
 

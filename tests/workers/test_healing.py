@@ -37,9 +37,7 @@ def heal_env(private_database: PrivateDatabase) -> Iterator[dict[str, str]]:
 @pytest.fixture
 def stack(heal_env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
     stack = Stack(heal_env, tmp_path / "stack")
-    stack.start_redis()
-    stack.start_pools()
-    stack.start_dispatcher()
+    stack.start_own()
     yield stack
     stack.stop_all()
 

@@ -46,9 +46,7 @@ def owned(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
     stack = Stack(env, tmp_path_factory.mktemp("least-privilege"))
     try:
         run_cli("init", env=env)
-        stack.start_redis()
-        stack.start_pools()
-        stack.start_dispatcher()
+        stack.start_own()
         yield stack
     finally:
         stack.stop_all()

@@ -32,9 +32,7 @@ def stack(private_database: PrivateDatabase, tmp_path: Path) -> Iterator[Stack]:
     with private_database("memory") as env:
         stack = Stack(env, tmp_path / "stack")
         try:
-            stack.start_redis()
-            stack.start_pools()
-            stack.start_dispatcher()
+            stack.start_own()
             yield stack
         finally:
             stack.stop_all()
