@@ -21,7 +21,15 @@ RESERVED = frozenset(
 )
 RESERVED_PREFIX = "embeddings_"  # the tables of common/embeddings.py
 FASHION = "styles"  # the Kaggle archive's dataset (and table) name
-FORMATS = ("kaggle", "folder", "csv", "jsonl", "parquet", "webdataset")  # what `producer ingest` reads
+FORMATS = (
+    "kaggle",
+    "folder",
+    "classes",
+    "csv",
+    "jsonl",
+    "parquet",
+    "webdataset",
+)  # what `producer ingest` reads
 
 
 @dataclass(frozen=True)

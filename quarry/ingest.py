@@ -34,6 +34,7 @@ from common.ingest.tables import check_column_types, create_catalog
 from common.ingest.units import IngestPlan, add_unit_counts
 from common.ingest.webdataset import catalog_for, keyed_table
 from common.storage import ObjectStore
+from quarry.class_folders import holds_images, ingest_class_folders
 from quarry.datasets import drop_if_empty
 from quarry.ingest_plan import ManifestRequest, plan_manifest, plan_shards
 from quarry.packing import forget_lost_shards, pack_images
@@ -46,6 +47,7 @@ REJECTED_SHOWN = 20  # malformed CSV lines printed one by one before only counti
 OWN_IDS = {  # formats whose ids are fixed by their layout
     "kaggle": "the fashion archive's ids are styles.csv's id column",
     "folder": "a folder of images takes its ids from the file names ({id}.jpg)",
+    "classes": "Quarry assigns the ids of class folders' images (their key is the column `file`)",
 }
 LISTED_TO_INFER = 1000  # objects of an s3:// prefix looked at to tell its format (one LIST page)
 
@@ -88,6 +90,9 @@ def ingest(
             ingest_fashion(conn, store, Path(request.source), raw_bucket, concurrency, summary, on_progress)
         elif source_format == "folder":
             ingest_folder(conn, store, request, raw_bucket, concurrency, summary, on_progress)
+        elif source_format == "classes":
+            folder, name = Path(request.source), dataset_name(request)
+            ingest_class_folders(conn, store, folder, name, raw_bucket, concurrency, summary, on_progress)
         else:
             plan = plan_through_pools(conn, store, request, source_format, raw_bucket, concurrency, summary)
             if plan is not None:
@@ -110,7 +115,7 @@ def check_options(request: IngestRequest, source_format: str) -> None:
     """UserError for an option this kind of source has no use for (never silently ignored)."""
     if request.id_column and source_format in OWN_IDS:
         raise UserError(f"{request.source}: {OWN_IDS[source_format]}: drop --id-column")
-    if request.image_column and source_format in ("kaggle", "folder", "webdataset"):
+    if request.image_column and source_format in ("kaggle", "folder", "classes", "webdataset"):
         raise UserError(f"{request.source}: it holds its images itself: drop --image-column")
 
 
@@ -182,7 +187,17 @@ def infer_format(store: ObjectStore, source: str) -> str:
     if path.is_dir():
         if (path / "styles.csv").is_file():
             return "kaggle"
-        return "webdataset" if next(path.glob("*.tar"), None) else "folder"
+        if next(path.glob("*.tar"), None):
+            return "webdataset"
+        metadata = [path / f"metadata{suffix}" for suffix in (".csv", ".jsonl", ".parquet")]
+        if found := next((m for m in metadata if m.is_file()), None):
+            raise UserError(
+                f"{found}: a folder of images with a metadata file (Hugging Face's imagefolder) is not"
+                " read yet; ingest the images without it, or the metadata as a manifest of s3:// URIs"
+            )
+        if not any(IMAGE_NAME.match(p.name) for p in path.iterdir()) and holds_images(path):
+            return "classes"  # class folders, or images by any name
+        return "folder"
     if path.is_file() and format_of(path.name):
         return str(format_of(path.name))
     if not path.exists():
@@ -327,4 +342,7 @@ def nothing_to_ingest(folder: Path) -> str:
             f"{folder} holds {len(manifests)} manifest files ({manifests[0].name}, ...) and no {{id}}.jpg"
             f" files: ingest a manifest with --id-column and --image-column"
         )
-    return f"{folder} holds {len(files)} files and no {{id}}.jpg, .tar or manifest files: nothing to ingest"
+    return (
+        f"{folder} holds {len(files)} files and no {{id}}.jpg, .tar or manifest files, and no class"
+        " folders of images: nothing to ingest"
+    )

@@ -157,7 +157,8 @@ def test_bad_paths_are_refused_in_one_line_and_leave_no_dataset_or_job(
     nothing = run_cli("ingest", str(notes), "--dataset", "nothing_here", env=test_env, check=False)
     assert nothing.returncode == 2
     assert nothing.stderr.splitlines() == [
-        f"error: {notes} holds 2 files and no {{id}}.jpg, .tar or manifest files: nothing to ingest"
+        f"error: {notes} holds 2 files and no {{id}}.jpg, .tar or manifest files, and no class"
+        " folders of images: nothing to ingest"
     ]
     as_folder = run_cli(
         "ingest",
