@@ -156,6 +156,13 @@ def test_bad_manifests_are_refused_whole_with_one_line(
         quarry.ingest(tmp_path / "dupes.csv", id_column="id", image_column="uri")
     with pytest.raises(UserError, match="one of Quarry's own tables"):
         quarry.ingest(tmp_path / "dupes.csv", dataset="jobs", id_column="id", image_column="uri")
+    local = "id,path\n" + "".join(f"{i},{p}\n" for i, p in enumerate(sample_images(3)))  # absolute paths
+    (tmp_path / "local.csv").write_text(local)
+    with pytest.raises(
+        UserError, match=r"column 'path' holds '/.+\.jpg', not an s3:// URI; images on local disk"
+    ):
+        quarry.ingest(tmp_path / "local.csv", dataset=name, id_column="id", image_column="path")
+    assert db.execute("SELECT count(*) FROM datasets WHERE name = %s", (name,)).fetchone() == (0,)
     (tmp_path / "floats.csv").write_text("id,uri\n1.5,s3://b/1.jpg\n")
     with pytest.raises(UserError, match="id column 'id' is double, not integers or strings"):
         quarry.ingest(tmp_path / "floats.csv", dataset=name, id_column="id", image_column="uri")
