@@ -105,9 +105,10 @@ def pack_images(
     writer: ShardWriter | None = None
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="pack") as pool:
         for batch in batched(files, FILES_PER_BATCH):
-            known = registered_ids(conn, dataset, [image_id for image_id, _ in batch])
-            todo = [(image_id, path) for image_id, path in batch if image_id not in known]
+            known = registered_sizes(conn, dataset, [image_id for image_id, _ in batch])
+            todo = [(image_id, path) for image_id, path in batch if changed_or_new(known, image_id, path)]
             summary.present += len(batch) - len(todo)
+            summary.replaced += sum(image_id in known for image_id, _ in todo)
             bad = {}
             for image in pool.map(lambda item: read_image(item[0], item[1], max_pixels), todo):
                 if image.error is not None:
@@ -147,6 +148,10 @@ def store_shard(
     size, etag = store.head(bucket, key)
     with conn.transaction():
         shard = add_shard(conn, uri, size, etag)
+        conn.execute(  # the images of changed files: their new bytes replace the old
+            "DELETE FROM locations WHERE dataset = %s AND id = ANY (%s) AND error IS NULL",
+            (dataset.id, [member.match for member in writer.members]),
+        )
         load_members(conn, dataset, writer.members)
         added = add_member_locations(conn, dataset, shard)
     summary.images += added
@@ -154,13 +159,24 @@ def store_shard(
     summary.shards += 1
 
 
-def registered_ids(conn: psycopg.Connection, dataset: Dataset, image_ids: list[int]) -> set[int]:
-    """The ids that already have an image (not a recorded failure)."""
+def registered_sizes(
+    conn: psycopg.Connection, dataset: Dataset, image_ids: list[int]
+) -> dict[int, int | None]:
+    """The ids that already have an image (not a recorded failure), with its size in bytes."""
     rows = conn.execute(
-        "SELECT id FROM locations WHERE dataset = %s AND id = ANY (%s) AND error IS NULL",
+        "SELECT id, byte_length FROM locations WHERE dataset = %s AND id = ANY (%s) AND error IS NULL",
         (dataset.id, image_ids),
     ).fetchall()
-    return {row[0] for row in rows}
+    return {row[0]: row[1] for row in rows}
+
+
+def changed_or_new(known: dict[int, int | None], image_id: int, path: Path) -> bool:
+    """Whether a file is to be packed: not registered yet, or of another size than the image
+    registered under its id (the file changed since: it is packed again and replaces it)."""
+    if image_id not in known:
+        return True
+    size = known[image_id]
+    return size is not None and path.stat().st_size != size
 
 
 def forget_lost_shards(conn: psycopg.Connection, store: ObjectStore, dataset: Dataset) -> int:

@@ -21,6 +21,7 @@ class IngestSummary:
     duplicate_ids: int = 0  # styles.csv ids given more than once (the last line wins)
     images: int = 0  # image locations registered by this run
     packed: int = 0  # images packed into Quarry's shards by this run
+    replaced: int = 0  # of those, images whose file changed since it was packed (the new bytes replace it)
     shards: int = 0  # shards written or registered by this run
     shards_present: int = 0  # shards registered before, skipped
     files_uploaded: int = 0  # files of a local WebDataset folder uploaded by this run

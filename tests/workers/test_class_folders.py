@@ -86,6 +86,18 @@ def test_class_folders_become_label_file_and_split_columns_and_a_reingest_adds_t
     code, summary = run_job(test_env, "--query", f"SELECT id FROM {name} WHERE label = 'bags'")
     assert code == 0 and (summary["done"], summary["failed"]) == (3, 0)
 
+    changed = folder / "train/shoes/IMG_4001.JPG"
+    shutil.copy(SAMPLE_IMAGES[10], changed)  # another photograph under the same name
+    assert changed.stat().st_size != SAMPLE_IMAGES[0].stat().st_size
+    third = ingest(test_env, folder, name)
+    assert (third["images"], third["replaced"], third["present"]) == (1, 1, 9)
+    located = db.execute(
+        f"SELECT l.byte_length FROM {name} c JOIN locations l ON l.id = c.id"
+        " JOIN datasets d ON d.id = l.dataset AND d.name = %s WHERE c.file = %s",
+        (name, "train/shoes/IMG_4001.JPG"),
+    ).fetchall()
+    assert located == [(changed.stat().st_size,)]  # one location: the new bytes
+
 
 def test_one_folder_of_images_by_any_name_is_a_dataset_without_labels(
     workers: Stack, test_env: dict[str, str], db: psycopg.Connection, tmp_path: Path
