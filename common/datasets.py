@@ -25,6 +25,7 @@ FORMATS = (
     "kaggle",
     "folder",
     "classes",
+    "imagefolder",
     "csv",
     "jsonl",
     "parquet",

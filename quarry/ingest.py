@@ -37,6 +37,7 @@ from common.storage import ObjectStore
 from quarry.class_folders import holds_images, ingest_class_folders
 from quarry.datasets import drop_if_empty
 from quarry.ingest_plan import ManifestRequest, plan_manifest, plan_shards
+from quarry.metadata_folders import METADATA_NAMES, ingest_metadata_folder, metadata_file
 from quarry.packing import forget_lost_shards, pack_images
 from quarry.shard_upload import shard_files, upload_shards
 
@@ -48,7 +49,9 @@ OWN_IDS = {  # formats whose ids are fixed by their layout
     "kaggle": "the fashion archive's ids are styles.csv's id column",
     "folder": "a folder of images takes its ids from the file names ({id}.jpg)",
     "classes": "Quarry assigns the ids of class folders' images (their key is the column `file`)",
+    "imagefolder": "Quarry assigns the ids of a metadata file's rows (their key is `file_name`)",
 }
+OWN_IMAGES = ("kaggle", "folder", "classes", "imagefolder", "webdataset")  # formats holding their images
 LISTED_TO_INFER = 1000  # objects of an s3:// prefix looked at to tell its format (one LIST page)
 
 
@@ -90,6 +93,11 @@ def ingest(
             ingest_fashion(conn, store, Path(request.source), raw_bucket, concurrency, summary, on_progress)
         elif source_format == "folder":
             ingest_folder(conn, store, request, raw_bucket, concurrency, summary, on_progress)
+        elif source_format == "imagefolder":
+            folder, name = Path(request.source), dataset_name(request)
+            if not metadata_file(folder):
+                raise UserError(f"{folder}: no {', '.join(METADATA_NAMES)} in it")
+            ingest_metadata_folder(conn, store, folder, name, raw_bucket, concurrency, summary, on_progress)
         elif source_format == "classes":
             folder, name = Path(request.source), dataset_name(request)
             ingest_class_folders(conn, store, folder, name, raw_bucket, concurrency, summary, on_progress)
@@ -115,7 +123,7 @@ def check_options(request: IngestRequest, source_format: str) -> None:
     """UserError for an option this kind of source has no use for (never silently ignored)."""
     if request.id_column and source_format in OWN_IDS:
         raise UserError(f"{request.source}: {OWN_IDS[source_format]}: drop --id-column")
-    if request.image_column and source_format in ("kaggle", "folder", "classes", "webdataset"):
+    if request.image_column and source_format in OWN_IMAGES:
         raise UserError(f"{request.source}: it holds its images itself: drop --image-column")
 
 
@@ -189,12 +197,8 @@ def infer_format(store: ObjectStore, source: str) -> str:
             return "kaggle"
         if next(path.glob("*.tar"), None):
             return "webdataset"
-        metadata = [path / f"metadata{suffix}" for suffix in (".csv", ".jsonl", ".parquet")]
-        if found := next((m for m in metadata if m.is_file()), None):
-            raise UserError(
-                f"{found}: a folder of images with a metadata file (Hugging Face's imagefolder) is not"
-                " read yet; ingest the images without it, or the metadata as a manifest of s3:// URIs"
-            )
+        if metadata_file(path):
+            return "imagefolder"
         if not any(IMAGE_NAME.match(p.name) for p in path.iterdir()) and holds_images(path):
             return "classes"  # class folders, or images by any name
         return "folder"

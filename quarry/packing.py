@@ -50,7 +50,10 @@ def read_image(image_id: int, path: Path, max_pixels: int) -> ImageFile:
     its displayed size); never raises for a bad image. A JPEG is decoded at 1/8 scale, which
     still runs the entropy decoder over the whole file (a 3,000-pixel photograph: 15 ms instead
     of 32 in full); an image declaring more than `max_pixels` is bad, undecoded."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # gone since it was listed, or unreadable
+        return ImageFile(image_id, path, b"", None, None, f"cannot read {path}: {exc.strerror or exc}")
     try:
         image = decode(data, CHECK_FLOOR, max_pixels)
     except PermanentError as exc:

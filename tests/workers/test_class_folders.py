@@ -111,7 +111,37 @@ def test_one_folder_of_images_by_any_name_is_a_dataset_without_labels(
     ]
 
 
-def test_class_folders_without_images_and_a_metadata_file_are_refused_in_one_line(
+def test_a_folder_with_a_metadata_file_takes_its_columns_and_records_a_missing_image(
+    workers: Stack, test_env: dict[str, str], db: psycopg.Connection, tmp_path: Path
+) -> None:
+    """Hugging Face's imagefolder: metadata.csv's `file_name` names each image below the folder."""
+    folder, name = tmp_path / "hf", f"hf_{uuid.uuid4().hex[:6]}"
+    write(
+        folder,
+        {"a.jpg": (0, ".jpg"), "sub/b.JPG": (1, ".jpg"), "c.png": (2, ".png"), "extra.jpg": (3, ".jpg")},
+    )
+    (folder / "metadata.csv").write_text(
+        "file_name,caption,price\na.jpg,a shoe,1.5\nsub/b.JPG,a shirt,2.5\n"
+        "c.png,a bag,3.5\ngone.jpg,lost,4.5\n"
+    )
+    summary = ingest(test_env, folder, name)
+    assert (summary["rows"], summary["images"], summary["bad"], summary["unrecognised_files"]) == (4, 3, 1, 1)
+    assert db.execute(f"SELECT file_name, caption, price FROM {name} ORDER BY id").fetchall() == [
+        ("a.jpg", "a shoe", 1.5),
+        ("sub/b.JPG", "a shirt", 2.5),
+        ("c.png", "a bag", 3.5),
+        ("gone.jpg", "lost", 4.5),
+    ]
+    code, job = run_job(test_env, "--query", f"SELECT id FROM {name} WHERE price > 1")
+    assert code == 1 and (job["done"], job["failed"]) == (3, 1)  # the missing image fails alone
+    errors = run_cli("results", str(job["job_id"]), env=test_env)
+    assert f"no such file: {folder.resolve() / 'gone.jpg'}" in errors.stdout, errors.stdout
+
+    again = ingest(test_env, folder, name)
+    assert (again["rows"], again["images"], again["present"]) == (4, 0, 3)  # nothing new
+
+
+def test_folders_without_images_or_without_file_name_are_refused_in_one_line(
     test_env: dict[str, str], db: psycopg.Connection, tmp_path: Path
 ) -> None:
     empty = tmp_path / "empty"
@@ -121,15 +151,14 @@ def test_class_folders_without_images_and_a_metadata_file_are_refused_in_one_lin
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "nothing to ingest" in refused.stderr
 
-    with_metadata = tmp_path / "hf"
-    write(with_metadata, {"a.jpg": (0, ".jpg")})
-    (with_metadata / "metadata.csv").write_text("file_name,caption\na.jpg,a shoe\n")
-    refused = run_cli("ingest", str(with_metadata), "--dataset", "hf_folder", env=test_env, check=False)
+    unnamed = tmp_path / "unnamed"
+    write(unnamed, {"a.jpg": (0, ".jpg")})
+    (unnamed / "metadata.jsonl").write_text('{"path": "a.jpg", "caption": "a shoe"}\n')
+    refused = run_cli("ingest", str(unnamed), "--dataset", "no_file_name", env=test_env, check=False)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.strip().splitlines() == [
-        f"error: {with_metadata / 'metadata.csv'}: a folder of images with a metadata file (Hugging Face's"
-        " imagefolder) is not read yet; ingest the images without it, or the metadata as a manifest of"
-        " s3:// URIs"
+        f"error: {unnamed.resolve() / 'metadata.jsonl'}: no column 'file_name' naming each image"
+        " (columns: path, caption)"
     ]
     names = {row[0] for row in db.execute("SELECT name FROM datasets")}
-    assert not {"empty_classes", "hf_folder"} & names
+    assert not {"empty_classes", "no_file_name"} & names
