@@ -36,8 +36,8 @@ from common.ingest.webdataset import catalog_for, keyed_table
 from common.storage import ObjectStore
 from quarry.class_folders import holds_images, ingest_class_folders
 from quarry.datasets import drop_if_empty
-from quarry.ingest_plan import ManifestRequest, plan_manifest, plan_shards
-from quarry.metadata_folders import METADATA_NAMES, ingest_metadata_folder, metadata_file
+from quarry.ingest_plan import ManifestRequest, first_rows, plan_manifest, plan_shards
+from quarry.local_images import LocalRows, ingest_local_rows, local_path, metadata_file, metadata_rows
 from quarry.packing import forget_lost_shards, pack_images
 from quarry.shard_upload import shard_files, upload_shards
 
@@ -93,11 +93,11 @@ def ingest(
             ingest_fashion(conn, store, Path(request.source), raw_bucket, concurrency, summary, on_progress)
         elif source_format == "folder":
             ingest_folder(conn, store, request, raw_bucket, concurrency, summary, on_progress)
-        elif source_format == "imagefolder":
-            folder, name = Path(request.source), dataset_name(request)
-            if not metadata_file(folder):
-                raise UserError(f"{folder}: no {', '.join(METADATA_NAMES)} in it")
-            ingest_metadata_folder(conn, store, folder, name, raw_bucket, concurrency, summary, on_progress)
+        elif source_format == "imagefolder" or (local := local_manifest(store, request, source_format)):
+            rows = metadata_rows(Path(request.source)) if source_format == "imagefolder" else local
+            assert rows is not None
+            name = dataset_name(request)
+            ingest_local_rows(conn, store, rows, name, raw_bucket, concurrency, summary, on_progress)
         elif source_format == "classes":
             folder, name = Path(request.source), dataset_name(request)
             ingest_class_folders(conn, store, folder, name, raw_bucket, concurrency, summary, on_progress)
@@ -159,6 +159,31 @@ def plan_through_pools(
         raise UserError("name the column of each image's s3:// URI with --image-column")
     wanted = ManifestRequest(name, request.id_column, request.image_column, overrides)
     return plan_manifest(conn, store, request.source, wanted, raw_bucket, job_id, summary)
+
+
+def local_manifest(store: ObjectStore, request: IngestRequest, source_format: str) -> LocalRows | None:
+    """A manifest file on this machine whose first rows' images are files here, not s3:// URIs
+    (paths absolute or relative to the manifest): its rows, to pack; None for any other source."""
+    path = Path(request.source)
+    if (
+        source_format not in ("csv", "jsonl", "parquet")
+        or request.source.startswith("s3://")
+        or not path.is_file()
+    ):
+        return None
+    if not request.id_column or not request.image_column:
+        return None  # plan_through_pools says which is missing
+    overrides = check_column_types(request.column_types)
+    _, first = first_rows(store, source_format, str(path), set(overrides), request.image_column)
+    if request.image_column not in first.schema.names:
+        return None  # manifest_dataset says so
+    values = [v for v in first.column(request.image_column).to_pylist() if isinstance(v, str) and v]
+    base = path.resolve().parent
+    if not values or any(v.startswith("s3://") for v in values):
+        return None
+    if not any(local_path(base, v).is_file() for v in values):
+        return None  # check_sources refuses it in one line
+    return LocalRows(path.resolve(), base, request.image_column, request.id_column, source_format, overrides)
 
 
 def local_metadata(folder: Path) -> pa.Table | None:

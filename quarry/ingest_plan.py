@@ -161,15 +161,15 @@ def first_rows(
 
 def check_sources(settings: Settings, rows: pa.RecordBatch, image_column: str, name: str) -> None:
     """UserError when one of these manifest rows names an image in a bucket sources may not come
-    from, or when none of them is an s3:// URI (local paths are not read: every image would
-    fail); later rows like them become failed locations, unread."""
+    from, or when none of them is an s3:// URI (a local manifest of files here is packed instead:
+    quarry/local_images.py); later rows like them become failed locations, unread."""
     if image_column not in rows.schema.names:
         return  # manifest_dataset says so
     values = [value for value in rows.column(image_column).to_pylist() if isinstance(value, str) and value]
     if values and not any(value.startswith("s3://") for value in values):
         raise UserError(
-            f"manifest {name}: column {image_column!r} holds {values[0]!r}, not an s3:// URI; images"
-            " on local disk are ingested as a folder (producer ingest FOLDER), not through a manifest"
+            f"manifest {name}: column {image_column!r} holds {values[0]!r}: neither an s3:// URI nor"
+            " a file on this machine (a path absolute or relative to a local manifest)"
         )
     for value in values:
         if refusal := settings.refuse_source(value):

@@ -139,6 +139,34 @@ def test_csv_and_jsonl_manifests_from_s3_infer_types_and_count_bad_lines(
     )
 
 
+def test_a_manifest_of_local_paths_packs_its_images_and_records_a_missing_one(
+    quarry: Quarry, db: psycopg.Connection, tmp_path: Path
+) -> None:
+    """Absolute paths, and paths relative to the manifest; a missing file fails its row alone."""
+    name = f"local_{uuid.uuid4().hex[:6]}"
+    images = sample_images(3)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "b.jpg").write_bytes(images[1].read_bytes())
+    rows = [f"10,{images[0]},first", "11,photos/b.jpg,second", "12,photos/gone.jpg,third"]
+    (tmp_path / "local.csv").write_text("sku,path,caption\n" + "\n".join(rows) + "\n")
+
+    summary = quarry.ingest(tmp_path / "local.csv", dataset=name, id_column="sku", image_column="path")
+
+    assert (summary.rows, summary.images, summary.bad, summary.job_id) == (3, 2, 1, None)
+    located = db.execute(
+        "SELECT l.id, l.shard IS NOT NULL, l.error FROM locations l JOIN datasets d ON d.id = l.dataset"
+        " WHERE d.name = %s ORDER BY l.id",
+        (name,),
+    ).fetchall()
+    assert located == [
+        (10, True, None),
+        (11, True, None),
+        (12, False, f"no such file: {tmp_path / 'photos/gone.jpg'}"),
+    ]
+    again = quarry.ingest(tmp_path / "local.csv", dataset=name, id_column="sku", image_column="path")
+    assert (again.images, again.present) == (0, 2)
+
+
 def test_bad_manifests_are_refused_whole_with_one_line(
     quarry: Quarry, db: psycopg.Connection, tmp_path: Path
 ) -> None:
@@ -156,12 +184,12 @@ def test_bad_manifests_are_refused_whole_with_one_line(
         quarry.ingest(tmp_path / "dupes.csv", id_column="id", image_column="uri")
     with pytest.raises(UserError, match="one of Quarry's own tables"):
         quarry.ingest(tmp_path / "dupes.csv", dataset="jobs", id_column="id", image_column="uri")
-    local = "id,path\n" + "".join(f"{i},{p}\n" for i, p in enumerate(sample_images(3)))  # absolute paths
-    (tmp_path / "local.csv").write_text(local)
+    nowhere = "id,path\n1,/nowhere/a.jpg\n2,photos/b.jpg\n"  # neither s3:// URIs nor files here
+    (tmp_path / "nowhere.csv").write_text(nowhere)
     with pytest.raises(
-        UserError, match=r"column 'path' holds '/.+\.jpg', not an s3:// URI; images on local disk"
+        UserError, match=r"column 'path' holds '/nowhere/a.jpg': neither an s3:// URI nor a file"
     ):
-        quarry.ingest(tmp_path / "local.csv", dataset=name, id_column="id", image_column="path")
+        quarry.ingest(tmp_path / "nowhere.csv", dataset=name, id_column="id", image_column="path")
     assert db.execute("SELECT count(*) FROM datasets WHERE name = %s", (name,)).fetchone() == (0,)
     (tmp_path / "floats.csv").write_text("id,uri\n1.5,s3://b/1.jpg\n")
     with pytest.raises(UserError, match="id column 'id' is double, not integers or strings"):
