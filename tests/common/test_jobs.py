@@ -1,15 +1,18 @@
-"""The job ledger against a real PostgreSQL: recording, progress, stale messages, leases, retry."""
+"""The job ledger against a real PostgreSQL: recording, progress, stale messages, leases, retry.
+On a database of this module's own: the session's dispatcher (tests/workers) must not dispatch
+these jobs' chunks, whichever order the tests run in."""
 
 import contextlib
 import threading
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 
 from common.config import Settings, get_settings
-from common.db import Database, ensure_schema
+from common.db import Database, connect, ensure_schema
 from common.errors import ConfigError, UnknownJob, UserError
 from common.jobs import cancel_job, job_progress, retry_job
 from common.jobspec import JobSpec
@@ -33,6 +36,25 @@ from tests.postgres import deadlocks
 LEASE = 60
 
 
+@pytest.fixture(scope="module")
+def own_settings(private_database: PrivateDatabase) -> Iterator[Settings]:
+    with private_database("jobs") as env:
+        yield get_settings().model_copy(update={"database_url": env["DATABASE_URL"]})
+
+
+@pytest.fixture
+def settings(own_settings: Settings) -> Settings:
+    return own_settings
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[psycopg.Connection]:
+    """The module's database; its jobs removed after each test."""
+    with connect(settings.database_url, autocommit=True) as conn:
+        yield conn
+        conn.execute("TRUNCATE jobs, job_chunks, job_items, ingest_units, recorded_batches")
+
+
 def new_job(
     db: psycopg.Connection, chunks: list[list[int]], variants: int = 1, item_rows: str = "all"
 ) -> str:
@@ -40,7 +62,8 @@ def new_job(
     spec = JobSpec(job_id=str(uuid.uuid4()), variants=variants, item_rows=item_rows)  # type: ignore[arg-type]
     ids = ", ".join(str(i) for chunk in chunks for i in chunk) or "NULL"
     query = f"SELECT unnest(ARRAY[{ids}]::bigint[]) AS id"
-    submit_job(db, get_settings(), query, spec, len(chunks[0]) if chunks else 1)
+    settings = get_settings().model_copy(update={"database_url": db.info.dsn})
+    submit_job(db, settings, query, spec, len(chunks[0]) if chunks else 1)
     return spec.job_id
 
 
