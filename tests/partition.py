@@ -22,15 +22,16 @@ class SilentLink:
         self.port = int(self.server.getsockname()[1])
         self.silent = threading.Event()
         self.closed = threading.Event()
-        self.marker, self.then = b"", 0
+        self.marker, self.then, self.markers_left = b"", 0, 1
         self.sends_left: int | None = None  # client sends still let through once the marker passed
         self.sockets: list[socket.socket] = [self.server]
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def silence_after(self, marker: bytes, then: int = 0) -> None:
-        """Go silent after the client's send that carries `marker` (plain text: sslmode=disable) and
-        `then` more client sends. Those reach the server; nothing after them does, nor any reply."""
-        self.marker, self.then = marker, then
+    def silence_after(self, marker: bytes, then: int = 0, occurrence: int = 1) -> None:
+        """Go silent after the `occurrence`-th client send that carries `marker` (plain text:
+        sslmode=disable) and `then` more client sends. Those reach the server; nothing after them
+        does, nor any reply."""
+        self.marker, self.then, self.markers_left = marker, then, occurrence
 
     def close(self) -> None:
         self.closed.set()
@@ -82,6 +83,9 @@ class SilentLink:
         """Arm on the marker, count the client's sends after it, go silent on the last one."""
         if self.sends_left is None:
             if not (self.marker and self.marker in data):
+                return
+            self.markers_left -= 1
+            if self.markers_left > 0:
                 return
             self.sends_left = self.then
         else:

@@ -370,11 +370,14 @@ def test_a_pool_whose_link_goes_silent_mid_chunk_finishes_the_job(
         stack.start_pool("transform", env={variable: through_link})
         stack.start_pool("upload")
         stack.start_pool("inference")
+        # armed before the job, so that the fault lands mid-job whatever the stages' speeds: the
+        # third chunk's look-up, or the third hand-off (waiting for progress first let the
+        # transform finish every look-up of the job before the link was armed)
+        link.silence_after(marker, occurrence=3)
         stack.start_dispatcher()
         job_id = submit(stack, *JOB)
-        wait_for_progress(stack, job_id, 20)
-        link.silence_after(marker)
-        wait_until(link.silent.is_set, 30, "the link to go silent")
+        wait_until(link.silent.is_set, 60, "the link to go silent")
+        assert not stack.progress(job_id).ended
         # PostgreSQL: the chunk is noted failed at the soft limit, or its lease runs out after
         # the hard one, and it is sent again. Redis: the worker's own connections time out one
         # after another (each command 2 x the socket timeout) before its consumer reconnects;
