@@ -1,6 +1,7 @@
 """End to end, side by side in one run on the same services: a plain Python loop a user would
 write, Quarry with `--output files`, Quarry with `--output webdataset`. Same query, ops, model and
-S3 server (moto's, on loopback); S3 requests are counted from the server's own request log.
+S3 server (a real one on loopback: tests/stack.py start_s3); S3 requests are counted by the
+counting proxy in front of it.
 
 Then the pipeline without the storage ceiling: the transform stage on one core with the raw bytes
 in memory (S3 excluded), against the OpenCV limit (decode + the same ops + encode, one core),
@@ -39,7 +40,7 @@ from common.model import Classifier
 from common.paths import MODELS_DIR, default_dataset_path
 from common.shards import shard_from_transform, write_tar
 from common.transform import Fetched, ImageIndex, TransformResult, merged, transform_images
-from tests.stack import BIN, RequestLog, Stack, start_moto, wait_until
+from tests.stack import BIN, RequestLog, Stack, start_s3, wait_until
 
 QUERY = (
     "SELECT s.id FROM styles s JOIN images i USING (id)"
@@ -53,8 +54,8 @@ def s3_client(env: dict[str, str]) -> Any:
     return boto3.client(
         "s3",
         endpoint_url=env["S3_ENDPOINT_URL"],
-        aws_access_key_id="quarry",
-        aws_secret_access_key="quarry-dev-secret",
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         region_name="us-east-1",
     )
 
@@ -199,11 +200,10 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="quarry-e2e-"))
     name = f"quarry_e2e_{uuid.uuid4().hex[:8]}"
-    moto_log = root / "moto.log"
-    s3, endpoint = start_moto(moto_log)
+    s3 = start_s3(root)
     env = {
         "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
-        "S3_ENDPOINT_URL": endpoint,
+        **s3.env(),
         "DATASET_PATH": str(args.dataset),
         "RAW_BUCKET": "bench-raw",
         "OUTPUT_BUCKET": "bench-out",
@@ -224,9 +224,9 @@ def main() -> None:
         print(
             f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()};"
             f" dataset {args.dataset}; {len(ids)} images; ops {OPS}; model default;"
-            f" pools: transform 2 processes, upload 8 threads, inference 1; S3: moto_server"
+            f" pools: transform 2 processes, upload 8 threads, inference 1; S3: {s3.describe()}"
         )
-        log = RequestLog(moto_log)
+        log = s3.requests()
         log.mark()
         started = time.monotonic()
         loop_outputs = plain_loop(env, {image_id: keys[image_id] for image_id in ids})
@@ -288,7 +288,7 @@ def main() -> None:
         )
     finally:
         stack.stop_all()
-        s3.terminate()
+        s3.stop()
         with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         print(f"logs: {root}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """The job-ledger faults on the sample, with figures: each scenario runs the same job on real
-processes (moto's S3 server, a private redis-server, the three pools, the dispatcher), with every
+processes (a real S3 server on loopback, a private redis-server, the three pools, the dispatcher), with every
 ledger setting at its default (a 300 s lease), and injects one fault mid-job; each line says how
 much longer the job took than the same job without a fault, in the same run. The fault-free job
 runs first and again last: the difference between the two is the run's own noise.
@@ -16,7 +16,6 @@ import contextlib
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import psycopg
 
 from common.db import connect, ensure_database
 from common.paths import default_dataset_path
-from tests.stack import BIN, POOLS, Stack, free_port, wait_until
+from tests.stack import BIN, POOLS, Stack, start_s3, wait_until
 
 WITH_IMAGES = "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"
 JOB = ("--augment", "rotate(limit=15) | resize(224, 224)", "--variants", "2", "--model", "default")
@@ -55,8 +54,8 @@ class Bench:
         client = boto3.client(
             "s3",
             endpoint_url=self.env["S3_ENDPOINT_URL"],
-            aws_access_key_id="quarry",
-            aws_secret_access_key="quarry-dev-secret",
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
             region_name="us-east-1",
         )
         count = size = 0
@@ -161,15 +160,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="*")
     args = parser.parse_args()
     name = f"quarry_faults_{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    s3 = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    root = Path(tempfile.mkdtemp(prefix="quarry-faults-"))
+    s3 = start_s3(root)
     env = {
         "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
-        "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        **s3.env(),
         "DATASET_PATH": str(args.dataset),
         "RAW_BUCKET": "bench-raw",
         "OUTPUT_BUCKET": "bench-out",
@@ -177,12 +172,12 @@ def main() -> None:
     query = (
         WITH_IMAGES if args.images is None else f"{WITH_IMAGES} AND s.id <= {FIRST_IDS.format(n=args.images)}"
     )
-    bench = Bench(env, Path(tempfile.mkdtemp(prefix="quarry-faults-")), s3)
+    bench = Bench(env, root, s3.process)
 
     def freeze_s3(_stack: Stack) -> None:
-        os.kill(s3.pid, signal.SIGSTOP)
+        os.kill(s3.process.pid, signal.SIGSTOP)
         time.sleep(30)
-        os.kill(s3.pid, signal.SIGCONT)
+        os.kill(s3.process.pid, signal.SIGCONT)
 
     scenarios: dict[str, tuple[str, Callable[[Stack], None], float]] = {
         "none": ("no fault (baseline)", lambda _s: None, 0),
@@ -196,9 +191,6 @@ def main() -> None:
         "s3": ("S3 server frozen 30 s", freeze_s3, 0.25),
     }
     try:
-        wait_until(
-            lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, 20, "moto"
-        )
         ensure_database(env["DATABASE_URL"])
         subprocess.run(
             [str(BIN / "producer"), "ingest"], env={**os.environ, **env}, check=True, capture_output=True
@@ -207,7 +199,7 @@ def main() -> None:
             f"machine: {platform.machine()}, {os.cpu_count()} cores; dataset {args.dataset}"
             f" ({'every stored image' if args.images is None else f'the first {args.images} stored images'});"
             f" job {' '.join(JOB)}; default settings (lease 300 s); pools: transform 2 processes,"
-            " upload 8 threads, inference 1"
+            f" upload 8 threads, inference 1; S3: {s3.describe()}"
         )
         for key, (label, fault, when) in scenarios.items():
             if not args.only or key in args.only or key == "none":
@@ -216,7 +208,7 @@ def main() -> None:
                     bench.baseline_s = seconds
         bench.scenario("no fault again (the run's noise)", lambda _s: None, query, 0)
     finally:
-        s3.terminate()
+        s3.stop()
         with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         print(f"logs: {bench.root}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Ingest, side by side on one S3 server (moto's, on loopback), in one run:
+"""Ingest, side by side on one real S3 server on loopback (tests/stack.py start_s3), in one run:
 
 1. a local folder of images: one PUT per image from 16 threads (what `producer ingest` did before
    datasets: read, decode to check, upload) against Quarry's packing into tar shards, defaults;
@@ -33,7 +33,7 @@ from common.images import decode
 from common.paths import default_dataset_path
 from common.storage import ObjectStore
 from quarry import Quarry
-from tests.stack import Stack, start_moto
+from tests.stack import Stack, start_s3
 
 THREADS = 16  # the old ingest's default INGEST_CONCURRENCY
 
@@ -84,10 +84,10 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="quarry-ingest-"))
     name = f"quarry_ingest_{uuid.uuid4().hex[:8]}"
-    s3, endpoint = start_moto(root / "moto.log")
+    s3 = start_s3(root)
     env = {
         "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
-        "S3_ENDPOINT_URL": endpoint,
+        **s3.env(),
         "RAW_BUCKET": "bench-raw",
         "OUTPUT_BUCKET": "bench-out",
     }
@@ -103,7 +103,7 @@ def main() -> None:
         images = len(list((args.dataset / "images").iterdir()))
         print(
             f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()};"
-            f" S3: moto_server on loopback; dataset {args.dataset} ({images} files)"
+            f" S3: {s3.describe()}; dataset {args.dataset} ({images} files)"
         )
 
         store.ensure_bucket("bench-objects")
@@ -150,7 +150,7 @@ def main() -> None:
         )
     finally:
         stack.stop_all()
-        s3.terminate()
+        s3.stop()
         with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 

@@ -4,7 +4,8 @@ the bytes they returned (from the responses), per selected image, and the endpoi
 latency and bandwidth, from which the break-even hole of READ_HOLE_BYTES follows.
 
 Run: python -m bench.reads [--dataset ../shared/fashion-sample]
-Uses PostgreSQL at 127.0.0.1:5432 (a scratch database, dropped after) and moto's S3 server.
+Uses PostgreSQL at 127.0.0.1:5432 (a scratch database, dropped after) and a real S3 server on
+loopback (tests/stack.py start_s3).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from common.datasets import FASHION, lookup_locations
 from common.paths import default_dataset_path
 from common.sources import Source
 from common.storage import ObjectStore
-from tests.stack import BIN, start_moto
+from tests.stack import BIN, S3Server, start_s3
 
 FRACTIONS = (1.0, 0.1, 0.01)
 SEED = 0
@@ -88,27 +89,33 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=default_dataset_path())
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="quarry-reads-"))
-    s3, endpoint = start_moto(root / "moto.log")
+    s3 = start_s3(root)
     try:
         with scratch_database("quarry_reads") as database_url:
-            measure(args.dataset, database_url, endpoint)
+            measure(args.dataset, database_url, s3)
     finally:
-        s3.terminate()
+        s3.stop()
         print(f"logs: {root}", file=sys.stderr)
 
 
-def measure(dataset: Path, database_url: str, endpoint: str) -> None:
+def measure(dataset: Path, database_url: str, s3: S3Server) -> None:
     """Ingest `dataset` packed, then read the selections both ways and print the table."""
     env = {
         "DATABASE_URL": database_url,
-        "S3_ENDPOINT_URL": endpoint,
+        **s3.env(),
         "DATASET_PATH": str(dataset),
         "RAW_BUCKET": "bench-raw",
     }
     subprocess.run(
         [str(BIN / "producer"), "ingest"], env={**os.environ, **env}, check=True, capture_output=True
     )
-    defaults = Settings(database_url=env["DATABASE_URL"], s3_endpoint_url=endpoint, raw_bucket="bench-raw")
+    defaults = Settings(
+        database_url=env["DATABASE_URL"],
+        s3_endpoint_url=s3.endpoint,
+        aws_access_key_id=s3.access_key,
+        aws_secret_access_key=s3.secret_key,
+        raw_bucket="bench-raw",
+    )
     one_per_image = defaults.model_copy(update={"read_hole_bytes": 0, "read_whole_fraction": 1.0})
     with psycopg.connect(env["DATABASE_URL"]) as db:
         ids = [row[0] for row in db.execute("SELECT id FROM locations ORDER BY id")]
@@ -123,7 +130,7 @@ def measure(dataset: Path, database_url: str, endpoint: str) -> None:
             f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()};"
             f" dataset {dataset}: {len(ids)} images packed in {shards[0]} shard(s) of"
             f" {shards[1] / 1e6:.1f} MB, mean image {image_bytes / len(ids) / 1e3:.1f} KB;"
-            f" chunk size {defaults.chunk_size}; S3: moto_server on loopback"
+            f" chunk size {defaults.chunk_size}; S3: {s3.describe()}"
         )
         hole_kib = defaults.read_hole_bytes >> 10
         print(

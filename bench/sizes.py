@@ -1,6 +1,7 @@
 """Real photographs at three sizes (256, 1,024 and 3,000 pixels on the long side; bench/photographs.py),
 the same pipeline as bench/end_to_end.py (`hflip(p=0.5) | rotate(limit=15) | resize(224, 224)` +
-the default model), in one run on one S3 server (moto's, on loopback):
+the default model), in one run on one real S3 server on loopback (tests/stack.py start_s3, the
+JuiceFS gateway):
 
 1. the transform stage on one core with the raw bytes in memory (render + shard tar), decoding in
    full (`--exact-decode`) and no larger than needed (the default), one pass each in turn, the
@@ -39,7 +40,7 @@ from common.augment.sizing import spec_floor
 from common.config import Settings
 from common.datasets import lookup_locations
 from common.jobspec import JobSpec
-from tests.stack import BIN, RequestLog, Stack, start_moto
+from tests.stack import BIN, Stack, start_s3
 
 COUNTS = {256: 6000, 1024: 6000, 3000: 400}  # long side -> photographs, the Quarry jobs' selection
 STAGE_IMAGES = {256: 2000, 1024: 500, 3000: 100}  # of them, rendered in memory by the stage figures
@@ -116,16 +117,16 @@ def main() -> None:
     args = parser.parse_args()
     counts = counts_by_side(args.counts)
     root = Path(tempfile.mkdtemp(prefix="quarry-sizes-"))
-    s3, endpoint = start_moto(root / "moto.log")
+    s3 = start_s3(root)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()};"
-        f" ops {OPS}; model default; webdataset output; default settings; S3: moto_server"
+        f" ops {OPS}; model default; webdataset output; default settings; S3: {s3.describe()}"
     )
     try:
         with scratch_database("quarry_sizes") as database_url:
             env = {
                 "DATABASE_URL": database_url,
-                "S3_ENDPOINT_URL": endpoint,
+                **s3.env(),
                 "RAW_BUCKET": "bench-raw",
                 "OUTPUT_BUCKET": "bench-out",
             }
@@ -166,7 +167,7 @@ def main() -> None:
             stack.start_redis()
             stack.start_pools()
             stack.start_dispatcher()
-            log = RequestLog(root / "moto.log")
+            log = s3.requests()
             try:
                 warm_up = next(iter(prepared.values()))[0]  # model loaded, processes started
                 quarry_run(stack, log, "--dataset", warm_up, query=f"SELECT id FROM {warm_up} WHERE id <= 20")
@@ -200,7 +201,7 @@ def main() -> None:
             finally:
                 stack.stop_all()
     finally:
-        s3.terminate()
+        s3.stop()
         print(f"logs: {root}")
 
 

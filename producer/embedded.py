@@ -199,8 +199,8 @@ def servers(run_dir: Path) -> dict[str, tuple[Address, EmbeddedPostgres | Embedd
 def generate_secrets() -> None:
     """The secrets the embedded servers and the local S3 server need, generated into the env
     file where no setting gives them: a Redis password (with the URL carrying it) when Redis
-    would be started here, S3 keys when the stack would start its own S3 server (which takes any
-    key) and none are set. A server that answers is another's: its keys are the user's to give."""
+    would be started here, S3 keys when the stack would start its own S3 server (the JuiceFS
+    gateway, which is given these keys) and none are set. A server that answers is another's: its keys are the user's to give."""
     settings = get_settings()
     broker = redis_address(settings.celery_broker_url)
     if (

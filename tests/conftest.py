@@ -1,5 +1,6 @@
-"""Real services for the tests: a fresh PostgreSQL database, a Redis db, moto's S3 server on
-loopback, and (for end-to-end tests) real Celery worker processes for all three pools."""
+"""Real services for the tests: a fresh PostgreSQL database, a Redis db, a real S3 server on
+loopback (the JuiceFS gateway behind a counting proxy), and (for end-to-end tests) real Celery
+worker processes for all three pools."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from common.db import connect, ensure_database, ensure_schema
 from common.roles import ensure_roles
 from common.storage import ObjectStore
 from tests.postgres import pg_url
-from tests.stack import RequestLog, Stack, start_moto
+from tests.stack import RequestLog, S3Server, Stack, start_s3
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 BIN = Path(sys.executable).parent
@@ -79,43 +80,35 @@ def postgres_server() -> str:
 
 
 @pytest.fixture(scope="session")
-def s3_log_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("moto") / "requests.log"
-
-
-@pytest.fixture(scope="session")
-def s3_server(s3_log_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """moto's S3 server, a real HTTP endpoint on loopback (the process, for tests that freeze it);
-    its request log is kept (`s3_requests`)."""
-    process, url = start_moto(s3_log_path)
-    yield url, process
-    process.terminate()
-    process.wait(10)
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server on loopback (the JuiceFS gateway, with keys) behind a counting proxy;
+    `s3_server.process` for tests that freeze it, `s3_requests` for what a test asked of it."""
+    server = start_s3(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture
-def s3_requests(s3_server: tuple[str, subprocess.Popen[bytes]], s3_log_path: Path) -> RequestLog:
+def s3_requests(s3_server: S3Server) -> RequestLog:
     """The S3 server's request log, marked now: what this test made the server do."""
-    log = RequestLog(s3_log_path)
+    log = s3_server.requests()
     log.mark()
     return log
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint(s3_server: tuple[str, subprocess.Popen[bytes]]) -> str:
-    return s3_server[0]
+def s3_endpoint(s3_server: S3Server) -> str:
+    return s3_server.endpoint
 
 
 @pytest.fixture(scope="session")
-def test_env(s3_endpoint: str) -> Iterator[dict[str, str]]:
+def test_env(s3_server: S3Server) -> Iterator[dict[str, str]]:
     """Environment for this test session; the database is created here and dropped after."""
     name = f"quarry_test_{uuid.uuid4().hex[:8]}"
     env = {
         "DATABASE_URL": pg_url(name),
         "CELERY_BROKER_URL": f"redis://127.0.0.1:6379/{TEST_REDIS_DB}",
-        "S3_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "quarry-tests",  # the test server takes any key; Quarry ships none
-        "AWS_SECRET_ACCESS_KEY": uuid.uuid4().hex,
+        **s3_server.env(),
         "QUARRY_ENV_FILE": "",  # no .env of a developer's `make up` reaches the tests
         "RAW_BUCKET": f"raw-{name.replace('_', '-')}",
         "OUTPUT_BUCKET": f"out-{name.replace('_', '-')}",

@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -20,14 +22,15 @@ import redis
 
 from common.jobs import JobProgress, job_progress
 from common.storage import ObjectStore
+from producer import s3_gateway
 from workers.routes import TASK_ROUTES
 
 BIN = Path(sys.executable).parent
 POOLS = {"transform": ("prefork", 2), "upload": ("threads", 8), "inference": ("prefork", 1)}
 
 
-# one line of moto's (werkzeug's) request log: `"GET /bucket/key HTTP/1.1" 200 -`, maybe coloured
-REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|HEAD|DELETE) ([^ ]*)')
+# one line of the S3 request log (tests/s3_proxy.py): `"GET /bucket/key HTTP/1.1"`
+REQUEST = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) ([^ ]*)')
 
 
 def free_port() -> int:
@@ -49,7 +52,7 @@ def wait_until(check: Callable[[], object], timeout: float, what: str, interval:
 
 
 class RequestLog:
-    """The requests moto's server logged (to `path`) since the last `mark()`."""
+    """The requests the S3 server was sent (its proxy's log at `path`) since the last `mark()`."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.offset = path, 0
@@ -72,18 +75,71 @@ class RequestLog:
         return counts
 
 
-def start_moto(log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """moto's S3 server on a free loopback port, its request log in `log`; (process, endpoint)
-    once it answers."""
-    port = free_port()
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    wait_until(lambda: "Running on" in log.read_text(), 20, "moto")
-    return process, f"http://127.0.0.1:{port}"
+@dataclass
+class S3Server:
+    """A real S3 server on loopback (the JuiceFS gateway: MinIO's S3 API over a local volume)
+    behind a counting proxy (tests/s3_proxy.py). `process` is the server itself, for a test that
+    freezes it; `endpoint` is the proxy's; `log` holds one line per request."""
+
+    process: subprocess.Popen[bytes]
+    proxy: subprocess.Popen[bytes]
+    endpoint: str
+    log: Path
+    access_key: str
+    secret_key: str
+
+    def env(self) -> dict[str, str]:
+        """The settings that reach it."""
+        return {
+            "S3_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+        }
+
+    def requests(self) -> RequestLog:
+        return RequestLog(self.log)
+
+    def describe(self) -> str:
+        """What a benchmark's header names as its S3 server."""
+        version = subprocess.run(
+            [s3_gateway.juicefs_binary(), "version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        return f"{version or 'juicefs'} gateway on local disk, behind a counting proxy"
+
+    def stop(self) -> None:
+        for process in (self.proxy, self.process):
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)  # a test may have left it frozen
+                process.terminate()
+        for process in (self.proxy, self.process):
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def start_s3(root: Path) -> S3Server:
+    """The JuiceFS gateway with keys of its own on a volume under `root`, behind a counting proxy
+    on another free port; returned once the proxy answers."""
+    access_key, secret_key = "quarry-tests", uuid.uuid4().hex
+    process, upstream = s3_gateway.start(root / "juicefs", free_port(), access_key, secret_key)
+    log, port = root / "requests.log", free_port()
+    log.touch()
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "tests.s3_proxy", str(port), upstream.rsplit(":", 1)[1], str(log)],
+        cwd=Path(__file__).resolve().parent.parent,
+        start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: s3_gateway.answers(endpoint), 20, "the S3 proxy")
+    except TimeoutError:
+        proxy.kill()
+        process.kill()
+        raise
+    log.write_bytes(b"")  # the readiness probes are not the tests' requests
+    return S3Server(process, proxy, endpoint, log, access_key, secret_key)
 
 
 class Stack:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The stack as local processes, for machines without a Docker engine: PostgreSQL and Redis (the
-# machine's where they answer, else embedded ones from pip wheels: producer/embedded.py), moto's
-# S3 server, the dispatcher, the three pools, Flower and JupyterLab on examples/ (its URL, with a
+# machine's where they answer, else embedded ones from pip wheels: producer/embedded.py), an S3
+# server where none answers (the JuiceFS gateway: producer/s3_gateway.py), the dispatcher, the three pools, Flower and JupyterLab on examples/ (its URL, with a
 # token kept in RUN_DIR/notebook-token, is the last line `up` prints).
 # Secrets it needs and is not given (an embedded Redis's password, the local S3 server's keys) are
 # generated into QUARRY_ENV_FILE (default .env, mode 600), which every Quarry process reads;
@@ -55,9 +55,9 @@ wait_for_url() {  # wait_for_url URL [TRIES]: 0.2 s apart
 up() {
   QUARRY_RUN_DIR="$RUN_DIR" "$PY" -m producer.embedded up || exit 1
   if ! answers "$S3_ENDPOINT_URL"; then  # a local server only where nothing answers
-    port=$(echo "$S3_ENDPOINT_URL" | sed -E 's#.*:([0-9]+)/?$#\1#')
-    start s3 "$BIN/moto_server" -H 127.0.0.1 -p "$port"
-    wait_for_url "$S3_ENDPOINT_URL"
+    # the JuiceFS gateway (MinIO's S3 API) on a volume in RUN_DIR/s3, with the settings' keys
+    start s3 "$PY" -m producer.s3_gateway serve "$RUN_DIR/s3"
+    wait_for_url "$S3_ENDPOINT_URL" 150 || { echo "the local S3 server did not start: $RUN_DIR/s3.log" >&2; exit 1; }
   fi
   "$BIN/producer" init
   start_pools "$STACK"

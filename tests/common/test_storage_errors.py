@@ -13,7 +13,7 @@ from common.errors import ObjectMissing, StorageError, StorageUnavailable
 from common.sources import Source
 from common.storage import ObjectStore
 from tests.conftest import boto3_client
-from tests.stack import free_port
+from tests.stack import RequestLog, free_port
 
 
 def test_an_output_put_keeps_its_type_and_metadata_for_every_client(
@@ -53,10 +53,10 @@ def test_an_endpoint_that_does_not_answer_is_transient_in_one_line(settings: Set
 
 
 def test_without_keys_the_aws_chain_is_asked_and_nothing_found_means_unsigned(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, s3_requests: RequestLog
 ) -> None:
     """No keys set and none in the AWS chain: requests go unsigned (a public bucket's reads work),
-    instead of failing before any request."""
+    instead of failing before any request. The test server wants keys, so it refuses the GET."""
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
@@ -65,5 +65,8 @@ def test_without_keys_the_aws_chain_is_asked_and_nothing_found_means_unsigned(
     anonymous = ObjectStore(
         settings.model_copy(update={"aws_access_key_id": "", "aws_secret_access_key": ""})
     )
-    with pytest.raises(ObjectMissing):  # moto serves unsigned requests: the GET was made
-        anonymous.read(Source(f"s3://{settings.raw_bucket}/errors/{uuid.uuid4().hex}.jpg"))
+    key = f"errors/{uuid.uuid4().hex}.jpg"
+    with pytest.raises(StorageError) as raised:
+        anonymous.read(Source(f"s3://{settings.raw_bucket}/{key}"))
+    assert str(raised.value).endswith("S3 refused the request (403): check the S3 keys")
+    assert ("GET", f"/{settings.raw_bucket}/{key}") in s3_requests.requests()  # the GET was made

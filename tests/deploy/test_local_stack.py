@@ -39,7 +39,6 @@ SYSTEM_PYTHON_EXTRAS = ["async-timeout>=4.0.3,<6"]  # redis-py needs it below Py
 SCRIPTS = {
     "producer": "producer.cli",
     "celery": "celery.__main__",
-    "moto_server": "moto.server",
     "jupyter-lab": "jupyterlab.labapp",
 }
 NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"
@@ -99,6 +98,7 @@ def user_venv(home: Path, user: str) -> Path:
             f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom {module} import main\nsys.exit(main())\n"
         )
         script.chmod(0o755)
+    (venv / "bin" / "juicefs").symlink_to(s3_gateway.juicefs_binary())  # the local S3 server
     uid = pwd.getpwnam(user).pw_uid
     for path in [home, *home.rglob("*")]:
         os.chown(path, uid, -1, follow_symlinks=False)

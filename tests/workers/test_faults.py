@@ -25,7 +25,7 @@ from producer.watchdog import EXIT_STALLED
 from tests.conftest import BIN, WITH_IMAGES, PrivateDatabase, boto3_client
 from tests.partition import SilentLink
 from tests.postgres import pg_port, pg_url
-from tests.stack import POOLS, Stack, wait_until
+from tests.stack import POOLS, S3Server, Stack, wait_until
 
 IMAGES = 295  # stored images of the vendored sample
 JOB = ("--augment", "hflip | rotate(limit=15) | resize(224, 224)", "--variants", "2", "--chunk-size", "10")
@@ -160,7 +160,7 @@ def test_a_frozen_s3_server_loses_nothing(
     stack: Stack,
     store: ObjectStore,
     settings: Settings,
-    s3_server: tuple[str, subprocess.Popen[bytes]],
+    s3_server: S3Server,
     done_before: int,
 ) -> None:
     """The sample is packed (one shard), so every raw read is a ranged GET of it."""
@@ -169,7 +169,7 @@ def test_a_frozen_s3_server_loses_nothing(
     stack.start_dispatcher()
     job_id = submit(stack, *JOB)
     wait_for_progress(stack, job_id, done_before)
-    s3 = s3_server[1]
+    s3 = s3_server.process
     os.kill(s3.pid, signal.SIGSTOP)
     try:
         time.sleep(30)

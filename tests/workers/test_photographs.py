@@ -32,7 +32,7 @@ from tests.photographs import (
     with_comment,
     with_stray_byte,
 )
-from tests.stack import Stack, start_moto, wait_until
+from tests.stack import Stack, start_s3, wait_until
 
 PHOTOS = 1000
 RSS_BOUND_MIB = 500  # docs/operations.md, "Memory of a transform process"
@@ -43,6 +43,18 @@ BOMB_ID, STRAY_ID, TIFF_ID, BMP_ID, HEAVY_ID, PNG_ID = range(PHOTOS + 1, PHOTOS 
 LIMIT = "IMAGE_MAX_PIXELS, checked by OpenCV; {size:,} bytes, undecoded"
 
 
+def photo_store(env: dict[str, str]) -> ObjectStore:
+    """The photographs' own S3 server, with its keys."""
+    return ObjectStore(
+        Settings(
+            database_url=env["DATABASE_URL"],
+            s3_endpoint_url=env["S3_ENDPOINT_URL"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        )
+    )
+
+
 @pytest.fixture(scope="module")
 def photo_env(
     private_database: PrivateDatabase, tmp_path_factory: pytest.TempPathFactory
@@ -50,16 +62,16 @@ def photo_env(
     """A database and an S3 server of their own (a gigabyte of photographs stays out of the
     session's), with 1,000 photographs of 3,000 x 2,000 and one bomb registered from a manifest."""
     root = tmp_path_factory.mktemp("photos")
-    s3, endpoint = start_moto(root / "moto.log")
+    s3 = start_s3(root)
     settings = {
-        "S3_ENDPOINT_URL": endpoint,
+        **s3.env(),
         "IMAGE_MAX_PIXELS": str(MAX_PIXELS),
         "IMAGE_MAX_BYTES": str(MAX_BYTES),
     }
     cleanup = contextlib.ExitStack()
     try:
         env = cleanup.enter_context(private_database("photos", "bare", **settings))
-        store = ObjectStore(Settings(database_url=env["DATABASE_URL"], s3_endpoint_url=endpoint))
+        store = photo_store(env)
         store.ensure_bucket("photos")
         store.ensure_bucket(env["RAW_BUCKET"])
         store.ensure_bucket(env["OUTPUT_BUCKET"])
@@ -86,8 +98,7 @@ def photo_env(
         yield {**env, "PHOTO_MANIFEST": str(manifest), "SIZES": sizes}
     finally:
         cleanup.close()
-        s3.terminate()
-        s3.wait(10)
+        s3.stop()
 
 
 @pytest.fixture(scope="module")
@@ -173,11 +184,7 @@ def test_a_chunk_of_a_thousand_large_photographs_stays_in_bounded_memory_and_eac
 
 
 def test_the_decode_floor_is_recorded_and_exact_decode_decodes_in_full(photo_stack: Stack) -> None:
-    store = ObjectStore(
-        Settings(
-            database_url=photo_stack.env["DATABASE_URL"], s3_endpoint_url=photo_stack.env["S3_ENDPOINT_URL"]
-        )
-    )
+    store = photo_store(photo_stack.env)
     shards = {}
     for label, extra in (("reduced", []), ("again", []), ("exact", ["--exact-decode"])):
         job_id, said = run_job(photo_stack, "SELECT id FROM photos WHERE id <= 6", *extra)
