@@ -8,7 +8,8 @@ in memory (S3 excluded), against the OpenCV limit (decode + the same ops + encod
 each the best of 3 passes.
 
 Run: python -m bench.end_to_end [--dataset ../shared/fashion-sample] [--shard-size 250]
-Uses PostgreSQL at 127.0.0.1:5432 (a scratch database, dropped after) and a private redis-server.
+Uses the tests' PostgreSQL (tests/postgres.py: the machine's where it offers pgvector, which the
+model's embeddings need, else an embedded one; a scratch database, dropped after) and a private redis-server.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from common.model import Classifier
 from common.paths import MODELS_DIR, default_dataset_path
 from common.shards import shard_from_transform, write_tar
 from common.transform import Fetched, ImageIndex, TransformResult, merged, transform_images
+from tests.postgres import pg_url
 from tests.stack import BIN, RequestLog, Stack, start_s3, wait_until
 
 QUERY = (
@@ -168,6 +170,8 @@ def render_in_memory(
 def quarry_run(
     stack: Stack, log: RequestLog, *args: str, query: str = QUERY
 ) -> tuple[float, int, dict[str, int]]:
+    with psycopg.connect(stack.env["DATABASE_URL"], autocommit=True) as db:
+        db.execute("TRUNCATE model_outputs")  # each job runs the model, as the plain loop does
     log.mark()
     started = time.monotonic()
     job_id = stack.submit(query, "--augment", OPS, "--model", "default", *args)
@@ -202,7 +206,7 @@ def main() -> None:
     name = f"quarry_e2e_{uuid.uuid4().hex[:8]}"
     s3 = start_s3(root)
     env = {
-        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
+        "DATABASE_URL": pg_url(name),
         **s3.env(),
         "DATASET_PATH": str(args.dataset),
         "RAW_BUCKET": "bench-raw",
@@ -244,7 +248,7 @@ def main() -> None:
         print(f"webdataset vs files: {shards_rate / files_rate:.2f}x")
         manifest = root / "per_object.csv"  # the same images, one object each, registered by reference
         manifest.write_text("id,uri\n" + "".join(f"{i},s3://bench-raw/{keys[i]}\n" for i in ids))
-        subprocess.run(
+        registered = subprocess.run(
             [
                 str(BIN / "producer"),
                 "ingest",
@@ -257,9 +261,12 @@ def main() -> None:
                 "uri",
             ],
             env={**os.environ, **stack.env},
-            check=True,
+            check=False,
             capture_output=True,
+            text=True,
         )
+        if registered.returncode != 0:
+            raise SystemExit(f"the per-object manifest was refused: {registered.stderr.strip()}")
         seconds, outputs, requests = quarry_run(
             stack,
             log,
@@ -289,7 +296,7 @@ def main() -> None:
     finally:
         stack.stop_all()
         s3.stop()
-        with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        with connect(pg_url("postgres"), autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         print(f"logs: {root}", file=sys.stderr)
 

@@ -5,7 +5,8 @@ much longer the job took than the same job without a fault, in the same run. The
 runs first and again last: the difference between the two is the run's own noise.
 
 Run: python -m bench.faults [--dataset ../shared/fashion-sample] [--images N] [--only NAME ...].
-Uses PostgreSQL at 127.0.0.1:5432 (a scratch database, dropped after). Process handling comes
+Uses the tests' PostgreSQL (tests/postgres.py: the machine's where it offers pgvector, which the
+model's embeddings need, else an embedded one; a scratch database, dropped after). Process handling comes
 from tests/stack.py, the same helpers the fault tests use.
 """
 
@@ -30,6 +31,7 @@ import psycopg
 
 from common.db import connect, ensure_database
 from common.paths import default_dataset_path
+from tests.postgres import pg_url
 from tests.stack import BIN, POOLS, Stack, start_s3, wait_until
 
 WITH_IMAGES = "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"
@@ -142,7 +144,7 @@ def lose_broker(stack: Stack) -> None:
 
 def terminate_connections(stack: Stack) -> None:
     database = stack.env["DATABASE_URL"].rsplit("/", 1)[1]
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+    with psycopg.connect(pg_url("postgres"), autocommit=True) as admin:
         ends = time.monotonic() + 10
         while time.monotonic() < ends:
             admin.execute(
@@ -163,7 +165,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="quarry-faults-"))
     s3 = start_s3(root)
     env = {
-        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
+        "DATABASE_URL": pg_url(name),
         **s3.env(),
         "DATASET_PATH": str(args.dataset),
         "RAW_BUCKET": "bench-raw",
@@ -209,7 +211,7 @@ def main() -> None:
         bench.scenario("no fault again (the run's noise)", lambda _s: None, query, 0)
     finally:
         s3.stop()
-        with connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+        with connect(pg_url("postgres"), autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         print(f"logs: {bench.root}", file=sys.stderr)
 

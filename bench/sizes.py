@@ -15,7 +15,8 @@ JuiceFS gateway):
 
 Run: python -m bench.sizes [--counts 256=2000 1024=3000 3000=250]
 Needs the bench extra (`.venv/bin/pip install -e '.[bench]'`: scikit-image's photographs).
-Uses PostgreSQL at 127.0.0.1:5432 (a scratch database, dropped after) and a private redis-server.
+Uses the tests' PostgreSQL (tests/postgres.py: the machine's where it offers pgvector, which the
+model's embeddings need, else an embedded one; a scratch database, dropped after) and a private redis-server.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from common.augment.sizing import spec_floor
 from common.config import Settings
 from common.datasets import lookup_locations
 from common.jobspec import JobSpec
+from tests.postgres import base_url
 from tests.stack import BIN, Stack, start_s3
 
 COUNTS = {256: 6000, 1024: 6000, 3000: 400}  # long side -> photographs, the Quarry jobs' selection
@@ -123,7 +125,7 @@ def main() -> None:
         f" ops {OPS}; model default; webdataset output; default settings; S3: {s3.describe()}"
     )
     try:
-        with scratch_database("quarry_sizes") as database_url:
+        with scratch_database("quarry_sizes", base_url()) as database_url:
             env = {
                 "DATABASE_URL": database_url,
                 **s3.env(),

@@ -200,7 +200,8 @@ def generate_secrets() -> None:
     """The secrets the embedded servers and the local S3 server need, generated into the env
     file where no setting gives them: a Redis password (with the URL carrying it) when Redis
     would be started here, S3 keys when the stack would start its own S3 server (the JuiceFS
-    gateway, which is given these keys) and none are set. A server that answers is another's: its keys are the user's to give."""
+    gateway, which is given these keys) and none are set. A server that answers is another's:
+    its keys are the user's to give."""
     settings = get_settings()
     broker = redis_address(settings.celery_broker_url)
     if (
