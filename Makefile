@@ -10,6 +10,8 @@ RUNTIME ?= cpu
 OVERLAY ?= example
 # `make model` trains on these folders (the committed model's data); empty: DATASET_PATH
 DATASET ?= $(wildcard ../shared/fashion-sample ../shared/fashion-train)
+# the copy-detection model (training/copies.py) trains on these only: the sample is its test set
+COPIES_DATASET ?= $(wildcard ../shared/fashion-train)
 
 .PHONY: help install build up down demo test test-fast lint docs model bench peers image k8s-render clean
 
@@ -66,9 +68,10 @@ lint: install ## ruff and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-model: install ## train the classifier on the DATASET folders into models/ with its card
+model: install ## train the classifier on the DATASET folders, then the copy model on COPIES_DATASET, into models/
 	$(BIN)/pip install -q torch==2.13.0 'onnx>=1.16,<2'
 	$(BIN)/python -m training.train $(DATASET)
+	$(BIN)/python -m training.copies $(COPIES_DATASET)
 
 bench: install ## augmentation and inference benchmarks (albumentations as the baseline)
 	$(BIN)/pip install -q 'albumentations>=2,<3'

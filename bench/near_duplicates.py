@@ -128,18 +128,23 @@ def each(describe: Descriptor) -> Describe:
     return lambda images: np.stack([describe(image) for image in images])
 
 
-def model_embedding(images: list[Image]) -> np.ndarray:
-    """The shipped model's embedding output (what `embeddings` holds), 64 images a run."""
-    classifier = Classifier(MODELS_DIR / "fashion-classifier.onnx", providers=["CPUExecutionProvider"])
-    vectors = []
-    for start in range(0, len(images), 64):
-        vectors += [p.embedding for p in classifier.predict(images[start : start + 64])]
-    matrix = np.asarray(vectors, dtype=np.float32)
-    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)  # cosine distance, as pgvector's <=>
+def model_embedding(name: str) -> Describe:
+    """A model's embedding output (what `embeddings` holds), 64 images a run."""
+
+    def describe(images: list[Image]) -> np.ndarray:
+        classifier = Classifier(MODELS_DIR / f"{name}.onnx", providers=["CPUExecutionProvider"])
+        vectors = []
+        for start in range(0, len(images), 64):
+            vectors += [p.embedding for p in classifier.predict(images[start : start + 64])]
+        matrix = np.asarray(vectors, dtype=np.float32)
+        return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)  # cosine distance, as pgvector's <=>
+
+    return describe
 
 
 DESCRIPTORS: dict[str, Describe] = {
-    "the model's embedding": model_embedding,
+    "copy model's embedding": model_embedding("fashion-copies"),
+    "classifier's embedding": model_embedding("fashion-classifier"),
     "64-bit DCT hash": each(dct_hash),
     "colour 12x12, trimmed": each(colour_thumbnail(12)),
     "colour 16x16, trimmed": each(colour_thumbnail(16)),

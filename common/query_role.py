@@ -22,7 +22,7 @@ from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 # what user SQL may read of Quarry's own tables (and each dataset's catalog, granted at ingest)
-READABLE = ("styles", "images", "predictions", "datasets", "locations")
+READABLE = ("styles", "images", "predictions", "datasets", "locations", "duplicates")
 LEDGER = (
     "jobs",
     "job_chunks",

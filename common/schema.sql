@@ -215,6 +215,18 @@ CREATE TABLE IF NOT EXISTS embedding_sets (
     UNIQUE (dataset, model)
 );
 
+-- Near-duplicate groups (`producer duplicates`, quarry/duplicates.py): for each dataset and the
+-- model whose embeddings grouped them, each image of a group with the group's id (its smallest
+-- image id). An image in no group has no row. Readable by user SQL: "one of each group" is
+-- `WHERE id NOT IN (SELECT id FROM duplicates WHERE ... AND id <> group_id)`.
+CREATE TABLE IF NOT EXISTS duplicates (
+    dataset  text NOT NULL,
+    model    text NOT NULL,
+    group_id bigint NOT NULL,
+    id       bigint NOT NULL,
+    PRIMARY KEY (dataset, model, id)
+);
+
 CREATE OR REPLACE VIEW predictions AS
     SELECT job_id, image_id, variant, label, score, top_k
     FROM job_items

@@ -20,6 +20,7 @@ from common.db import wait_for_schema
 from common.errors import ConfigError, QuarryError, UserError
 from common.ingest.summary import IngestSummary
 from quarry.client import DEFAULT_SHARD_SIZE, Quarry
+from quarry.duplicates import DEFAULT_MODEL, DEFAULT_THRESHOLD
 from quarry.progress import TerminalBar, render_ingest
 
 EXIT_FAILED_ITEMS = 1
@@ -257,6 +258,33 @@ def drop_dataset(name: str) -> None:
     for it (images registered where they are stay); refused while a job on it runs."""
     deleted = Quarry.from_env().drop_dataset(name)
     click.echo(f"dataset {name} dropped ({deleted} objects Quarry wrote for it deleted)")
+
+
+@cli.command()
+@click.argument("dataset")
+@click.option("--model", help=f"Whose embeddings: the NAME a job's --model was given [{DEFAULT_MODEL}].")
+@click.option(
+    "--threshold",
+    type=float,
+    help=f"Largest cosine distance between near-duplicates [{DEFAULT_THRESHOLD}].",
+)
+@click.option("--json", "as_json", is_flag=True, help='One {"group": G, "ids": [...]} object per line.')
+@one_line_errors
+def duplicates(dataset: str, model: str | None, threshold: float | None, as_json: bool) -> None:
+    """Find DATASET's groups of near-duplicate images (altered copies of one photograph) from the
+    embeddings a job with --model recorded; record them in the table `duplicates` and print them."""
+    found = Quarry.from_env().duplicates(dataset, model, threshold)
+    for group_id, ids in found.groups.items():
+        if as_json:
+            click.echo(json.dumps({"group": group_id, "ids": ids}))
+        else:
+            click.echo(f"group {group_id}: {' '.join(map(str, ids))}")
+    if not as_json:
+        grouped = sum(len(ids) for ids in found.groups.values())
+        click.echo(
+            f"{len(found.groups)} groups of near-duplicates ({grouped} of {found.images} images,"
+            f" model {found.model}, threshold {found.threshold}): recorded in `duplicates`"
+        )
 
 
 @cli.command()

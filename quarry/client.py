@@ -19,6 +19,7 @@ from common.jobs import JobProgress, cancel_job, iter_results, job_progress, job
 from common.jobspec import JobSpec
 from common.roles import ensure_roles, grant_dataset
 from quarry.datasets import DatasetInfo, drop_dataset, list_datasets
+from quarry.duplicates import DEFAULT_MODEL, DEFAULT_THRESHOLD, DuplicateGroups, find_duplicates
 from quarry.progress import Display, follow
 from quarry.query import check_query, run_user_query
 from quarry.record import Recording
@@ -254,6 +255,18 @@ class Quarry:
         with self.connection() as conn:
             self.ensure_ready(conn)
             return drop_dataset(conn, self.store(), name, self.settings)
+
+    def duplicates(
+        self, dataset: str, model: str | None = None, threshold: float | None = None
+    ) -> DuplicateGroups:
+        """Group `dataset`'s near-duplicate images by the embeddings a job with `model` recorded
+        (default: the shipped copy-detection model), record the groups in `duplicates` (readable
+        by user SQL) and return them (quarry/duplicates.py)."""
+        with self.connection() as conn:
+            self.ensure_ready(conn)
+            return find_duplicates(
+                conn, dataset, model or DEFAULT_MODEL, DEFAULT_THRESHOLD if threshold is None else threshold
+            )
 
     def registered_so_far(self, progress: JobProgress) -> dict[str, int]:
         """Rows, images and shards an ingest job has registered so far (its finished units)."""

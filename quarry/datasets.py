@@ -111,6 +111,7 @@ def drop_dataset(conn: psycopg.Connection, store: ObjectStore, name: str, settin
         }
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(dataset.table))
         drop_dataset_sets(conn, settings, name)
+        conn.execute("DELETE FROM duplicates WHERE dataset = %s", (name,))
     from common.storage import parse_s3_uri  # boto3 loads only when something is deleted
 
     written = removed | {source for source, _ in units if source not in still_used}

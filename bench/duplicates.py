@@ -1,0 +1,80 @@
+"""`producer duplicates` at scale: quarry/duplicates.py over a set of synthetic embeddings with
+planted near-duplicates, on one PostgreSQL with pgvector (this machine's when it has it, else the
+embedded one).
+
+The set is bench.similarity's (--count 256-dimension vectors in --clusters clusters; --queries
+anchors with 10 near copies each, so --queries groups of 11 are planted), loaded with COPY and
+indexed (HNSW) first, untimed. Then the grouping, timed: every image's nearest neighbours from
+the index, pairs under the default threshold joined into groups and recorded in `duplicates`.
+Reported: seconds, images/s, the groups found against the planted ones, and the bench process's
+peak memory (the grouping holds ids, never embeddings).
+
+Run: python -m bench.duplicates [--count 100000] [--queries 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import time
+
+from bench.scratch import scratch_database
+from bench.similarity import DIMENSIONS, fill
+from common.config import Settings
+from common.db import connect, ensure_schema
+from common.embeddings import ensure_set
+from common.roles import ensure_roles
+from quarry.duplicates import DEFAULT_THRESHOLD, NEIGHBOURS, find_duplicates
+from tests.vector_server import vector_server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=100_000)
+    parser.add_argument("--clusters", type=int, default=1_000)
+    parser.add_argument("--queries", type=int, default=200)
+    args = parser.parse_args()
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.count:,} embeddings of {DIMENSIONS}"
+        f" dimensions, {args.clusters} clusters, {args.queries} planted groups of 11;"
+        f" threshold {DEFAULT_THRESHOLD}, {NEIGHBOURS} neighbours an image"
+    )
+    with vector_server() as server, scratch_database("bench_duplicates", server) as url:
+        settings = Settings(database_url=url)
+        with connect(url, autocommit=True) as conn:
+            ensure_schema(conn)
+            ensure_roles(conn, settings)
+            conn.execute("CREATE TABLE items (id bigint PRIMARY KEY, category integer NOT NULL)")
+            found = ensure_set(conn, settings, "items", "bench", b"bench", DIMENSIONS)
+            conn.execute(f"DROP INDEX {found.table}_embedding_idx")
+            fill(conn, found.table, args.count, args.clusters, args.queries)
+            conn.execute("SET maintenance_work_mem = '4GB'; SET max_parallel_maintenance_workers = 1")
+            conn.execute(
+                f"CREATE INDEX {found.table}_embedding_idx ON {found.table}"
+                " USING hnsw (embedding vector_cosine_ops)"
+            )
+            conn.execute(f"VACUUM ANALYZE {found.table}")
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            started = time.perf_counter()
+            groups = find_duplicates(conn, "items", "bench")
+            seconds = time.perf_counter() - started
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        planted_first = args.count - args.queries * 10
+        planted = {
+            anchor: [anchor, *range(planted_first + (anchor - 1) * 10 + 1, planted_first + anchor * 10 + 1)]
+            for anchor in range(1, args.queries + 1)
+        }
+        exact = sum(groups.groups.get(anchor) == ids for anchor, ids in planted.items())
+        others = [g for g in groups.groups if g not in planted]
+        print(
+            f"grouped {groups.images:,} images in {seconds:.1f} s ({groups.images / seconds:,.0f} images/s);"
+            f" {len(groups.groups)} groups: {exact} of {args.queries} planted groups exactly,"
+            f" {len(others)} others;"
+            f" peak memory {peak / 1024:.0f} MiB ({before / 1024:.0f} MiB before the grouping)"
+        )
+
+
+if __name__ == "__main__":
+    main()
