@@ -21,11 +21,9 @@ import resource
 import time
 
 from bench.scratch import scratch_database
-from bench.similarity import DIMENSIONS, fill
+from bench.similarity import DIMENSIONS, fill, unindexed_set
 from common.config import Settings
-from common.db import connect, ensure_schema
-from common.embeddings import ensure_set
-from common.roles import ensure_roles
+from common.db import connect
 from quarry.duplicates import DEFAULT_THRESHOLD, NEIGHBOURS, find_duplicates
 from tests.vector_server import vector_server
 
@@ -44,11 +42,7 @@ def main() -> None:
     with vector_server() as server, scratch_database("bench_duplicates", server) as url:
         settings = Settings(database_url=url)
         with connect(url, autocommit=True) as conn:
-            ensure_schema(conn)
-            ensure_roles(conn, settings)
-            conn.execute("CREATE TABLE items (id bigint PRIMARY KEY, category integer NOT NULL)")
-            found = ensure_set(conn, settings, "items", "bench", b"bench", DIMENSIONS)
-            conn.execute(f"DROP INDEX {found.table}_embedding_idx")
+            found = unindexed_set(conn, settings)
             fill(conn, found.table, args.count, args.clusters, args.queries)
             conn.execute("SET maintenance_work_mem = '4GB'; SET max_parallel_maintenance_workers = 1")
             conn.execute(

@@ -30,7 +30,7 @@ import psycopg
 from bench.scratch import scratch_database
 from common.config import Settings
 from common.db import connect, ensure_schema
-from common.embeddings import ensure_set
+from common.embeddings import EmbeddingSet, ensure_set
 from common.roles import ensure_roles
 from quarry.query import VECTOR_SEARCH
 from tests.vector_server import vector_server
@@ -47,6 +47,17 @@ UNFILTERED = """SELECT e.id FROM embeddings e WHERE e.dataset = 'items' AND e.mo
 ORDER BY e.embedding <=> (SELECT embedding FROM embeddings WHERE dataset = 'items' AND id = %(anchor)s
                           AND model = 'bench')
 LIMIT 11"""
+
+
+def unindexed_set(conn: psycopg.Connection, settings: Settings) -> EmbeddingSet:
+    """Quarry's schema and roles, the catalog table `items`, and the embedding set of dataset
+    `items` under model `bench`, its HNSW index dropped (to be built after the load)."""
+    ensure_schema(conn)
+    ensure_roles(conn, settings)
+    conn.execute("CREATE TABLE items (id bigint PRIMARY KEY, category integer NOT NULL)")
+    found = ensure_set(conn, settings, "items", "bench", b"bench", DIMENSIONS)
+    conn.execute(f"DROP INDEX {found.table}_embedding_idx")
+    return found
 
 
 def fill(conn: psycopg.Connection, table: str, count: int, clusters: int, queries: int) -> list[int]:
@@ -139,13 +150,9 @@ def main() -> None:
     with vector_server() as server, scratch_database("bench_similarity", server) as url:
         settings = Settings(database_url=url)
         with connect(url, autocommit=True) as conn:
-            ensure_schema(conn)
-            ensure_roles(conn, settings)
-            conn.execute("CREATE TABLE items (id bigint PRIMARY KEY, category integer NOT NULL)")
-            found = ensure_set(conn, settings, "items", "bench", b"bench", DIMENSIONS)
+            found = unindexed_set(conn, settings)  # its index is built after the load, timed
             version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
             print(f"PostgreSQL {conn.info.server_version}, pgvector {version[0] if version else '?'}")
-            conn.execute(f"DROP INDEX {found.table}_embedding_idx")  # built after the load, timed
             started = time.perf_counter()
             anchors = fill(conn, found.table, args.count, args.clusters, args.queries)
             print(f"loaded in {time.perf_counter() - started:.1f} s")
