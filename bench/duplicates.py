@@ -6,10 +6,12 @@ The set is bench.similarity's (--count 256-dimension vectors in --clusters clust
 anchors with 10 near copies each, so --queries groups of 11 are planted), loaded with COPY and
 indexed (HNSW) first, untimed. Then the grouping, timed: every image's nearest neighbours from
 the index, pairs under the default threshold joined into groups and recorded in `duplicates`.
-Reported: seconds, images/s, the groups found against the planted ones, and the bench process's
-peak memory (the grouping holds ids, never embeddings).
+Reported for each --connections (DUPLICATES_CONNECTIONS; 1 is the search one page at a time, the
+default what a user gets): seconds, images/s, the groups found against the planted ones, and the
+bench process's peak memory (the grouping holds ids, never embeddings); and the index's size
+against the server's shared_buffers.
 
-Run: python -m bench.duplicates [--count 100000] [--queries 200]
+Run: python -m bench.duplicates [--count 100000] [--queries 200] [--connections 1,4]
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import os
 import platform
 import resource
 import time
+
+import psycopg
 
 from bench.scratch import scratch_database
 from bench.similarity import DIMENSIONS, fill, unindexed_set
@@ -33,6 +37,11 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--clusters", type=int, default=1_000)
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument(
+        "--connections",
+        default=f"1,{Settings.model_fields['duplicates_connections'].default}",
+        help="DUPLICATES_CONNECTIONS of each run, comma-separated [1 and the default]",
+    )
     args = parser.parse_args()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.count:,} embeddings of {DIMENSIONS}"
@@ -50,24 +59,35 @@ def main() -> None:
                 " USING hnsw (embedding vector_cosine_ops)"
             )
             conn.execute(f"VACUUM ANALYZE {found.table}")
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            started = time.perf_counter()
-            groups = find_duplicates(conn, "items", "bench")
-            seconds = time.perf_counter() - started
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        planted_first = args.count - args.queries * 10
-        planted = {
-            anchor: [anchor, *range(planted_first + (anchor - 1) * 10 + 1, planted_first + anchor * 10 + 1)]
-            for anchor in range(1, args.queries + 1)
-        }
-        exact = sum(groups.groups.get(anchor) == ids for anchor, ids in planted.items())
-        others = [g for g in groups.groups if g not in planted]
-        print(
-            f"grouped {groups.images:,} images in {seconds:.1f} s ({groups.images / seconds:,.0f} images/s);"
-            f" {len(groups.groups)} groups: {exact} of {args.queries} planted groups exactly,"
-            f" {len(others)} others;"
-            f" peak memory {peak / 1024:.0f} MiB ({before / 1024:.0f} MiB before the grouping)"
-        )
+            (index, buffers) = conn.execute(
+                "SELECT pg_indexes_size(%s::regclass), current_setting('shared_buffers')", (found.table,)
+            ).fetchone()  # type: ignore[misc]
+            print(f"index {index / 2**20:,.0f} MiB; the server's shared_buffers {buffers}")
+            for connections in map(int, args.connections.split(",")):
+                group_once(conn, settings.model_copy(update={"duplicates_connections": connections}), args)
+
+
+def group_once(conn: psycopg.Connection, settings: Settings, args: argparse.Namespace) -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    groups = find_duplicates(conn, settings, "items", "bench")
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    planted_first = args.count - args.queries * 10
+    planted = {
+        anchor: [anchor, *range(planted_first + (anchor - 1) * 10 + 1, planted_first + anchor * 10 + 1)]
+        for anchor in range(1, args.queries + 1)
+    }
+    exact = sum(groups.groups.get(anchor) == ids for anchor, ids in planted.items())
+    others = [g for g in groups.groups if g not in planted]
+    print(
+        f"{settings.duplicates_connections} connection(s): grouped {groups.images:,} images"
+        f" in {seconds:.1f} s"
+        f" ({groups.images / seconds:,.0f} images/s); {len(groups.groups)} groups: {exact} of"
+        f" {args.queries} planted groups exactly, {len(others)} others; peak memory {peak / 1024:.0f} MiB"
+        f" ({before / 1024:.0f} MiB before)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     selection_connections: int = Field(
         default=4, ge=1, le=64, description="slices of a selection read at once, each on its own connection"
     )
+    duplicates_connections: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="pages of `producer duplicates` searched at once, each on its own connection",
+    )
     query_role: str = Field(
         default="quarry_reader",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",

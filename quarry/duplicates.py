@@ -3,27 +3,43 @@ docs/content.md, "Near-duplicates").
 
 Candidate pairs come from the embedding set's HNSW index: each image's NEIGHBOURS nearest others,
 asked for a page of images at a time in id order (one statement a page, a LATERAL k-NN query per
-image, run inside PostgreSQL), and kept when their cosine distance is at most the threshold. Pairs
-are joined into groups (union-find over the ids that have a pair: no embedding is ever held here,
-and only the ids of images with a near-duplicate). A group's id is its smallest image id. The
-groups replace the (dataset, model) rows of `duplicates` in one transaction, so a query can keep
-one image of each group while the next run is under way.
+image, run inside PostgreSQL), and kept when their cosine distance is at most the threshold. The
+pages are independent, so DUPLICATES_CONNECTIONS of them are searched at once, each on its own
+connection (one server core each). Pairs are joined into groups (union-find over the ids that have
+a pair: no embedding is ever held here, and only the ids of images with a near-duplicate). A
+group's id is its smallest image id. The groups replace the (dataset, model) rows of `duplicates`
+in one transaction, so a query can keep one image of each group while the next run is under way.
+
+Each search walks the index's graph through PostgreSQL's buffer pool: a server whose
+shared_buffers cannot hold the index reads its pages from outside the pool for every image, which
+made a search 5x slower at 10^6 (docs/benchmarks.md); the command warns when that is the case.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import queue
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
+from common.config import Settings
+from common.db import connect
 from common.errors import UserError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "fashion-copies"  # the shipped copy-detection model (models/fashion-copies.md)
 DEFAULT_THRESHOLD = 0.08  # cosine distance; docs/content.md has the measurements behind it
 NEIGHBOURS = 8  # candidates asked of the index per image
 PAGE = 2000  # images a statement asks neighbours for
+EF_SEARCH = 64  # hnsw.ef_search of the searches: candidates a search keeps (docs/benchmarks.md)
+
+Pair = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -51,15 +67,25 @@ def embedding_table(conn: psycopg.Connection, dataset: str, model: str) -> str:
     return f"embeddings_{row[0]}"
 
 
-def candidate_pairs(conn: psycopg.Connection, table: str, threshold: float) -> Iterator[tuple[int, int]]:
-    """(smaller id, larger id) of each pair within `threshold`, page by page in id order."""
-    statement = sql.SQL(
-        "SELECT a.id, n.id"
-        " FROM (SELECT id, embedding FROM {t} WHERE id > %(after)s ORDER BY id LIMIT %(page)s) a"
-        " CROSS JOIN LATERAL (SELECT b.id, b.embedding <=> a.embedding AS distance FROM {t} b"
-        " ORDER BY b.embedding <=> a.embedding LIMIT %(k)s) n"
-        " WHERE n.id <> a.id AND n.distance <= %(threshold)s"
-    ).format(t=sql.Identifier(table))
+def index_outgrows_buffers(conn: psycopg.Connection, table: str) -> str | None:
+    """A one-line warning when the table's indexes are larger than the server's shared_buffers."""
+    row = conn.execute(
+        "SELECT pg_indexes_size(%s::regclass),"
+        " (SELECT setting::bigint * 8192 FROM pg_settings WHERE name = 'shared_buffers')",
+        (table,),
+    ).fetchone()
+    if row is None or row[0] <= row[1]:
+        return None
+    mib = 1024 * 1024
+    return (
+        f"the embeddings' index ({row[0] // mib} MiB) is larger than PostgreSQL's shared_buffers"
+        f" ({row[1] // mib} MiB): every search reads index pages from outside the buffer pool, several"
+        ' times slower; docs/scaling.md, "Near-duplicates"'
+    )
+
+
+def page_bounds(conn: psycopg.Connection, table: str) -> Iterator[tuple[int, int]]:
+    """(after, last) ids of each page of PAGE images, in id order."""
     last = sql.SQL("SELECT max(id) FROM (SELECT id FROM {t} WHERE id > %s ORDER BY id LIMIT %s) p").format(
         t=sql.Identifier(table)
     )
@@ -68,10 +94,63 @@ def candidate_pairs(conn: psycopg.Connection, table: str, threshold: float) -> I
         end = conn.execute(last, (after, PAGE)).fetchone()
         if end is None or end[0] is None:
             return
-        params = {"after": after, "page": PAGE, "k": NEIGHBOURS + 1, "threshold": threshold}
-        for a, b in conn.execute(statement, params):
-            yield (a, b) if a < b else (b, a)
+        yield after, end[0]
         after = end[0]
+
+
+def search_page(conn: psycopg.Connection, table: str, threshold: float, after: int, last: int) -> list[Pair]:
+    """(smaller id, larger id) of each pair within `threshold` whose first image is in the page."""
+    statement = sql.SQL(
+        "SELECT a.id, n.id"
+        " FROM (SELECT id, embedding FROM {t} WHERE id > %(after)s AND id <= %(last)s) a"
+        " CROSS JOIN LATERAL (SELECT b.id, b.embedding <=> a.embedding AS distance FROM {t} b"
+        " ORDER BY b.embedding <=> a.embedding LIMIT %(k)s) n"
+        " WHERE n.id <> a.id AND n.distance <= %(threshold)s"
+    ).format(t=sql.Identifier(table))
+    params = {"after": after, "last": last, "k": NEIGHBOURS + 1, "threshold": threshold}
+    return [(a, b) if a < b else (b, a) for a, b in conn.execute(statement, params)]
+
+
+@contextlib.contextmanager
+def searchers(database_url: str, count: int) -> Iterator[queue.Queue[psycopg.Connection]]:
+    """`count` idle connections set up for the searches, closed when the context ends."""
+    with contextlib.ExitStack() as stack:
+        idle: queue.Queue[psycopg.Connection] = queue.Queue()
+        for _ in range(count):
+            conn = stack.enter_context(connect(database_url, autocommit=True))
+            conn.execute(f"SET hnsw.ef_search = {EF_SEARCH}")
+            idle.put(conn)
+        yield idle
+
+
+def candidate_pairs(
+    conn: psycopg.Connection, settings: Settings, table: str, threshold: float
+) -> Iterator[Pair]:
+    """Every pair within `threshold`, its pages searched DUPLICATES_CONNECTIONS at a time; at
+    most twice that many pages' pairs are held."""
+    count = settings.duplicates_connections
+
+    def search(after: int, last: int) -> list[Pair]:
+        searcher = idle.get()
+        try:
+            return search_page(searcher, table, threshold, after, last)
+        finally:
+            idle.put(searcher)
+
+    with searchers(settings.database_url, count) as idle, ThreadPoolExecutor(count) as pool:
+        pending: set[Future[list[Pair]]] = set()
+        try:
+            for after, last in page_bounds(conn, table):
+                pending.add(pool.submit(search, after, last))
+                if len(pending) >= 2 * count:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for page in done:
+                        yield from page.result()
+            for page in pending:
+                yield from page.result()
+        finally:
+            for page in pending:
+                page.cancel()
 
 
 def group(pairs: Iterator[tuple[int, int]]) -> dict[int, list[int]]:
@@ -96,19 +175,24 @@ def group(pairs: Iterator[tuple[int, int]]) -> dict[int, list[int]]:
 
 
 def find_duplicates(
-    conn: psycopg.Connection, dataset: str, model: str = DEFAULT_MODEL, threshold: float = DEFAULT_THRESHOLD
+    conn: psycopg.Connection,
+    settings: Settings,
+    dataset: str,
+    model: str = DEFAULT_MODEL,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> DuplicateGroups:
     """Group the dataset's near-duplicates under `model` and record them in `duplicates`."""
     if not 0 <= threshold <= 2:
         raise UserError(f"--threshold {threshold} is not a cosine distance (0 to 2)")
     table = embedding_table(conn, dataset, model)
+    if warning := index_outgrows_buffers(conn, table):
+        log.warning(warning)
+    groups = group(candidate_pairs(conn, settings, table, threshold))
     with conn.transaction():
-        conn.execute("SET LOCAL hnsw.ef_search = 64")
-        groups = group(candidate_pairs(conn, table, threshold))
         (images,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()  # type: ignore[misc]
         conn.execute("DELETE FROM duplicates WHERE dataset = %s AND model = %s", (dataset, model))
-        rows = [(dataset, model, group_id, image_id) for group_id, ids in groups.items() for image_id in ids]
         with conn.cursor().copy("COPY duplicates (dataset, model, group_id, id) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
+            for group_id, ids in groups.items():
+                for image_id in ids:
+                    copy.write_row((dataset, model, group_id, image_id))
     return DuplicateGroups(dataset, model, threshold, int(images), groups)
