@@ -5,9 +5,11 @@ from typing import Any
 from celery import Celery
 from celery.signals import celeryd_after_setup
 
+from common.memory import return_large_buffers
 from common.shards import parquet_bytes
 from workers.routes import INFERENCE, TRANSFORM, queue_of
 
+return_large_buffers()  # before any pool allocates an image; forked children inherit it (common/memory.py)
 app = Celery("quarry", include=["workers.transform", "workers.upload", "workers.inference", "workers.ingest"])
 app.config_from_object("workers.celeryconfig")
 MANIFEST_QUEUES = {queue_of(TRANSFORM), queue_of(INFERENCE)}  # the pools that write parquet manifests
