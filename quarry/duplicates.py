@@ -1,18 +1,19 @@
 """Near-duplicate groups of a dataset, from the embeddings of one model (`producer duplicates`;
 docs/content.md, "Near-duplicates").
 
-Candidate pairs come from the embedding set's HNSW index: each image's NEIGHBOURS nearest others,
+Candidate pairs come from the embedding set's HNSW index: each image's nearest others (SWEEP),
 asked for a page of images at a time in id order (one statement a page, a LATERAL k-NN query per
-image, run inside PostgreSQL), and kept when their cosine distance is at most the threshold. The
-pages are independent, so DUPLICATES_CONNECTIONS of them are searched at once, each on its own
-connection (one server core each). Pairs are joined into groups (union-find over the ids that have
+image, run inside PostgreSQL), and kept when their cosine distance is at most the threshold; then
+the images that found a pair are asked again, more widely (WIDEN). The pages are independent, so
+DUPLICATES_CONNECTIONS of them are searched at once, each on its own connection (one server core
+each). Pairs are joined into groups (union-find over the ids that have
 a pair: no embedding is ever held here, and only the ids of images with a near-duplicate). A
 group's id is its smallest image id. The groups replace the (dataset, model) rows of `duplicates`
 in one transaction, so a query can keep one image of each group while the next run is under way.
 
 Each search walks the index's graph through PostgreSQL's buffer pool: a server whose
-shared_buffers cannot hold the index reads its pages from outside the pool for every image, which
-made a search 5x slower at 10^6 (docs/benchmarks.md); the command warns when that is the case.
+shared_buffers cannot hold the index reads its pages from outside the pool for every image; the
+command warns when that is the case (docs/scaling.md, "Near-duplicates").
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import queue
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -35,11 +37,23 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "fashion-copies"  # the shipped copy-detection model (models/fashion-copies.md)
 DEFAULT_THRESHOLD = 0.08  # cosine distance; docs/content.md has the measurements behind it
-NEIGHBOURS = 8  # candidates asked of the index per image
 PAGE = 2000  # images a statement asks neighbours for
-EF_SEARCH = 64  # hnsw.ef_search of the searches: candidates a search keeps (docs/benchmarks.md)
-
+RANGE = "id > %(after)s AND id <= %(last)s"  # a page of the sweep over every image
+LISTED = "id = ANY(%(ids)s)"  # a page of the images the sweep paired
 Pair = tuple[int, int]
+Page = dict[str, Any]  # the parameters of RANGE or LISTED
+
+
+@dataclass(frozen=True)
+class Sweep:
+    neighbours: int  # asked of the index per image
+    ef_search: int  # hnsw.ef_search: candidates a search keeps
+
+
+SWEEP = Sweep(neighbours=8, ef_search=64)  # every image (docs/benchmarks.md, "Near-duplicates")
+# The images SWEEP paired, asked again more widely: a group larger than SWEEP's neighbours, an
+# image near two tight groups, a copy the narrower search did not reach.
+WIDEN = Sweep(neighbours=32, ef_search=200)
 
 
 @dataclass(frozen=True)
@@ -79,13 +93,13 @@ def index_outgrows_buffers(conn: psycopg.Connection, table: str) -> str | None:
     mib = 1024 * 1024
     return (
         f"the embeddings' index ({row[0] // mib} MiB) is larger than PostgreSQL's shared_buffers"
-        f" ({row[1] // mib} MiB): every search reads index pages from outside the buffer pool, several"
-        ' times slower; docs/scaling.md, "Near-duplicates"'
+        f" ({row[1] // mib} MiB): every search reads index pages from outside the buffer pool,"
+        ' which is slower (docs/scaling.md, "Near-duplicates")'
     )
 
 
-def page_bounds(conn: psycopg.Connection, table: str) -> Iterator[tuple[int, int]]:
-    """(after, last) ids of each page of PAGE images, in id order."""
+def page_bounds(conn: psycopg.Connection, table: str) -> Iterator[Page]:
+    """Each page of PAGE images in id order, as the parameters of RANGE."""
     last = sql.SQL("SELECT max(id) FROM (SELECT id FROM {t} WHERE id > %s ORDER BY id LIMIT %s) p").format(
         t=sql.Identifier(table)
     )
@@ -94,84 +108,119 @@ def page_bounds(conn: psycopg.Connection, table: str) -> Iterator[tuple[int, int
         end = conn.execute(last, (after, PAGE)).fetchone()
         if end is None or end[0] is None:
             return
-        yield after, end[0]
+        yield {"after": after, "last": end[0]}
         after = end[0]
 
 
-def search_page(conn: psycopg.Connection, table: str, threshold: float, after: int, last: int) -> list[Pair]:
+def listed_pages(ids: list[int]) -> Iterator[Page]:
+    """`ids` in pages of PAGE, as the parameters of LISTED."""
+    for start in range(0, len(ids), PAGE):
+        yield {"ids": ids[start : start + PAGE]}
+
+
+def search_page(
+    conn: psycopg.Connection, table: str, threshold: float, sweep: Sweep, where: str, page: Page
+) -> list[Pair]:
     """(smaller id, larger id) of each pair within `threshold` whose first image is in the page."""
     statement = sql.SQL(
         "SELECT a.id, n.id"
-        " FROM (SELECT id, embedding FROM {t} WHERE id > %(after)s AND id <= %(last)s) a"
+        " FROM (SELECT id, embedding FROM {t} WHERE " + where + ") a"
         " CROSS JOIN LATERAL (SELECT b.id, b.embedding <=> a.embedding AS distance FROM {t} b"
         " ORDER BY b.embedding <=> a.embedding LIMIT %(k)s) n"
         " WHERE n.id <> a.id AND n.distance <= %(threshold)s"
     ).format(t=sql.Identifier(table))
-    params = {"after": after, "last": last, "k": NEIGHBOURS + 1, "threshold": threshold}
-    return [(a, b) if a < b else (b, a) for a, b in conn.execute(statement, params)]
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(sweep.ef_search)))
+        found = conn.execute(statement, {**page, "k": sweep.neighbours + 1, "threshold": threshold})
+        return [(a, b) if a < b else (b, a) for a, b in found]
 
 
 @contextlib.contextmanager
 def searchers(database_url: str, count: int) -> Iterator[queue.Queue[psycopg.Connection]]:
-    """`count` idle connections set up for the searches, closed when the context ends."""
+    """`count` idle connections for the searches, closed when the context ends."""
     with contextlib.ExitStack() as stack:
         idle: queue.Queue[psycopg.Connection] = queue.Queue()
         for _ in range(count):
-            conn = stack.enter_context(connect(database_url, autocommit=True))
-            conn.execute(f"SET hnsw.ef_search = {EF_SEARCH}")
-            idle.put(conn)
+            idle.put(stack.enter_context(connect(database_url, autocommit=True)))
         yield idle
 
 
-def candidate_pairs(
-    conn: psycopg.Connection, settings: Settings, table: str, threshold: float
-) -> Iterator[Pair]:
-    """Every pair within `threshold`, its pages searched DUPLICATES_CONNECTIONS at a time; at
-    most twice that many pages' pairs are held."""
-    count = settings.duplicates_connections
+class Components:
+    """Union-find over image ids: the groups the pairs joined so far."""
 
-    def search(after: int, last: int) -> list[Pair]:
-        searcher = idle.get()
-        try:
-            return search_page(searcher, table, threshold, after, last)
-        finally:
-            idle.put(searcher)
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
 
-    with searchers(settings.database_url, count) as idle, ThreadPoolExecutor(count) as pool:
-        pending: set[Future[list[Pair]]] = set()
-        try:
-            for after, last in page_bounds(conn, table):
-                pending.add(pool.submit(search, after, last))
-                if len(pending) >= 2 * count:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for page in done:
-                        yield from page.result()
-            for page in pending:
-                yield from page.result()
-        finally:
-            for page in pending:
-                page.cancel()
-
-
-def group(pairs: Iterator[tuple[int, int]]) -> dict[int, list[int]]:
-    """Connected components of the pairs: {smallest id: sorted ids}."""
-    parent: dict[int, int] = {}
-
-    def root(node: int) -> int:
+    def root(self, node: int) -> int:
+        parent = self.parent
         parent.setdefault(node, node)
         while parent[node] != node:
             parent[node] = parent[parent[node]]
             node = parent[node]
         return node
 
-    for a, b in pairs:
-        ra, rb = root(a), root(b)
+    def join(self, a: int, b: int) -> None:
+        ra, rb = self.root(a), self.root(b)
         if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[int, list[int]] = {}
-    for node in parent:
-        groups.setdefault(root(node), []).append(node)
-    return {min(ids): sorted(ids) for ids in groups.values()}
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def members(self) -> list[int]:
+        """Every id with a pair, ascending."""
+        return sorted(self.parent)
+
+    def groups(self) -> dict[int, list[int]]:
+        """{smallest id: sorted ids} of each group."""
+        groups: dict[int, list[int]] = {}
+        for node in self.parent:
+            groups.setdefault(self.root(node), []).append(node)
+        return {min(ids): sorted(ids) for ids in groups.values()}
+
+
+def group(pairs: Iterator[Pair]) -> dict[int, list[int]]:
+    """Connected components of the pairs: {smallest id: sorted ids}."""
+    components = Components()
+    for a, b in pairs:
+        components.join(a, b)
+    return components.groups()
+
+
+def find_groups(
+    conn: psycopg.Connection, settings: Settings, table: str, threshold: float
+) -> dict[int, list[int]]:
+    """The set's groups: SWEEP over every image in id ranges, then WIDEN over the images it
+    paired; pages searched DUPLICATES_CONNECTIONS at a time, at most twice that many pages'
+    pairs held."""
+    count = settings.duplicates_connections
+    components = Components()
+
+    def search(sweep: Sweep, where: str, page: Page) -> list[Pair]:
+        searcher = idle.get()
+        try:
+            return search_page(searcher, table, threshold, sweep, where, page)
+        finally:
+            idle.put(searcher)
+
+    def join_all(sweep: Sweep, where: str, pages: Iterator[Page]) -> None:
+        pending: set[Future[list[Pair]]] = set()
+        try:
+            for page in pages:
+                pending.add(pool.submit(search, sweep, where, page))
+                if len(pending) >= 2 * count:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for pairs in done:
+                        for a, b in pairs.result():
+                            components.join(a, b)
+            for pairs in pending:
+                for a, b in pairs.result():
+                    components.join(a, b)
+        finally:
+            for pairs in pending:
+                pairs.cancel()
+
+    with searchers(settings.database_url, count) as idle, ThreadPoolExecutor(count) as pool:
+        join_all(SWEEP, RANGE, page_bounds(conn, table))
+        join_all(WIDEN, LISTED, listed_pages(components.members()))
+    return components.groups()
 
 
 def find_duplicates(
@@ -187,7 +236,7 @@ def find_duplicates(
     table = embedding_table(conn, dataset, model)
     if warning := index_outgrows_buffers(conn, table):
         log.warning(warning)
-    groups = group(candidate_pairs(conn, settings, table, threshold))
+    groups = find_groups(conn, settings, table, threshold)
     with conn.transaction():
         (images,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()  # type: ignore[misc]
         conn.execute("DELETE FROM duplicates WHERE dataset = %s AND model = %s", (dataset, model))

@@ -4,6 +4,7 @@ with this checkout's packages through a virtual environment of the system Python
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pwd
@@ -17,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import nbformat
 import psutil
 import pytest
@@ -29,6 +31,7 @@ from common.embeddings import vector_available
 from producer import s3_gateway
 from producer.dispatch import redis_too_old
 from producer.embedded import choose_postgres
+from tests.conftest import SAMPLE
 from tests.postgres import machine_url, pg_url
 from tests.stack import free_port
 
@@ -270,6 +273,7 @@ def test_make_up_uses_the_machines_servers_and_its_notebook_url_runs_the_quickst
         "PYTHON": sys.executable,
         "QUARRY_FIGURES": str(tmp_path),  # the notebook's kernel inherits the server's environment
         "QUARRY_ENV_FILE": str(tmp_path / "quarry.env"),
+        "DATASET_PATH": str(sample_with_copies(tmp_path / "dataset")),
         **s3_with_keys,
     }
     try:
@@ -308,8 +312,40 @@ def test_make_up_uses_the_machines_servers_and_its_notebook_url_runs_the_quickst
     assert summary["failed"] == 0 and summary["classified"] == summary["items"]
     assert len(summary["selected"]) >= 2 and summary["matrix_rows"] == summary["selected"]
     assert summary["nearest"] == 8 and summary["embedded"] == summary["items"]
-    for figure in ("preview.png", "confusion.png", "similar.png"):
+    assert summary["copies_embedded"] > summary["items"]  # the whole dataset's stored images
+    grouped_away = summary["copies_embedded"] - summary["kept"]
+    assert summary["duplicate_groups"] >= 1 and grouped_away >= len(COPIES)
+    original = int((SAMPLE / "styles.csv").read_text().splitlines()[1].split(",")[0])
+    assert summary["largest_group"] == sorted([original, *COPIES.values()])
+    for figure in ("preview.png", "confusion.png", "similar.png", "duplicates.png"):
         assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+COPIES = {"jpeg-q30": 9_000_001, "shrunk-enlarged": 9_000_002}  # new ids of the altered copies
+
+
+def sample_with_copies(folder: Path) -> Path:
+    """The vendored sample (Kaggle layout) plus two altered copies of its first photograph (JPEG
+    quality 30; shrunk to half and enlarged) under new ids, their catalog rows copied: a dataset
+    with one group of near-duplicates for the notebook to show (the sample's own has none)."""
+    images = folder / "images"
+    shutil.copytree(SAMPLE / "images", images)
+    with (SAMPLE / "styles.csv").open(newline="") as source:
+        rows = list(csv.reader(source))
+    original = rows[1]
+    photo = cv2.imread(str(images / f"{original[0]}.jpg"), cv2.IMREAD_COLOR)
+    height, width = photo.shape[:2]
+    half = cv2.resize(photo, (width // 2, height // 2), interpolation=cv2.INTER_AREA)
+    altered = {
+        "jpeg-q30": (photo, 30),
+        "shrunk-enlarged": (cv2.resize(half, (width, height), interpolation=cv2.INTER_LINEAR), 95),
+    }
+    for name, (image, quality) in altered.items():
+        cv2.imwrite(str(images / f"{COPIES[name]}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        rows.append([str(COPIES[name]), *original[1:]])
+    with (folder / "styles.csv").open("w", newline="") as target:
+        csv.writer(target).writerows(rows)
+    return folder
 
 
 def start_session(base: str, token: str) -> str:

@@ -41,11 +41,19 @@ def planted(private_database: PrivateDatabase) -> Iterator[tuple[Settings, dict[
     with private_database("dup_search", "schema") as env:
         settings = Settings(database_url=env["DATABASE_URL"])
         with connect(settings.database_url, autocommit=True) as conn:
-            found = ensure_set(conn, settings, "items", "planted", b"planted", DIMENSIONS)
-            with conn.cursor().copy(f"COPY {found.table} (id, embedding, image) FROM STDIN") as copy:
-                for image_id, vector in rows:
-                    copy.write_row((image_id, "[" + ",".join(f"{x:.6f}" for x in vector) + "]", b"\x00"))
+            record_set(conn, settings, "planted", rows)
         yield settings, expected
+
+
+def record_set(
+    conn: psycopg.Connection, settings: Settings, model: str, rows: list[tuple[int, np.ndarray]]
+) -> str:
+    """The embedding set of dataset `items` under `model`, holding `rows`; its table."""
+    found = ensure_set(conn, settings, "items", model, model.encode(), DIMENSIONS)
+    with conn.cursor().copy(f"COPY {found.table} (id, embedding, image) FROM STDIN") as copy:
+        for image_id, vector in rows:
+            copy.write_row((image_id, "[" + ",".join(f"{x:.6f}" for x in vector) + "]", b"\x00"))
+    return found.table
 
 
 def recorded(conn: psycopg.Connection) -> dict[int, list[int]]:
@@ -74,3 +82,34 @@ def test_pages_searched_on_several_connections_find_the_groups_one_connection_fi
         )
         assert one.groups == expected
         assert recorded(conn) == expected
+
+
+def test_an_image_near_two_tight_groups_joins_them_though_their_members_see_only_each_other(
+    private_database: PrivateDatabase,
+) -> None:
+    """Image 1, with nine copies almost on it (2-10) and, 0.06 away (within the default 0.08),
+    nine copies of another image almost on each other (11-19): each of those sees only its eight
+    siblings among its nearest, and image 1's nearest are its own copies, so the narrow search
+    over every image finds two groups; the wider one over the images it paired joins them."""
+    rng = np.random.default_rng(5)
+    anchor = rng.normal(size=DIMENSIONS)
+    anchor /= np.linalg.norm(anchor)
+    across = rng.normal(size=DIMENSIONS)
+    across -= across @ anchor * anchor
+    across /= np.linalg.norm(across)
+    other = 0.94 * anchor + np.sqrt(1 - 0.94**2) * across  # cosine distance 0.06 from the anchor
+    vectors = [anchor, *(anchor + rng.normal(scale=1e-4, size=DIMENSIONS) for _ in range(9))]
+    vectors += [other + rng.normal(scale=1e-4, size=DIMENSIONS) for _ in range(9)]
+    vectors += list(rng.uniform(-1, 1, (200, DIMENSIONS)))  # unrelated images
+    with private_database("dup_widen", "schema") as env:
+        settings = Settings(database_url=env["DATABASE_URL"])
+        with connect(settings.database_url, autocommit=True) as conn:
+            table = record_set(conn, settings, "two", list(enumerate(vectors, start=1)))
+            every_image = {"after": 0, "last": len(vectors)}
+            narrow = duplicates.group(
+                iter(
+                    duplicates.search_page(conn, table, 0.08, duplicates.SWEEP, duplicates.RANGE, every_image)
+                )
+            )
+            assert narrow == {1: list(range(1, 11)), 11: list(range(11, 20))}
+            assert find_duplicates(conn, settings, "items", "two").groups == {1: list(range(1, 20))}
