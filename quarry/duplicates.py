@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +30,8 @@ import psycopg
 from psycopg import sql
 
 from common.config import Settings
-from common.db import connect
-from common.errors import UserError
+from common.db import CONNECTION_LOST, connect, first_line
+from common.errors import DatabaseUnavailable, UserError
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,11 @@ def find_groups(
         finally:
             idle.put(searcher)
 
+    def join(searched: Iterable[Future[list[Pair]]]) -> None:
+        for pairs in searched:
+            for a, b in pairs.result():
+                components.join(a, b)
+
     def join_all(sweep: Sweep, where: str, pages: Iterator[Page]) -> None:
         pending: set[Future[list[Pair]]] = set()
         try:
@@ -207,12 +212,8 @@ def find_groups(
                 pending.add(pool.submit(search, sweep, where, page))
                 if len(pending) >= 2 * count:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for pairs in done:
-                        for a, b in pairs.result():
-                            components.join(a, b)
-            for pairs in pending:
-                for a, b in pairs.result():
-                    components.join(a, b)
+                    join(done)
+            join(pending)
         finally:
             for pairs in pending:
                 pairs.cancel()
@@ -236,7 +237,22 @@ def find_duplicates(
     table = embedding_table(conn, dataset, model)
     if warning := index_outgrows_buffers(conn, table):
         log.warning(warning)
-    groups = find_groups(conn, settings, table, threshold)
+    try:
+        groups = find_groups(conn, settings, table, threshold)
+        images = record(conn, dataset, model, table, groups)
+    except CONNECTION_LOST as exc:
+        raise DatabaseUnavailable(
+            f"the connection to PostgreSQL was lost while finding near-duplicates ({first_line(exc)}):"
+            " the groups recorded before are kept; run the command again"
+        ) from exc
+    return DuplicateGroups(dataset, model, threshold, images, groups)
+
+
+def record(
+    conn: psycopg.Connection, dataset: str, model: str, table: str, groups: dict[int, list[int]]
+) -> int:
+    """Replace the (dataset, model) rows of `duplicates` with `groups`, in one transaction; the
+    number of images in the set."""
     with conn.transaction():
         (images,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()  # type: ignore[misc]
         conn.execute("DELETE FROM duplicates WHERE dataset = %s AND model = %s", (dataset, model))
@@ -244,4 +260,4 @@ def find_duplicates(
             for group_id, ids in groups.items():
                 for image_id in ids:
                     copy.write_row((dataset, model, group_id, image_id))
-    return DuplicateGroups(dataset, model, threshold, int(images), groups)
+    return int(images)

@@ -12,6 +12,7 @@ import pytest
 from common.config import Settings
 from common.db import connect
 from common.embeddings import ensure_set
+from common.errors import DatabaseUnavailable
 from quarry import duplicates
 from quarry.duplicates import find_duplicates
 from tests.conftest import PrivateDatabase
@@ -81,6 +82,35 @@ def test_pages_searched_on_several_connections_find_the_groups_one_connection_fi
             conn, settings.model_copy(update={"duplicates_connections": 1}), "items", "planted"
         )
         assert one.groups == expected
+        assert recorded(conn) == expected
+
+
+def test_searchers_ended_by_the_server_fail_in_one_line_and_the_groups_recorded_before_stay(
+    planted: tuple[Settings, dict[int, list[int]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL ends the search connections (pg_terminate_backend) between the first sweep and
+    the wider one: one line naming the lost connection, and `duplicates` keeps the last run's."""
+    settings, expected = planted
+    monkeypatch.setattr(duplicates, "PAGE", PAGE)
+    with connect(settings.database_url, autocommit=True) as conn:
+        find_duplicates(conn, settings, "items", "planted")
+        pages_of = duplicates.listed_pages
+        ended: list[int] = []
+
+        def end_the_searchers_first(ids: list[int]) -> Iterator[duplicates.Page]:
+            others = "datname = current_database() AND pid <> pg_backend_pid()"
+            rows = conn.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {others}")
+            ended.extend(1 for (done,) in rows if done)
+            return pages_of(ids)
+
+        monkeypatch.setattr(duplicates, "listed_pages", end_the_searchers_first)
+        with pytest.raises(DatabaseUnavailable) as raised:
+            find_duplicates(conn, settings, "items", "planted")
+        assert len(ended) == settings.duplicates_connections  # every searcher was ended
+        message = str(raised.value)
+        assert message.startswith("the connection to PostgreSQL was lost while finding near-duplicates (")
+        assert message.endswith("the groups recorded before are kept; run the command again")
+        assert "\n" not in message
         assert recorded(conn) == expected
 
 
