@@ -101,9 +101,11 @@ ANY_PRIVILEGE = "SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER"
 
 
 def grant_reads(conn: psycopg.Connection, role: str) -> None:
-    """SELECT on READABLE, nothing on LEDGER; only what differs is granted or revoked."""
+    """SELECT on READABLE, nothing on LEDGER; only what differs is granted or revoked. A catalog
+    table that is not there (`producer drop-dataset styles`) is passed over."""
     name = sql.Identifier(role)
-    missing = [t for t in READABLE if not has_privilege(conn, role, t, "SELECT")]
+    readable = [t for t in READABLE if table_exists(conn, t)]
+    missing = [t for t in readable if not has_privilege(conn, role, t, "SELECT")]
     held = [t for t in LEDGER if has_privilege(conn, role, t, ANY_PRIVILEGE)]
     if missing:
         conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(name))
@@ -118,12 +120,16 @@ def grant_dataset_reads(conn: psycopg.Connection, settings: Settings, table: str
     """SELECT on a dataset's catalog table for the query role (when the table is there and the
     role lacks it)."""
     role = settings.query_role
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone() if table else None
-    if exists and exists[0] and not has_privilege(conn, role, table, "SELECT"):
+    if table and table_exists(conn, table) and not has_privilege(conn, role, table, "SELECT"):
         with conn.transaction():
             conn.execute(
                 sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(table), sql.Identifier(role))
             )
+
+
+def table_exists(conn: psycopg.Connection, table: str) -> bool:
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
+    return bool(row and row[0])
 
 
 def has_privilege(conn: psycopg.Connection, role: str, table: str, privileges: str) -> bool:

@@ -29,6 +29,7 @@ from common.query_role import (
     create_role,
     ensure_query_role,
     grant_dataset_reads,
+    table_exists,
 )
 
 log = logging.getLogger(__name__)
@@ -159,8 +160,7 @@ def grant_dataset(conn: psycopg.Connection, settings: Settings, table: str) -> N
 def grant_dataset_writes(conn: psycopg.Connection, settings: Settings, table: str) -> None:
     """WORKER_DATASET_PRIVILEGES on `table` and its identity sequence, where lacking."""
     role = settings.worker_role
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone() if table else None
-    if not role or not (exists and exists[0]):
+    if not (role and table and table_exists(conn, table)):
         return
     name = sql.Identifier(role)
     if not has_privileges(conn, role, table, WORKER_DATASET_PRIVILEGES):

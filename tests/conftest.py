@@ -38,7 +38,10 @@ IMG2DATASET = Path(__file__).resolve().parent.parent / ".venv-tools" / "bin" / "
 WITH_IMAGES = (
     "SELECT s.id FROM styles s JOIN images i USING (id) WHERE i.status = 'stored'"  # the sample's 295
 )
-TEST_REDIS_DB = int(os.environ.get("QUARRY_TEST_REDIS_DB", "13"))  # another db: a second suite at once
+# `make test` runs the suite in pytest-xdist worker processes (gw0, gw1, ...), each with servers
+# and databases of its own; worker n takes Redis db QUARRY_TEST_REDIS_DB + n
+XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+TEST_REDIS_DB = int(os.environ.get("QUARRY_TEST_REDIS_DB", "13")) + XDIST_WORKER
 
 # What a test needs, told by the fixtures it uses or where it lives (docs/testing.md): `make
 # test-fast` runs every test marked with none of these, with no server running.
@@ -211,8 +214,10 @@ def db(settings: Settings) -> Iterator[psycopg.Connection]:
 @pytest.fixture
 def own_datasets(db: psycopg.Connection) -> Iterator[None]:
     """Datasets a test registers are dropped after it (tables, locations, their shards' rows), so
-    that later tests find `styles` the only dataset, as a job without --dataset needs."""
-    before = {row[0] for row in db.execute("SELECT name FROM datasets")}
+    that later tests find `styles` the only dataset, as a job without --dataset needs. `styles`
+    itself stays: a test may be the first of its session (or xdist worker) to ingest the sample
+    (`ingested`), and the tests after it expect the sample there."""
+    before = {row[0] for row in db.execute("SELECT name FROM datasets")} | {"styles"}
     yield
     for (name,) in db.execute("SELECT name FROM datasets").fetchall():
         if name not in before:

@@ -29,6 +29,9 @@ BIN = Path(sys.executable).parent
 POOLS = {"transform": ("prefork", 2), "upload": ("threads", 8), "inference": ("prefork", 1)}
 
 
+HEAL_TIMEOUT_S = 240  # a deadline for the wait only: healing takes seconds (bench.faults)
+SENT_AGAIN = "chunks of lost workers or lost messages sent again"  # the dispatcher's line
+
 # one line of the S3 request log (tests/s3_proxy.py): `"GET /bucket/key HTTP/1.1"`
 REQUEST = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) ([^ ]*)')
 
@@ -406,6 +409,31 @@ class Stack:
         assert rows == (total, total)
         if store is not None:
             assert len(store.list_keys(bucket, f"{job_id}/")) == total
+
+    def chunk_dispatches(self) -> dict[tuple[str, int], tuple[str, int]]:
+        """(job, chunk) -> (state, dispatches) of every chunk."""
+        with psycopg.connect(self.env["DATABASE_URL"]) as conn:
+            rows = conn.execute("SELECT job_id::text, chunk_index, state, dispatches FROM job_chunks")
+            return {(job, chunk): (state, count) for job, chunk, state, count in rows}
+
+    def wait_sent_again(self, lost: dict[tuple[str, int], int]) -> None:
+        """Wait until every chunk of `lost` (key -> its dispatches at the loss) was dispatched
+        again or finished, restarting a pool that ended by itself as its supervisor would; then
+        at least one was sent again, and the dispatcher says its liveness check did it. A lost
+        chunk can finish without being sent again: its holder may have handed the chunk's message
+        on to the next stage (another process's) just before it was lost, and still held it, and
+        a message a pool had taken ahead, in its own memory, can outlive a broker."""
+        assert lost, "the precondition failed: no chunk was lost"
+
+        def healed() -> bool:
+            self.restart_exited_pools()
+            now = self.chunk_dispatches()
+            return all(now[key][0] == "finished" or now[key][1] > count for key, count in lost.items())
+
+        wait_until(healed, HEAL_TIMEOUT_S, f"chunks {sorted(lost)} to be sent again", interval=0.2)
+        now = self.chunk_dispatches()
+        assert any(now[key][1] > count for key, count in lost.items()), "no lost chunk was sent again"
+        assert SENT_AGAIN in self.log("dispatcher"), self.logs()
 
     def redispatched(self, job_id: str) -> int:
         """Dispatches beyond the first, over the job's chunks."""

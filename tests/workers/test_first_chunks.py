@@ -68,10 +68,12 @@ def test_the_first_chunks_are_queued_while_the_selection_is_still_recorded(stack
         text=True,
     )
     try:
+        # the dispatcher records a chunk's dispatch, then publishes its message: wait for both
         wait_until(lambda: first_dispatched(stack), 120, "a chunk of the selection to be dispatched")
+        wait_until(lambda: stack.redis().llen("transform") > 0, 120, "a chunk's message in the queue")
         job_id, state, dispatched = first_dispatched(stack)  # type: ignore[misc]
         assert state == "recording" and producer.poll() is None  # the selection is not all read yet
-        assert dispatched > 0 and stack.redis().llen("transform") > 0  # in the queue for the pools
+        assert dispatched > 0
         assert run_cli("cancel", job_id, env=stack.env).stdout.strip() == f"job {job_id}: cancelled"
     finally:
         producer.kill()

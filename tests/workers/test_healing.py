@@ -21,9 +21,7 @@ from tests.stack import Stack, wait_until
 
 IMAGES = 295  # stored images of the vendored sample
 JOB = ("--augment", "hflip | rotate(limit=15) | resize(224, 224)", "--variants", "2", "--chunk-size", "10")
-HEAL_TIMEOUT_S = 240  # a deadline for the wait only: healing takes seconds (bench.faults)
 LEASE_S = "3600"  # no chunk's lease runs out during a test: only the liveness check sends again
-SENT_AGAIN = "chunks of lost workers or lost messages sent again"  # the dispatcher's line
 
 
 @pytest.fixture(scope="module")
@@ -42,34 +40,9 @@ def stack(heal_env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
     stack.stop_all()
 
 
-def dispatches(stack: Stack) -> dict[tuple[str, int], tuple[str, int]]:
-    """(job, chunk) -> (state, dispatches) of every chunk."""
-    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
-        rows = conn.execute("SELECT job_id::text, chunk_index, state, dispatches FROM job_chunks").fetchall()
-    return {(job, chunk): (state, count) for job, chunk, state, count in rows}
-
-
 def held(stack: Stack) -> set[tuple[str, int]]:
     with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
         return {(str(job), chunk) for job, chunk in conn.execute("SELECT job_id, chunk_index FROM holds")}
-
-
-def wait_sent_again(stack: Stack, lost: dict[tuple[str, int], int]) -> None:
-    """Wait until every chunk of `lost` (key -> its dispatches at the loss) was dispatched again
-    or finished (a message a pool had taken ahead, in its own memory, can outlive the broker),
-    restarting a pool that ended with the broker as its supervisor would; then at least one was
-    sent again, and the dispatcher says its liveness check did it."""
-    assert lost, "the precondition failed: no chunk was lost"
-
-    def healed() -> bool:
-        stack.restart_exited_pools()
-        now = dispatches(stack)
-        return all(now[key][0] == "finished" or now[key][1] > count for key, count in lost.items())
-
-    wait_until(healed, HEAL_TIMEOUT_S, f"chunks {sorted(lost)} to be sent again", interval=0.2)
-    now = dispatches(stack)
-    assert any(now[key][1] > count for key, count in lost.items()), "no lost chunk was sent again"
-    assert SENT_AGAIN in stack.log("dispatcher"), stack.logs()
 
 
 @pytest.mark.parametrize("queue", ["transform", "upload", "inference"])
@@ -80,7 +53,7 @@ def test_a_pool_killed_holding_a_chunk_has_it_sent_again_by_the_liveness_check(
     tickets = stack.kill_pool_mid_chunk(queue)
     lost = {(str(t["job_id"]), int(t["chunk"])): int(t["dispatch"]) for t in tickets}  # type: ignore[call-overload]
     stack.start_pool(queue)  # as its supervisor would
-    wait_sent_again(stack, lost)
+    stack.wait_sent_again(lost)
     stack.assert_finished_cleanly(job_id, IMAGES * 2)
 
 
@@ -93,7 +66,7 @@ def test_a_broker_restarted_empty_has_every_lost_chunk_sent_again_by_the_livenes
 
     def queued() -> dict[tuple[str, int], int]:
         holding = held(stack)
-        sent = dispatches(stack)
+        sent = stack.chunk_dispatches()
         return {
             key: count for key, (state, count) in sent.items() if state == "dispatched" and key not in holding
         }
@@ -104,7 +77,7 @@ def test_a_broker_restarted_empty_has_every_lost_chunk_sent_again_by_the_livenes
     stack.start_redis()
     for name in pools:
         stack.send_signal(name, signal.SIGCONT)
-    wait_sent_again(stack, lost)
+    stack.wait_sent_again(lost)
     stack.assert_finished_cleanly(job_id, IMAGES * 2)
 
 

@@ -1,9 +1,10 @@
 """One job across worker nodes: `deploy/local/stack.sh node-up NAME` sets of pools on the same
 PostgreSQL, Redis and S3. Each node does part of the job; a node SIGKILLed whole mid-job leaves
 the job to the others (the chunks its processes held are sent again by the dispatcher's liveness
-check: the lease here is an hour, so not by a lease running out), and a node started mid-job
-takes work. Who did what is counted from each
-node's own worker logs (Celery's "succeeded" line per task)."""
+check: the lease here is an hour, so not by a lease running out; one the lost process had just
+handed on to another node's stage may finish there instead), and a node started mid-job takes
+work. Who did what is counted from each node's own worker logs (Celery's "succeeded" line per
+task)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import pytest
 from tests.conftest import WITH_IMAGES, PrivateDatabase
 from tests.stack import Stack, wait_until
 
-HEAL_TIMEOUT_S = 240  # a deadline for the wait only: healing takes seconds (bench.faults)
 JOB = ("--augment", "hflip | rotate(limit=15)", "--variants", "4", "--chunk-size", "5", "--model", "default")
 ROOT = Path(__file__).resolve().parents[2]
 STACK_SH = ROOT / "deploy" / "local" / "stack.sh"
@@ -98,14 +98,6 @@ def freeze_holding(stack: Stack, node: str, timeout: float = 120) -> dict[tuple[
     raise TimeoutError(f"node {node} held no unfinished chunk in {timeout} s")
 
 
-def sent_again(stack: Stack, chunks: dict[tuple[str, int], int]) -> bool:
-    """Whether every chunk of `chunks` (key -> its dispatches when lost) was dispatched again."""
-    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
-        rows = conn.execute("SELECT job_id::text, chunk_index, dispatches FROM job_chunks").fetchall()
-    now = {(job, chunk): count for job, chunk, count in rows}
-    return all(now[key] > count for key, count in chunks.items())
-
-
 def kill_node(stack: Stack, node: str) -> None:
     """SIGKILL every process of the node at once: each pool's main process and its children."""
     processes = node_processes(stack, node)
@@ -135,8 +127,7 @@ def test_a_job_runs_on_three_nodes_one_killed_one_started_mid_job(cluster: Stack
     held = freeze_holding(cluster, "a")
     kill_node(cluster, "a")
     node_up(cluster, "c")
-    wait_until(lambda: sent_again(cluster, held), HEAL_TIMEOUT_S, "node a's chunks to be sent again", 0.2)
-    assert "lost workers or lost messages sent again" in cluster.log("dispatcher")
+    cluster.wait_sent_again(held)
     wait_until(lambda: cluster.progress(job_id).ended, 300, "the job to finish")
     final = cluster.progress(job_id)
     assert (final.state, final.failed, final.done) == ("finished", 0, final.total)
