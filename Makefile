@@ -8,6 +8,9 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= quarry
 RUNTIME ?= cpu
 OVERLAY ?= example
+# `make test`'s pytest-xdist processes: each module runs whole in one, with servers of its own
+# (most tests wait on processes, so 3 keep 2 cores busy); Redis dbs 13, 14, 15 (docs/testing.md)
+TEST_WORKERS ?= 3
 # `make model` trains on these folders (the committed model's data); empty: DATASET_PATH
 DATASET ?= $(wildcard ../shared/fashion-sample ../shared/fashion-train)
 # the copy-detection model (training/copies.py) trains on these only: the sample is its test set
@@ -49,7 +52,7 @@ demo: up ## up, ingest the default dataset, run a query end to end, print the su
 	  --variants 2 --model default
 
 test: install $(TOOLS)/bin/img2dataset ## run the whole suite against real PostgreSQL, Redis, S3 and workers
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: install ## the tests that need no server (no PostgreSQL, Redis, S3 or workers): after every edit
 	$(BIN)/python -m pytest -m "not server" -q

@@ -42,6 +42,7 @@ WITH_IMAGES = (
 # and databases of its own; worker n takes Redis db QUARRY_TEST_REDIS_DB + n
 XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
 TEST_REDIS_DB = int(os.environ.get("QUARRY_TEST_REDIS_DB", "13")) + XDIST_WORKER
+REDIS_DBS = 16  # a Redis server's default `databases`
 
 # What a test needs, told by the fixtures it uses or where it lives (docs/testing.md): `make
 # test-fast` runs every test marked with none of these, with no server running.
@@ -107,6 +108,11 @@ def s3_endpoint(s3_server: S3Server) -> str:
 @pytest.fixture(scope="session")
 def test_env(s3_server: S3Server) -> Iterator[dict[str, str]]:
     """Environment for this test session; the database is created here and dropped after."""
+    if TEST_REDIS_DB >= REDIS_DBS:
+        raise pytest.UsageError(
+            f"test worker {XDIST_WORKER} would use Redis db {TEST_REDIS_DB}, past the last ({REDIS_DBS - 1}):"
+            " fewer workers (make test TEST_WORKERS=...) or a lower QUARRY_TEST_REDIS_DB"
+        )
     name = f"quarry_test_{uuid.uuid4().hex[:8]}"
     env = {
         "DATABASE_URL": pg_url(name),
