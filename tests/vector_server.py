@@ -19,6 +19,8 @@ from producer.embedded import Address, EmbeddedPostgres
 from tests.stack import free_port
 
 MACHINE = "postgresql://postgres@127.0.0.1:5432"
+# each test process (make test runs three) starts its own: the tests' data needs little of it
+BUFFERS_MIB = 512
 
 
 def system_user() -> str | None:
@@ -45,7 +47,7 @@ def vector_server() -> Iterator[str]:
         run_dir.chmod(0o755)
         shutil.chown(run_dir, user)
     address = Address("127.0.0.1", free_port())
-    server = EmbeddedPostgres(run_dir, address, "postgres", system_user=user)
+    server = EmbeddedPostgres(run_dir, address, "postgres", system_user=user, buffers_mib=BUFFERS_MIB)
     server.start()
     try:
         yield f"postgresql://postgres@{address.host}:{address.port}"
