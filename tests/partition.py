@@ -3,6 +3,7 @@ and nothing is refused or reset; the bytes just stop, so a blocking read waits f
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -34,8 +35,12 @@ class SilentLink:
         self.marker, self.then, self.markers_left = marker, then, occurrence
 
     def close(self) -> None:
+        """End every connection as a link that came back would: both ends see it closed. (A
+        socket another thread waits on in recv() is not ended by close() alone: shutdown first.)"""
         self.closed.set()
         for sock in self.sockets:
+            with contextlib.suppress(OSError):  # not connected, or closed already
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
     def _accept(self) -> None:
