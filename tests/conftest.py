@@ -56,9 +56,6 @@ FAULT_MODULES = {
     "tests/workers/test_nodes.py",
 }
 ROOT = Path(__file__).resolve().parent.parent
-# the longest module (about 350 s of the suite's 1,200): run first, so that under `make test`'s
-# three processes the others share out the rest around it instead of waiting for it at the end
-STARTED_FIRST = {"tests/workers/test_faults.py"}
 
 
 def lives_in(item: pytest.Item, places: set[str]) -> bool:
@@ -78,7 +75,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.workers)
         if lives_in(item, FAULT_MODULES):
             item.add_marker(pytest.mark.faults)
-    items.sort(key=lambda item: not lives_in(item, STARTED_FIRST))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
