@@ -41,7 +41,8 @@ WITH_IMAGES = (
 # `make test` runs the suite in pytest-xdist worker processes (gw0, gw1, ...), each with servers
 # and databases of its own; worker n takes Redis db QUARRY_TEST_REDIS_DB + n
 XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
-TEST_REDIS_DB = int(os.environ.get("QUARRY_TEST_REDIS_DB", "13")) + XDIST_WORKER
+BASE_REDIS_DB = int(os.environ.get("QUARRY_TEST_REDIS_DB", "13"))
+TEST_REDIS_DB = BASE_REDIS_DB + XDIST_WORKER
 REDIS_DBS = 16  # a Redis server's default `databases`
 
 # What a test needs, told by the fixtures it uses or where it lives (docs/testing.md): `make
@@ -61,6 +62,18 @@ ROOT = Path(__file__).resolve().parent.parent
 def lives_in(item: pytest.Item, places: set[str]) -> bool:
     where = item.path.relative_to(ROOT).as_posix()
     return any(where == place or where.startswith(place + "/") for place in places)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse in one line a run whose last xdist worker would take a Redis db past the last."""
+    if hasattr(config, "workerinput"):
+        return  # a worker: the controller checked
+    last = BASE_REDIS_DB + int(getattr(config.option, "numprocesses", None) or 1) - 1
+    if last >= REDIS_DBS:
+        raise pytest.UsageError(
+            f"the test workers would use Redis dbs {BASE_REDIS_DB} to {last}, past the last"
+            f" ({REDIS_DBS - 1}): fewer workers (make test TEST_WORKERS=...) or a lower QUARRY_TEST_REDIS_DB"
+        )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -108,11 +121,6 @@ def s3_endpoint(s3_server: S3Server) -> str:
 @pytest.fixture(scope="session")
 def test_env(s3_server: S3Server) -> Iterator[dict[str, str]]:
     """Environment for this test session; the database is created here and dropped after."""
-    if TEST_REDIS_DB >= REDIS_DBS:
-        raise pytest.UsageError(
-            f"test worker {XDIST_WORKER} would use Redis db {TEST_REDIS_DB}, past the last ({REDIS_DBS - 1}):"
-            " fewer workers (make test TEST_WORKERS=...) or a lower QUARRY_TEST_REDIS_DB"
-        )
     name = f"quarry_test_{uuid.uuid4().hex[:8]}"
     env = {
         "DATABASE_URL": pg_url(name),
