@@ -17,6 +17,7 @@ from common.ledger import ItemResult, upsert_items
 from common.roles import GUARDED_BUILTINS
 from quarry import Quarry
 from tests.conftest import run_cli
+from tests.stack import wait_until
 
 SENTINEL = "quarry-sentinel"
 READER_SENTINEL = "quarry-reader-sentinel"  # a session of the query role: another user's selection
@@ -262,13 +263,21 @@ def test_a_selection_runs_as_the_query_role(ingested: dict[str, str], db: psycop
 
 
 def test_pools_and_dispatcher_do_not_connect_as_the_query_role(workers, ingested, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        users = {
-            row[0]
-            for row in conn.execute(
-                "SELECT usename FROM pg_stat_activity WHERE datname = current_database()"
-                " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
-            )
-        }
-    assert users and settings.query_role not in users, users
+    # a job through every pool first: a pool connects on its first chunk, not at start
+    job_id = workers.submit("SELECT id FROM styles ORDER BY id LIMIT 3")
+    assert workers.wait_ended(job_id).done == 3
+
+    def connected_users() -> set[str]:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            return {
+                row[0]
+                for row in conn.execute(
+                    "SELECT usename FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                )
+            }
+
+    services = {settings.worker_role, settings.dispatcher_role}
+    wait_until(lambda: services <= connected_users(), 60, f"sessions of {sorted(services)}")
+    assert settings.query_role not in connected_users()
     assert psycopg.conninfo.conninfo_to_dict(settings.database_url).get("user") != settings.query_role
