@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import psycopg
+import psycopg.sql
 import pytest
 
 from tests.conftest import WITH_IMAGES, PrivateDatabase, run_cli
@@ -90,18 +91,19 @@ def test_a_pool_sent_sigterm_hands_everything_on_and_nothing_waits(stack: Stack)
     assert stack.redispatched(job_id) == 0  # nothing was lost: no chunk was sent twice
 
 
-POISON = 6  # the image of the poison dataset that "kills its worker" (large: 0.1-0.3 s to render)
+POISON = 6  # the image of the poison dataset that "kills its worker"
 
 
 @pytest.fixture
 def poison_dataset(stack: Stack, tmp_path: Path) -> Iterator[str]:
-    """A folder of 12 images, one of them large, ingested as dataset `poison`."""
+    """A folder of 12 small images, ingested as dataset `poison`."""
     folder = tmp_path / "poison"
     folder.mkdir()
     small = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
     for image_id in range(1, 13):
-        size = (8000, 6000) if image_id == POISON else (64, 64)
-        cv2.imwrite(str(folder / f"{image_id}.jpg"), cv2.resize(small, size, interpolation=cv2.INTER_LINEAR))
+        cv2.imwrite(
+            str(folder / f"{image_id}.jpg"), cv2.resize(small, (64, 64), interpolation=cv2.INTER_LINEAR)
+        )
     run_cli("ingest", str(folder), "--dataset", "poison", env=stack.env)
     yield "poison"
     with psycopg.connect(stack.env["DATABASE_URL"], autocommit=True) as conn:
@@ -127,9 +129,10 @@ def test_an_image_that_kills_its_worker_fails_alone_after_the_last_attempt(
         "--chunk-size",
         "12",
     )
-    for image_id in (None, POISON):
-        kill_transform_on(stack, job_id, 0, image_id)
-        stack.start_pool("transform")  # as its supervisor would
+    kill_transform_holding(stack, job_id, 0)  # attempt 1 renders without marking images
+    stack.start_pool("transform")  # as its supervisor would
+    kill_transform_past(stack, job_id, 0, POISON)  # attempt 2, careful, marks each image first
+    stack.start_pool("transform")
     wait_until(lambda: stack.progress(job_id).ended, 120, "the job to end", interval=0.5)
     final = stack.progress(job_id)
     assert (final.state, final.done, final.failed) == ("finished", 22, 2), stack.logs()
@@ -150,21 +153,72 @@ def test_an_image_that_kills_its_worker_fails_alone_after_the_last_attempt(
     )
 
 
-def kill_transform_on(stack: Stack, job_id: str, chunk: int, image_id: int | None) -> None:
-    """SIGKILL the transform pool once it holds `chunk` (and, when given, is rendering
-    `image_id`, as marked in the ledger), frozen first so that it cannot get past it."""
+def kill_transform_holding(stack: Stack, job_id: str, chunk: int) -> None:
+    """SIGKILL the transform pool once it holds `chunk`, frozen first so that it cannot finish it."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         stack.send_signal("worker-transform", signal.SIGSTOP)
         with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
             row = conn.execute(
-                """SELECT c.rendering FROM job_chunks c JOIN holds h USING (job_id, chunk_index)
+                """SELECT 1 FROM job_chunks c JOIN holds h USING (job_id, chunk_index)
                    WHERE c.job_id = %s AND c.chunk_index = %s AND c.state = 'dispatched'""",
                 (job_id, chunk),
             ).fetchone()
-        if row is not None and (image_id is None or row[0] == image_id):
+        if row is not None:
             stack.stop("worker-transform", signal.SIGKILL)
             return
         stack.send_signal("worker-transform", signal.SIGCONT)
         time.sleep(0.01)
-    raise TimeoutError(f"the transform pool never rendered image {image_id} of chunk {chunk}")
+    raise TimeoutError(f"the transform pool never held chunk {chunk}")
+
+
+GATE = 20_906  # the advisory lock that `kill_transform_past` keeps a pool waiting on
+
+
+def kill_transform_past(stack: Stack, job_id: str, chunk: int, image_id: int) -> None:
+    """SIGKILL the transform pool while `image_id` is the image its careful retry of `chunk` has
+    marked as being rendered: a trigger (in this module's own database) keeps the pool's next
+    change of that mark (to the next image, or cleared) waiting on an advisory lock the test
+    holds, so the pool cannot get past `image_id` however fast it renders; the waiting session
+    is ended with the pool, so the mark stays. (Freezing and polling, as for the first kill,
+    missed a render of a few milliseconds under load.)"""
+    when = psycopg.sql.SQL(
+        "OLD.job_id = {} AND OLD.chunk_index = {} AND OLD.rendering = {}"
+        " AND NEW.rendering IS DISTINCT FROM OLD.rendering"
+    ).format(psycopg.sql.Literal(job_id), psycopg.sql.Literal(chunk), psycopg.sql.Literal(image_id))
+    with psycopg.connect(stack.env["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (GATE,))
+        conn.execute(
+            psycopg.sql.SQL(
+                """CREATE FUNCTION wait_at_gate() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+                   AS $$ BEGIN PERFORM pg_advisory_xact_lock({gate}); RETURN NEW; END $$;
+                   CREATE TRIGGER gate BEFORE UPDATE ON job_chunks FOR EACH ROW WHEN ({when})
+                   EXECUTE FUNCTION wait_at_gate()"""
+            ).format(gate=psycopg.sql.Literal(GATE), when=when)
+        )
+        try:
+            waiting: list[int] = []
+
+            def pool_waits_at_gate() -> bool:
+                waiting[:] = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = %s AND NOT granted",
+                        (GATE,),
+                    )
+                ]
+                return bool(waiting)
+
+            wait_until(
+                pool_waits_at_gate, 120, f"the transform pool to render image {image_id} of chunk {chunk}"
+            )
+            stack.stop("worker-transform", signal.SIGKILL)
+            for pid in waiting:  # (the timeout: return once it has ended, before the gate opens)
+                assert conn.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone() == (True,)
+        finally:
+            conn.execute("DROP TRIGGER gate ON job_chunks; DROP FUNCTION wait_at_gate()")
+            conn.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
+        marked = conn.execute(
+            "SELECT rendering FROM job_chunks WHERE job_id = %s AND chunk_index = %s", (job_id, chunk)
+        ).fetchone()
+        assert marked == (image_id,), marked
