@@ -7,8 +7,8 @@ image that kills its worker fails alone. How soon (30 s with the default setting
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -17,6 +17,7 @@ import psycopg
 import psycopg.sql
 import pytest
 
+from common.config import Settings
 from tests.conftest import WITH_IMAGES, PrivateDatabase, run_cli
 from tests.stack import Stack, wait_until
 
@@ -114,29 +115,38 @@ def poison_dataset(stack: Stack, tmp_path: Path) -> Iterator[str]:
 def test_an_image_that_kills_its_worker_fails_alone_after_the_last_attempt(
     stack: Stack, poison_dataset: str
 ) -> None:
-    """The worker dies while rendering one image, on every attempt (SIGKILLed by the test while
-    it holds that image's chunk, and on the careful retry the moment that image is the one marked
-    as being rendered): on the last of CHUNK_MAX_ATTEMPTS that image's items fail with one line,
-    unrendered, and every other item of its chunk is done."""
-    job_id = stack.submit(
-        "SELECT id FROM poison",
-        "--dataset",
-        "poison",
-        "--variants",
-        "2",
-        "--augment",
-        "resize(224, 224)",
-        "--chunk-size",
-        "12",
-    )
-    kill_transform_holding(stack, job_id, 0)  # attempt 1 renders without marking images
-    stack.start_pool("transform")  # as its supervisor would
-    kill_transform_past(stack, job_id, 0, POISON)  # attempt 2, careful, marks each image first
+    """The worker dies on every attempt (SIGKILLed by the test while it holds the chunk, and on
+    the careful retry while the poison image is the one marked as being rendered): on the last of
+    CHUNK_MAX_ATTEMPTS that image's items fail with one line, unrendered, and every other item
+    of its chunk is done. The pool is stopped at each point by a lock the test holds (a gate),
+    not caught there by freezing and polling: under load a poll misses a point that lasts
+    milliseconds, and a pool caught after it handed its chunk on is not a lost chunk."""
+    url = stack.env["DATABASE_URL"]
+    with psycopg.connect(url, autocommit=True) as marks, gate_past_mark(marks, POISON):
+        with psycopg.connect(url) as reads:  # in a transaction: the lock holds until it ends
+            reads.execute("LOCK TABLE locations IN ACCESS EXCLUSIVE MODE")
+            job_id = stack.submit(
+                "SELECT id FROM poison",
+                "--dataset",
+                "poison",
+                "--variants",
+                "2",
+                "--augment",
+                "resize(224, 224)",
+                "--chunk-size",
+                "12",
+            )
+            # attempt 1: counted, its chunk held, stopped before it reads where its images are
+            kill_transform_stopped_by(stack, reads)
+        stack.start_pool("transform")  # as its supervisor would
+        kill_transform_stopped_by(stack, marks)  # attempt 2, careful: stopped past the poison image
+        marked = marks.execute("SELECT rendering FROM job_chunks WHERE job_id = %s", (job_id,)).fetchone()
+        assert marked == (POISON,), marked
     stack.start_pool("transform")
     wait_until(lambda: stack.progress(job_id).ended, 120, "the job to end", interval=0.5)
     final = stack.progress(job_id)
     assert (final.state, final.done, final.failed) == ("finished", 22, 2), stack.logs()
-    with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
+    with psycopg.connect(url) as conn:
         failures = conn.execute(
             "SELECT image_id, error FROM job_items WHERE job_id = %s AND status = 'failed'", (job_id,)
         ).fetchall()
@@ -153,72 +163,50 @@ def test_an_image_that_kills_its_worker_fails_alone_after_the_last_attempt(
     )
 
 
-def kill_transform_holding(stack: Stack, job_id: str, chunk: int) -> None:
-    """SIGKILL the transform pool once it holds `chunk`, frozen first so that it cannot finish it."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        stack.send_signal("worker-transform", signal.SIGSTOP)
-        with psycopg.connect(stack.env["DATABASE_URL"]) as conn:
-            row = conn.execute(
-                """SELECT 1 FROM job_chunks c JOIN holds h USING (job_id, chunk_index)
-                   WHERE c.job_id = %s AND c.chunk_index = %s AND c.state = 'dispatched'""",
-                (job_id, chunk),
-            ).fetchone()
-        if row is not None:
-            stack.stop("worker-transform", signal.SIGKILL)
-            return
-        stack.send_signal("worker-transform", signal.SIGCONT)
-        time.sleep(0.01)
-    raise TimeoutError(f"the transform pool never held chunk {chunk}")
+GATE = 20_906  # the advisory lock `gate_past_mark` keeps a pool waiting on
 
 
-GATE = 20_906  # the advisory lock that `kill_transform_past` keeps a pool waiting on
+@contextmanager
+def gate_past_mark(conn: psycopg.Connection, image_id: int) -> Iterator[None]:
+    """While open, a pool that has marked `image_id` as the one it is rendering cannot change that
+    mark (to the next image, or cleared): a trigger (in this module's own database) makes the
+    change wait on an advisory lock that `conn` holds."""
+    conn.execute("SELECT pg_advisory_lock(%s)", (GATE,))
+    conn.execute(
+        psycopg.sql.SQL(
+            """CREATE FUNCTION wait_at_gate() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+               AS $$ BEGIN PERFORM pg_advisory_xact_lock({gate}); RETURN NEW; END $$;
+               CREATE TRIGGER gate BEFORE UPDATE ON job_chunks FOR EACH ROW
+               WHEN (OLD.rendering = {image} AND NEW.rendering IS DISTINCT FROM OLD.rendering)
+               EXECUTE FUNCTION wait_at_gate()"""
+        ).format(gate=psycopg.sql.Literal(GATE), image=psycopg.sql.Literal(image_id))
+    )
+    try:
+        yield
+    finally:
+        conn.execute("DROP TRIGGER gate ON job_chunks; DROP FUNCTION wait_at_gate()")
+        conn.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
 
 
-def kill_transform_past(stack: Stack, job_id: str, chunk: int, image_id: int) -> None:
-    """SIGKILL the transform pool while `image_id` is the image its careful retry of `chunk` has
-    marked as being rendered: a trigger (in this module's own database) keeps the pool's next
-    change of that mark (to the next image, or cleared) waiting on an advisory lock the test
-    holds, so the pool cannot get past `image_id` however fast it renders; the waiting session
-    is ended with the pool, so the mark stays. (Freezing and polling, as for the first kill,
-    missed a render of a few milliseconds under load.)"""
-    when = psycopg.sql.SQL(
-        "OLD.job_id = {} AND OLD.chunk_index = {} AND OLD.rendering = {}"
-        " AND NEW.rendering IS DISTINCT FROM OLD.rendering"
-    ).format(psycopg.sql.Literal(job_id), psycopg.sql.Literal(chunk), psycopg.sql.Literal(image_id))
+def kill_transform_stopped_by(stack: Stack, gate: psycopg.Connection) -> None:
+    """SIGKILL the transform pool once one of its sessions waits on a lock `gate` holds, and end
+    that session before the lock is let go (so that its statement never runs)."""
+    worker_role = Settings(database_url=stack.env["DATABASE_URL"]).worker_role
     with psycopg.connect(stack.env["DATABASE_URL"], autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (GATE,))
-        conn.execute(
-            psycopg.sql.SQL(
-                """CREATE FUNCTION wait_at_gate() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
-                   AS $$ BEGIN PERFORM pg_advisory_xact_lock({gate}); RETURN NEW; END $$;
-                   CREATE TRIGGER gate BEFORE UPDATE ON job_chunks FOR EACH ROW WHEN ({when})
-                   EXECUTE FUNCTION wait_at_gate()"""
-            ).format(gate=psycopg.sql.Literal(GATE), when=when)
-        )
-        try:
-            waiting: list[int] = []
+        waiting: list[int] = []
 
-            def pool_waits_at_gate() -> bool:
-                waiting[:] = [
-                    row[0]
-                    for row in conn.execute(
-                        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = %s AND NOT granted",
-                        (GATE,),
-                    )
-                ]
-                return bool(waiting)
+        def pool_waits() -> bool:
+            waiting[:] = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT pid FROM pg_stat_activity"
+                    " WHERE usename = %s AND %s = ANY (pg_blocking_pids(pid))",
+                    (worker_role, gate.info.backend_pid),
+                )
+            ]
+            return bool(waiting)
 
-            wait_until(
-                pool_waits_at_gate, 120, f"the transform pool to render image {image_id} of chunk {chunk}"
-            )
-            stack.stop("worker-transform", signal.SIGKILL)
-            for pid in waiting:  # (the timeout: return once it has ended, before the gate opens)
-                assert conn.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone() == (True,)
-        finally:
-            conn.execute("DROP TRIGGER gate ON job_chunks; DROP FUNCTION wait_at_gate()")
-            conn.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
-        marked = conn.execute(
-            "SELECT rendering FROM job_chunks WHERE job_id = %s AND chunk_index = %s", (job_id, chunk)
-        ).fetchone()
-        assert marked == (image_id,), marked
+        wait_until(pool_waits, 120, "the transform pool to wait at the gate")
+        stack.stop("worker-transform", signal.SIGKILL)
+        for pid in waiting:  # the timeout: return once the session has ended
+            assert conn.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone() == (True,)
