@@ -16,6 +16,7 @@ from common.errors import DatabaseUnavailable
 from quarry import duplicates
 from quarry.duplicates import find_duplicates
 from tests.conftest import PrivateDatabase
+from tests.stack import wait_until
 
 DIMENSIONS = 64
 ORIGINALS = 600  # random directions: no two within the threshold (64 dimensions)
@@ -92,16 +93,20 @@ def test_searchers_ended_by_the_server_fail_in_one_line_and_the_groups_recorded_
     the wider one: one line naming the lost connection, and `duplicates` keeps the last run's."""
     settings, expected = planted
     monkeypatch.setattr(duplicates, "PAGE", PAGE)
+    # the other client sessions (not an autovacuum worker on the freshly planted table)
+    others = "datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
     with connect(settings.database_url, autocommit=True) as conn:
         find_duplicates(conn, settings, "items", "planted")
+        # a closed connection's backend exits a moment later: only the next run's searchers remain
+        wait_until(
+            lambda: conn.execute(f"SELECT count(*) FROM pg_stat_activity WHERE {others}").fetchone() == (0,),
+            30,
+            "the first run's searchers to exit",
+        )
         pages_of = duplicates.listed_pages
         ended: list[int] = []
 
         def end_the_searchers_first(ids: list[int]) -> Iterator[duplicates.Page]:
-            # (client backends only: an autovacuum worker on the planted table may be there too)
-            others = (
-                "datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-            )
             rows = conn.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {others}")
             ended.extend(1 for (done,) in rows if done)
             return pages_of(ids)
