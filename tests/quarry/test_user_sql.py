@@ -263,8 +263,9 @@ def test_a_selection_runs_as_the_query_role(ingested: dict[str, str], db: psycop
 
 
 def test_pools_and_dispatcher_do_not_connect_as_the_query_role(workers, ingested, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    # a job through every pool first: a pool connects on its first chunk, not at start
-    job_id = workers.submit("SELECT id FROM styles ORDER BY id LIMIT 3")
+    # a job through every pool first (a model: the inference pool too): a pool connects on its
+    # first chunk, not at start
+    job_id = workers.submit("SELECT id FROM styles ORDER BY id LIMIT 3", "--model", "default")
     assert workers.wait_ended(job_id).done == 3
 
     def connected_users() -> set[str]:
